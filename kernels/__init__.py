@@ -1,0 +1,1 @@
+"""Triton kernels of tritondeconv (shipped as ``tritondeconv.kernels``)."""

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+import torch
+
+import tritondeconv.ops
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _device_params():
+    cpu = pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETING, reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
+        ),
+    )
+    cuda = pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"),
+            pytest.mark.skipif(INTERPRETING, reason="TRITON_INTERPRET=1 would run the GPU tests in the interpreter"),
+        ],
+    )
+    return [cpu, cuda]
+
+
+@pytest.fixture(params=_device_params())
+def device(request):
+    """Every device on which the Triton kernels (not a fallback) run."""
+    return request.param
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Make every output the ops allocate start as NaN, so an unwritten pixel fails."""
+    allocate = tritondeconv.ops._empty_output
+
+    def poisoned(x, args):
+        out = allocate(x, args)
+        return out.fill_(float("nan"))
+
+    monkeypatch.setattr(tritondeconv.ops, "_empty_output", poisoned)
+
+
+@pytest.fixture
+def precision(request):
+    """Set PyTorch's TF32 switch for the precision under test (restored afterwards)."""
+    name = request.param
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = name == "tf32"
+    yield name
+    torch.backends.cudnn.allow_tf32 = before

@@ -1,0 +1,62 @@
+"""The one reference and the one tolerance table every kernel test uses."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+# Relative error ‖out − ref‖ / ‖ref‖ allowed per precision, against float64.
+TOLERANCES = {
+    "float64": 1e-12,
+    "float32": 1e-5,  # exact fp32 (allow_tf32 off)
+    "tf32": 1e-3,  # fp32 inputs, TF32 products (allow_tf32 on, PyTorch's default for convs)
+    "float16": 2e-3,
+    "bfloat16": 1e-2,
+}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32,
+          "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def fresh_seed() -> int:
+    """Seed the generators with a new random seed (reported on failure)."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    return seed
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """``t`` (4-D) as NCHW, channels_last, or a non-contiguous view with the same values."""
+    if kind == "nchw":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        n, c, h, w = t.shape
+        big = torch.full((n, 2 * c, h + 2, 2 * w), float("nan"), dtype=t.dtype, device=t.device)
+        view = big[:, ::2, 1:-1, ::2]
+        view.copy_(t)
+        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+        return view
+    raise ValueError(kind)
+
+
+def reference(x, w, b, stride, padding, output_padding, groups, dilation):
+    """PyTorch's conv_transpose2d in float64 on the same (already rounded) values."""
+    return F.conv_transpose2d(
+        x.double(), w.double(), None if b is None else b.double(), stride, padding, output_padding, groups, dilation
+    )
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int) -> None:
+    """Shape, finiteness (outputs are poisoned with NaN first) and relative error."""
+    assert out.shape == ref.shape, f"shape {list(out.shape)} != {list(ref.shape)} (seed {seed})"
+    assert torch.isfinite(out).all(), f"non-finite output: a pixel was never written (seed {seed})"
+    err = relative_error(out, ref)
+    assert err <= TOLERANCES[precision], f"relative error {err:.3e} > {TOLERANCES[precision]:.0e} for {precision} (seed {seed})"
+    assert not math.isnan(err)

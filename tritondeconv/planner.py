@@ -1,0 +1,143 @@
+"""Stride-phase planning of a transposed convolution (pure Python, no tensors).
+
+A transposed convolution scatters each input pixel ``x[i]`` into the output at
+``o = i*s - p + kk*d`` for every tap ``kk`` of the kernel.  Read backwards, output
+``o`` gathers from the taps with ``(o + p - kk*d) % s == 0``.  Write ``q = o + p``,
+``r = q % s`` (the output's *phase*) and ``u = q // s``.  Then only the taps with
+``kk*d ≡ r (mod s)`` ever meet a real input pixel, and they meet ``x[u - (kk*d - r)/s]``.
+
+Every phase is therefore a dense stride-1 convolution of the real input with a
+sub-kernel of about ``k/s`` taps; the ``s`` phases of an axis partition the output.
+In 2-D the phases of the two axes combine into ``s_h * s_w`` independent implicit
+GEMMs.  This module lists them, and counts the multiply-adds that the naive
+zero-insertion method spends against the decomposed one.
+
+The kernel in ``tritondeconv.kernels.conv_transpose`` evaluates the same
+arithmetic on the device (see ``_axis_phase`` there); the tests check both
+against PyTorch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AxisPhase:
+    """One phase of one spatial axis.
+
+    Its outputs are ``out_start, out_start + stride, ...`` (``count`` of them); the
+    output ``o = u*stride - padding + residue`` reads input ``x[u - offsets[j]]``
+    through tap ``taps[j]``.
+    """
+
+    residue: int
+    taps: tuple[int, ...]
+    offsets: tuple[int, ...]
+    out_start: int
+    count: int
+    stride: int
+
+    @property
+    def out_indices(self) -> range:
+        """The output indices of this phase along the axis."""
+        return range(self.out_start, self.out_start + self.stride * self.count, self.stride)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """The decomposition of one spatial axis."""
+
+    size_in: int
+    size_out: int
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    output_padding: int
+    phases: tuple[AxisPhase, ...]
+
+    def tap_outputs(self) -> int:
+        """Σ over phases of outputs × taps: the decomposed work along this axis."""
+        return sum(ph.count * len(ph.taps) for ph in self.phases)
+
+    def hits(self) -> int:
+        """(input, tap) pairs that land inside the output: the strictly useful work."""
+        return sum(
+            1
+            for i in range(self.size_in)
+            for kk in range(self.kernel)
+            if 0 <= i * self.stride - self.padding + kk * self.dilation < self.size_out
+        )
+
+
+def output_size(size_in: int, kernel: int, stride: int, padding: int, dilation: int, output_padding: int) -> int:
+    """PyTorch's output length of a transposed convolution along one axis."""
+    return (size_in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def plan_axis(size_in: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1, output_padding: int = 0) -> AxisPlan:
+    """Split one axis of a transposed convolution into its ``stride`` phases."""
+    if min(size_in, kernel, stride, dilation) < 1 or min(padding, output_padding) < 0:
+        raise ValueError(
+            "plan_axis: needs size_in, kernel, stride, dilation >= 1 and padding, output_padding >= 0; got "
+            f"size_in={size_in}, kernel={kernel}, stride={stride}, padding={padding}, "
+            f"dilation={dilation}, output_padding={output_padding}"
+        )
+    size_out = output_size(size_in, kernel, stride, padding, dilation, output_padding)
+    phases = []
+    for r in range(stride):
+        taps = tuple(kk for kk in range(kernel) if (kk * dilation) % stride == r)
+        offsets = tuple((kk * dilation - r) // stride for kk in taps)
+        # o = u*s - p + r must lie in [0, size_out):  u in [ceil((p-r)/s), floor((size_out-1+p-r)/s)].
+        u_start = -((r - padding) // stride)
+        u_stop = (size_out - 1 + padding - r) // stride + 1
+        out_start = u_start * stride - padding + r
+        phases.append(AxisPhase(r, taps, offsets, out_start, max(0, u_stop - u_start), stride))
+    return AxisPlan(size_in, size_out, kernel, stride, padding, dilation, output_padding, tuple(phases))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decomposition of a transposed convolution over all its spatial axes."""
+
+    axes: tuple[AxisPlan, ...]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(a.size_out for a in self.axes)
+
+    @property
+    def phases(self) -> list[tuple[AxisPhase, ...]]:
+        """Every combination of axis phases: ``prod(stride)`` dense convolutions."""
+        return list(itertools.product(*(a.phases for a in self.axes)))
+
+    def macs(self, batch: int, in_channels: int, out_channels: int, groups: int = 1) -> dict[str, int]:
+        """Multiply-adds of the three ways to compute the layer.
+
+        ``naive``: a stride-1 convolution over the zero-inserted, padded input; every
+        output pixel meets every tap.  ``decomposed``: what the sub-pixel kernel does,
+        every output of a phase meets that phase's taps.  ``useful``: (input, tap)
+        pairs that land inside the output, the work nobody can avoid.
+        """
+        per_pixel = batch * out_channels * (in_channels // groups)
+        naive = per_pixel * math.prod(a.size_out * a.kernel for a in self.axes)
+        decomposed = per_pixel * math.prod(a.tap_outputs() for a in self.axes)
+        useful = per_pixel * math.prod(a.hits() for a in self.axes)
+        return {"naive": naive, "decomposed": decomposed, "useful": useful}
+
+
+def plan(
+    input_size: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    output_padding: tuple[int, ...],
+) -> Plan:
+    """Plan every spatial axis; all arguments are tuples of one length (the rank)."""
+    args = (input_size, kernel, stride, padding, dilation, output_padding)
+    if len({len(a) for a in args}) != 1:
+        raise ValueError("plan: every argument needs one entry per spatial axis")
+    return Plan(tuple(plan_axis(*axis) for axis in zip(*args)))
