@@ -1,8 +1,9 @@
 """Argument checking and shape arithmetic for the transposed-convolution ops.
 
 Every check raises the exception type PyTorch raises for the same mistake
-(``RuntimeError`` for values, ``TypeError`` for a non-tensor), with a message that
-names the argument.
+(``RuntimeError`` for values, ``TypeError`` for a non-tensor passed to the friendly
+functions; the dispatcher itself refuses a non-tensor passed to the op), with a
+message that names the argument.
 """
 from __future__ import annotations
 
@@ -119,8 +120,6 @@ def check_conv_transpose2d(
 
 def as_batched(input: torch.Tensor, op: str = "conv_transpose2d") -> tuple[torch.Tensor, bool]:
     """A 4-D view of ``input`` and whether it was unbatched ``(C, H, W)``, as PyTorch allows."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: expected input to be a Tensor, but got {type(input).__name__}")
     if input.dim() == 3:
         return input.unsqueeze(0), True
     if input.dim() == 4:
@@ -128,12 +127,15 @@ def as_batched(input: torch.Tensor, op: str = "conv_transpose2d") -> tuple[torch
     raise RuntimeError(f"{op}: expected input to be 3-D (unbatched) or 4-D (batched), but got input of size {list(input.shape)}")
 
 
-def _check_tensors(input, weight, bias, op: str) -> None:
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
+def check_tensor_types(input, weight, bias, op: str) -> None:
+    """TypeError, as PyTorch's functional API raises, for a non-tensor argument."""
+    for name, t in (("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor, but got {type(t).__name__}")
+
+
+def _check_tensors(input, weight, bias, op: str) -> None:
+    for name, t in (("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if t.dtype not in SUPPORTED_DTYPES:
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32 and float64")
         if t.dtype != input.dtype:

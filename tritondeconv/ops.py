@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .arguments import ConvTranspose2dArgs, as_batched, check_conv_transpose2d, output_memory_format
+from .arguments import ConvTranspose2dArgs, as_batched, check_conv_transpose2d, check_tensor_types, output_memory_format
 from .kernels.conv_transpose import INTERPRETING, conv_transpose2d_into
 
 _SCHEMA = (
@@ -138,9 +138,11 @@ def _(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """Drop-in for ``torch.nn.functional.conv_transpose2d``, computed by stride-phase
     decomposition in Triton (see the module docstring for where it runs)."""
+    check_tensor_types(input, weight, bias, "conv_transpose2d")
     return torch.ops.tritondeconv.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """The zero-insertion baseline, same signature as ``conv_transpose2d``."""
+    check_tensor_types(input, weight, bias, "naive_conv_transpose2d")
     return torch.ops.tritondeconv.naive_conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)

@@ -1,0 +1,92 @@
+"""The phase planner against brute force, its multiply-add counts, and the explain CLI."""
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from tritondeconv.explain import main as explain_main
+from tritondeconv.planner import output_size, plan, plan_axis
+
+AXES = [
+    pytest.param(n, k, s, p, d, op, id=f"n{n}-k{k}-s{s}-p{p}-d{d}-op{op}")
+    for n, k, s, d in itertools.product((1, 4, 7), range(1, 6), range(1, 5), (1, 2, 3))
+    for p in (0, 1, 3)
+    for op in range(max(s, d))
+    if output_size(n, k, s, p, d, op) > 0
+]
+
+
+@pytest.mark.parametrize("n, k, s, p, d, op", AXES)
+def test_phases_match_brute_force(n, k, s, p, d, op):
+    """Every output lies in exactly one phase, and the phase's taps (read at their
+    offsets) are exactly the (input, tap) pairs that scatter onto that output."""
+    axis = plan_axis(n, k, s, p, d, op)
+    assert axis.size_out == output_size(n, k, s, p, d, op)
+    owners = [ph for o in range(axis.size_out) for ph in axis.phases if o in ph.out_indices]
+    assert len(owners) == axis.size_out
+    for o, ph in zip(range(axis.size_out), owners):
+        u = (o + p) // s
+        gathered = {(u - off, t) for t, off in zip(ph.taps, ph.offsets) if 0 <= u - off < n}
+        scattered = {(i, t) for i in range(n) for t in range(k) if i * s - p + t * d == o}
+        assert gathered == scattered, f"output {o}"
+
+
+def test_worked_example_from_the_design():
+    """k=3, s=2, p=1: even outputs use tap 1 only, odd outputs taps 0 and 2."""
+    axis = plan_axis(4, 3, 2, 1)
+    by_parity = {ph.out_start % 2: ph.taps for ph in axis.phases}
+    assert by_parity == {0: (1,), 1: (0, 2)}
+
+
+def test_phases_without_taps():
+    """k < s, or gcd(d, s) > 1, leaves phases with no taps (their outputs are bias only)."""
+    assert [len(ph.taps) for ph in plan_axis(4, 1, 3).phases] == [1, 0, 0]
+    assert [len(ph.taps) for ph in plan_axis(4, 3, 2, dilation=2).phases] == [3, 0]
+
+
+@pytest.mark.parametrize(
+    "size, k, s, p, expected",
+    [
+        # 1-D k3 s2 p1, 4 inputs -> 7 outputs: naive 7*3 = 21; decomposed 3 odd outputs x 2 taps
+        # + 4 even outputs x 1 tap = 10; useful: 12 (input, tap) pairs less 2 landing outside.
+        (4, 3, 2, 1, {"naive": 21, "decomposed": 10, "useful": 10}),
+        # k4 s2 p1, 4 inputs -> 8 outputs: naive 32, decomposed 8 x 2 = 16, useful 16 - 2 = 14.
+        (4, 4, 2, 1, {"naive": 32, "decomposed": 16, "useful": 14}),
+        # k2 s2 (no overlap): every output has exactly one tap, all useful.
+        (5, 2, 2, 0, {"naive": 20, "decomposed": 10, "useful": 10}),
+    ],
+)
+def test_mac_counts_1d(size, k, s, p, expected):
+    assert plan((size,), (k,), (s,), (p,), (1,), (0,)).macs(1, 1, 1) == expected
+
+
+def test_mac_counts_scale_with_channels_and_stride():
+    p = plan((32, 32), (4, 4), (2, 2), (1, 1), (1, 1), (0, 0))
+    macs = p.macs(batch=8, in_channels=64, out_channels=32, groups=2)
+    assert macs["naive"] == 8 * 32 * 32 * 64 * 64 * 16  # N * C_out * C_in/g * H_out * W_out * k^2
+    assert macs["naive"] == 4 * macs["decomposed"]  # s^2 with k % s == 0
+    assert macs["useful"] <= macs["decomposed"]
+    assert len(p.phases) == 4 and p.output_shape == (64, 64)
+
+
+def test_plan_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="stride"):
+        plan_axis(4, 3, 0)
+    with pytest.raises(ValueError, match="one entry per spatial axis"):
+        plan((4, 4), (3,), (2, 2), (1, 1), (1, 1), (0, 0))
+
+
+def test_explain_prints_the_decomposition(capsys):
+    assert explain_main(["--kernel", "3", "--stride", "2", "--padding", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "phase r=1: 8 outputs [0, 2, 4" in out and "taps [0, 2]" in out
+    assert "naive zero-insertion 2,025; decomposed 484" in out
+
+
+def test_explain_module_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tritondeconv.explain", "--kernel", "2", "--stride", "2", "--dilation", "2"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "no taps: bias only" in proc.stdout

@@ -1,0 +1,75 @@
+"""The ops are proper torch.library citizens: schema, fake (meta) implementation,
+opcheck, and torch.compile(fullgraph=True) without graph breaks."""
+import pytest
+import torch
+
+import tritondeconv
+from reference import assert_close, fresh_seed, reference
+
+OPS = {
+    "conv_transpose2d": torch.ops.tritondeconv.conv_transpose2d,
+    "naive": torch.ops.tritondeconv.naive_conv_transpose2d,
+}
+
+
+def _sample(device, dtype=torch.float64, channels_last=False):
+    x = torch.randn(2, 4, 3, 5, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(4, 3, 3, 2, device=device, dtype=dtype), torch.randn(6, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_opcheck(device, op):
+    """Schema, fake implementation (shapes and strides), dispatch and autograd registration."""
+    x, w_grouped, b = _sample(device)
+    w = torch.randn(4, 6, 3, 2, device=device, dtype=x.dtype)
+    samples = [
+        (x, w_grouped, b, [2, 1], [1, 0], [1, 0], 2, [1, 2]),
+        (x.contiguous(memory_format=torch.channels_last), w, None, [3, 3], [0, 0], [0, 0], 1, [1, 1]),
+        (x[0], w),  # unbatched, every default
+    ]
+    for args in samples:
+        torch.library.opcheck(OPS[op], args)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_meta_tensors(op, channels_last):
+    x, w, b = _sample("meta", torch.float16, channels_last)
+    out = OPS[op](x, w, b, 2, 1, 1, 2, 1)
+    ref = torch.nn.functional.conv_transpose2d(x, w, b, 2, 1, 1, 2, 1)  # aten's own meta kernel
+    assert out.device.type == "meta" and out.dtype == torch.float16 and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_single_ints_and_defaults():
+    """A single int is accepted wherever aten accepts one, and defaults match aten's."""
+    x, w, _ = _sample("meta")
+    w = torch.randn(4, 6, 3, 2, device="meta", dtype=x.dtype)
+    assert OPS["conv_transpose2d"](x, w).shape == torch.Size([2, 6, 5, 6])
+    assert OPS["conv_transpose2d"](x, w, None, 2, 1, 1, 1, 1).shape == OPS["conv_transpose2d"](
+        x, w, None, [2, 2], [1, 1], [1, 1], 1, [1, 1]
+    ).shape
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, device):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(4, 3, 4, 4, device=device, dtype=torch.float64), requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(3, 2, 3, 3, device=device, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x):
+        h = torch.relu(tritondeconv.conv_transpose2d(x, self.w1, None, 2, 1))
+        return tritondeconv.naive_conv_transpose2d(h, self.w2, None, 2, 1, 1)
+
+
+def test_compile_fullgraph(device):
+    seed = fresh_seed()
+    model = _Decoder(device)
+    x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64)
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    h = torch.relu(reference(x, model.w1, None, 2, 1, 0, 1, 1))
+    assert_close(out, reference(h, model.w2, None, 2, 1, 1, 1, 1), "float64", seed)
