@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import ConvTranspose2dArgs, as_batched, check_conv_transpose2d, check_tensor_types, output_memory_format
-from .kernels.conv_transpose import INTERPRETING, conv_transpose2d_into
+from .kernels.phase_gemm import INTERPRETING, phase_gemm
 
 _SCHEMA = (
     "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
@@ -51,14 +51,17 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTranspose2dArgs, stride) -> torch.Tensor:
     """Run the kernel with the given stride (the naive op passes 1) into a new output
-    laid out like the input of the call (``args``'s shape)."""
+    laid out like the input of the call (``args``'s shape).  2-D is depth 1 of the
+    kernel's three spatial axes: the 5-D views below copy nothing."""
     out = _empty_output(x, args)
     if out.numel() == 0:
         return out
-    return conv_transpose2d_into(
-        out, x, _packed_weight(weight), bias, stride, args.padding, args.dilation, args.groups,
-        allow_tf32=torch.backends.cudnn.allow_tf32,
+    phase_gemm(
+        out.unsqueeze(2), x.unsqueeze(2), _packed_weight(weight).unsqueeze(2), bias,
+        (1, *stride), (0, *args.padding), (1, *args.dilation), args.groups,
+        transposed=True, allow_tf32=torch.backends.cudnn.allow_tf32,
     )
+    return out
 
 
 @torch.library.custom_op("tritondeconv::conv_transpose2d", mutates_args=(), schema=_SCHEMA)

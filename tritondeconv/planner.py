@@ -12,8 +12,8 @@ In 2-D the phases of the two axes combine into ``s_h * s_w`` independent implici
 GEMMs.  This module lists them, and counts the multiply-adds that the naive
 zero-insertion method spends against the decomposed one.
 
-The kernel in ``tritondeconv.kernels.conv_transpose`` evaluates the same
-arithmetic on the device (see ``_axis_phase`` there); the tests check both
+The kernel in ``tritondeconv.kernels.phase_gemm`` evaluates the same
+arithmetic on the device (see ``_axis`` there); the tests check both
 against PyTorch.
 """
 from __future__ import annotations

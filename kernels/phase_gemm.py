@@ -1,0 +1,289 @@
+"""Convolutions as implicit GEMMs over stride phases: the Triton kernel and its launcher.
+
+One kernel computes both directions, over three spatial axes (2-D is depth 1):
+
+* **transposed** (``TRANSPOSED=True``): ``conv_transpose`` by stride-phase decomposition.
+  Along an axis, output ``o`` with ``q = o + p`` has phase ``r = q % s`` and ``u = q // s``;
+  only the taps with ``kk*d ≡ r (mod s)`` meet a real input pixel, at ``x[u - (kk*d - r)/s]``.
+  Each phase is a dense stride-1 convolution of the real input: no zero is inserted,
+  loaded or multiplied, and a phase with no taps reduces over nothing (bias only).
+* **direct** (``TRANSPOSED=False``): the ordinary strided convolution
+  ``y[o] = Σ x[o*s - p + kk*d] · w[kk]`` (one phase), which is conv_transpose's input
+  gradient.
+
+Both are the same loop.  Per axis, row ``t`` of a phase writes output ``o0 + t*o_step``
+and, through its ``j``-th tap (kernel index ``kk0 + j*kk_step``), reads input
+``i0 + t*i_step + j*i_tap_step``:
+
+    transposed phase r:  o0 = u0*s - p + r, o_step = s, i0 = u0 - off0, i_step = 1,
+                         i_tap_step = -d/g, kk0 = first tap, kk_step = s/g   (g = gcd(d, s))
+    direct:              o0 = 0, o_step = 1, i0 = -p, i_step = s, i_tap_step = d,
+                         kk0 = 0, kk_step = 1
+
+The implicit GEMM per (phase, group): rows = (n, t_d, t_h, t_w), columns = the group's
+output channels, reduction = (tap_d, tap_h, tap_w, input channel).  One launch covers
+every phase and group: grid = (row tiles × column tiles, phase, group).
+
+The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``;
+the direct convolution reads it with the first two axes swapped (columns = C_in).
+``tritondeconv.planner`` does the transposed arithmetic in plain Python.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("TRITONDECONV_AUTOTUNE", "1") != "0"
+
+
+def _configs():
+    """Tile configurations to autotune over.
+
+    Under ``TRITON_INTERPRET=1`` nothing can be timed, and with
+    ``TRITONDECONV_AUTOTUNE=0`` nothing should be: then there is exactly one
+    configuration, and the autotuner skips benchmarking.
+    """
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1})]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in [
+            (128, 128, 32, 8, 3),
+            (128, 64, 32, 4, 4),
+            (64, 128, 32, 4, 4),
+            (64, 64, 32, 4, 4),
+            (128, 32, 32, 4, 4),
+            (64, 32, 32, 4, 4),
+            (128, 16, 32, 4, 3),
+            (64, 64, 64, 4, 3),
+            (128, 128, 64, 8, 3),
+            (32, 32, 16, 2, 4),
+            (128, 16, 16, 4, 4),
+        ]
+    ]
+
+
+@triton.jit
+def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
+    """The affine maps of phase ``r`` along one axis (all scalars).
+
+    Returns ``(kk0, kk_step, n_taps, i0, i_step, i_tap_step, o0, o_step, count)`` as in
+    the module docstring.  For the transposed direction, with ``g = gcd(d, s)``,
+    ``kk*d ≡ r (mod s)`` has solutions only when ``g | r``; they are ``kk0 + j*(s/g)``
+    with ``kk0 = (r/g) * inv(d/g mod s/g) mod (s/g)``, and tap ``j`` reads
+    ``x[u - off0 - j*(d/g)]`` with ``off0 = (kk0*d - r)/s >= 0``.  The phase's outputs
+    ``o = u*s - p + r`` in ``[0, size_out)`` have ``u`` in
+    ``[ceil((p-r)/s), floor((size_out-1+p-r)/s)]``.  Triton's ``//`` truncates, so those
+    numerators are kept non-negative (``p >= 0``, ``r < s``, ``size_out >= 1``).
+    """
+    if TRANSPOSED:
+        kk0 = ((r // G) * INV) % (S // G)
+        n_taps = tl.where((r % G == 0) & (kk0 < K), (K - kk0 + S // G - 1) // (S // G), 0)
+        off0 = (kk0 * D - r) // S  # exact when the phase has taps, unused when it has none
+        u0 = (P - r + S - 1) // S
+        count = tl.maximum((size_out - 1 + P - r + S) // S - u0, 0)
+        return kk0, S // G, n_taps, u0 - off0, 1, -(D // G), u0 * S - P + r, S, count
+    else:
+        return 0, 1, K, -P, S, D, 0, 1, size_out
+
+
+@triton.autotune(
+    configs=_configs(),
+    # Tuned once per layer shape class: channels set the GEMM's N and K, the kernel
+    # size and stride set taps per phase, the direction the access pattern, and the
+    # rows (bucketed) the M; image sizes that round to the same bucket share a tuning.
+    key=["C_red_g", "C_col_g", "K_D", "K_H", "K_W", "S_D", "S_H", "S_W", "M_BUCKET", "TRANSPOSED"],
+)
+@triton.jit
+def _phase_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C_red_g, C_col_g,
+    I_D, I_H, I_W, O_D, O_H, O_W,
+    sxn, sxc, sxd, sxh, sxw,
+    swr, swc, swg, swd, swh, sww,
+    syn, syc, syd, syh, syw,
+    K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
+    G_D, G_H, G_W, INV_D, INV_H, INV_W,
+    M_MAX, M_BUCKET,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (row tile, column tile) of one phase of one group.
+
+    x_ptr:   input ``[N, groups*C_red_g, I_D, I_H, I_W]``, strides ``(sxn, sxc, sxd, sxh, sxw)``.
+    w_ptr:   weight; element (reduction channel c, column channel j, tap) of group g at
+             ``g*swg + c*swr + j*swc + kd*swd + kh*swh + kw*sww``.
+    b_ptr:   bias ``[groups*C_col_g]`` (read only when ``HAS_BIAS``).
+    y_ptr:   output ``[N, groups*C_col_g, O_D, O_H, O_W]``, strides ``(syn, syc, syd, syh, syw)``.
+    N:       batch size.
+    C_red_g, C_col_g: channels per group reduced over (input) and produced (output).
+    I_*, O_*: input and output spatial sizes.
+    K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
+    G_*:     ``gcd(D, S)`` per axis (transposed only).
+    INV_*:   inverse of ``D/G`` modulo ``S/G`` per axis, 0 when ``S/G == 1`` (transposed only).
+    M_MAX:   rows of the largest phase; the grid's row tiles are laid out for it.
+    M_BUCKET: ``M_MAX`` rounded up to a power of two; an autotuning key only.
+    TRANSPOSED: transposed (phase-decomposed) or direct convolution.
+    HAS_BIAS: add the bias in the epilogue.
+    OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in: the input's, except that the
+             interpreter multiplies bf16 as fp32 (it cannot multiply bf16 natively).
+    INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, output channels, input channels.
+    GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
+    """
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    group = tl.program_id(2)
+
+    # Grouped ordering of (row tile, column tile) for L2 reuse.
+    num_pid_m = tl.cdiv(M_MAX, BLOCK_M)
+    num_pid_n = tl.cdiv(C_col_g, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_group) % group_rows
+    pid_n = (pid % pids_in_group) // group_rows
+
+    # This program's phase (r_d, r_h, r_w) and each axis's affine maps.
+    r_w = phase % S_W
+    r_h = (phase // S_W) % S_H
+    r_d = phase // (S_W * S_H)
+    kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
+    kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
+    kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
+    M = N * T_D * T_H * T_W
+
+    # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    t_w = offs_m % tl.maximum(T_W, 1)
+    rest = offs_m // tl.maximum(T_W, 1)
+    t_h = rest % tl.maximum(T_H, 1)
+    rest = rest // tl.maximum(T_H, 1)
+    t_d = rest % tl.maximum(T_D, 1)
+    n = rest // tl.maximum(T_D, 1)
+    # Input position of tap 0 for each row: i0 + t*i_step.
+    in_d = id0 + t_d * id_step
+    in_h = ih0 + t_h * ih_step
+    in_w = iw0 + t_w * iw_step
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_col_g
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + n * sxn + (group * C_red_g) * sxc
+    w_cols = w_ptr + group * swg + offs_n * swc
+
+    acc_dtype = tl.float64 if OPERAND_DTYPE == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+
+    # Reduction over (tap_d, tap_h, tap_w, channel block), flattened into one loop so that
+    # it pipelines; a tile past the end of its phase reduces over nothing.
+    k_blocks = tl.cdiv(C_red_g, BLOCK_K)
+    taps_hw = taps_h * taps_w
+    n_iter = tl.where(pid_m * BLOCK_M < M, taps_d * taps_hw * k_blocks, 0)
+    for it in range(0, n_iter):
+        tap = it // k_blocks
+        c = (it % k_blocks) * BLOCK_K + offs_k
+        jd = tap // taps_hw
+        jh = (tap // taps_w) % taps_h
+        jw = tap % taps_w
+        # Tap j reads input i0 + t*i_step + j*i_tap_step through kernel index kk0 + j*kk_step.
+        i_d = in_d + jd * id_tap
+        i_h = in_h + jh * ih_tap
+        i_w = in_w + jw * iw_tap
+        row_ok = mask_m & (i_d >= 0) & (i_d < I_D) & (i_h >= 0) & (i_h < I_H) & (i_w >= 0) & (i_w < I_W)
+        mask_k = c < C_red_g
+        a = tl.load(
+            x_rows[:, None] + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + c[None, :] * sxc,
+            mask=row_ok[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w_tap = (kd0 + jd * kd_step) * swd + (kh0 + jh * kh_step) * swh + (kw0 + jw * kw_step) * sww
+        b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + group * C_col_g + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(acc_dtype)[None, :]
+
+    # Output position of each row: o0 + t*o_step.
+    o_d = od0 + t_d * od_step
+    o_h = oh0 + t_h * oh_step
+    o_w = ow0 + t_w * ow_step
+    y_rows = y_ptr + n * syn + o_d * syd + o_h * syh + o_w * syw
+    y = y_rows[:, None] + (group * C_col_g + offs_n)[None, :] * syc
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
+    """``gcd(d, s)`` and the inverse of ``d/g`` modulo ``s/g`` for one axis."""
+    g = math.gcd(dilation, stride)
+    modulus = stride // g
+    return g, (pow(dilation // g, -1, modulus) if modulus > 1 else 0)
+
+
+_OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def phase_gemm(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    groups: int,
+    transposed: bool,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``.
+
+    All tensors are 5-D views, any strides: ``x`` ``[N, C_x, D, H, W]``, ``out``
+    ``[N, C_out, D', H', W']``, ``weight`` ``[C_in, C_out/groups, kD, kH, kW]`` in
+    conv_transpose's layout for both directions (so the direct convolution maps
+    ``C_out`` channels of ``x`` onto ``C_in`` channels of ``out``).  The caller has
+    checked the arguments and sized ``out`` (output padding included).  Returns ``out``.
+    """
+    n = x.shape[0]
+    c_in, c_out_g = weight.shape[:2]
+    sw_in, sw_out = weight.stride()[:2]
+    c_in_g = c_in // groups
+    if transposed:  # reduce over the group's C_in, produce its C_out
+        c_red_g, c_col_g, sw_red, sw_col, n_phases = c_in_g, c_out_g, sw_in, sw_out, math.prod(stride)
+    else:  # reduce over the group's C_out, produce its C_in
+        c_red_g, c_col_g, sw_red, sw_col, n_phases = c_out_g, c_in_g, sw_out, sw_in, 1
+    consts = [_axis_constants(s, d) for s, d in zip(stride, dilation)]
+    rows_per_phase = out.shape[2:] if not transposed else [triton.cdiv(o, s) for o, s in zip(out.shape[2:], stride)]
+    m_max = n * math.prod(rows_per_phase)
+    operand = tl.float32 if (INTERPRETING and x.dtype == torch.bfloat16) else _OPERAND_DTYPES[x.dtype]
+
+    def grid(meta):
+        tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
+        return (tiles, n_phases, groups)
+
+    _phase_gemm_kernel[grid](
+        x, weight, bias if bias is not None else x, out,
+        n, c_red_g, c_col_g,
+        *x.shape[2:], *out.shape[2:],
+        *x.stride(),
+        sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
+        *out.stride(),
+        *weight.shape[2:], *stride, *padding, *dilation,
+        *(g for g, _ in consts), *(inv for _, inv in consts),
+        m_max, triton.next_power_of_2(m_max),
+        TRANSPOSED=transposed,
+        HAS_BIAS=bias is not None,
+        OPERAND_DTYPE=operand,
+        INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
+    )
+    return out
