@@ -29,14 +29,12 @@ the direct convolution reads it with the first two axes swapped (columns = C_in)
 ``tritondeconv.planner`` does the transposed arithmetic in plain Python.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = os.environ.get("TRITONDECONV_AUTOTUNE", "1") != "0"
+from .common import AUTOTUNE, INTERPRETING, input_precision, operand_dtype
 
 
 def _configs():
@@ -133,8 +131,7 @@ def _phase_gemm_kernel(
     M_BUCKET: ``M_MAX`` rounded up to a power of two; an autotuning key only.
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     HAS_BIAS: add the bias in the epilogue.
-    OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in: the input's, except that the
-             interpreter multiplies bf16 as fp32 (it cannot multiply bf16 natively).
+    OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
     BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, output channels, input channels.
     GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
@@ -231,9 +228,6 @@ def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
     return g, (pow(dilation // g, -1, modulus) if modulus > 1 else 0)
 
 
-_OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 def phase_gemm(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -265,7 +259,6 @@ def phase_gemm(
     consts = [_axis_constants(s, d) for s, d in zip(stride, dilation)]
     rows_per_phase = out.shape[2:] if not transposed else [triton.cdiv(o, s) for o, s in zip(out.shape[2:], stride)]
     m_max = n * math.prod(rows_per_phase)
-    operand = tl.float32 if (INTERPRETING and x.dtype == torch.bfloat16) else _OPERAND_DTYPES[x.dtype]
 
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
@@ -283,7 +276,7 @@ def phase_gemm(
         m_max, triton.next_power_of_2(m_max),
         TRANSPOSED=transposed,
         HAS_BIAS=bias is not None,
-        OPERAND_DTYPE=operand,
-        INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
+        OPERAND_DTYPE=operand_dtype(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
     )
     return out

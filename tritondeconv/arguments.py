@@ -144,8 +144,10 @@ def _check_tensors(input, weight, bias, op: str) -> None:
             raise RuntimeError(f"{op}: expected {name} to be on the input's device {input.device}, but got {t.device}")
 
 
-def output_memory_format(input: torch.Tensor) -> torch.memory_format:
-    """The memory format PyTorch gives a convolution's output: the input's."""
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        return torch.channels_last
+def output_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format PyTorch gives a convolution's output: the input's
+    (channels_last for 4-D, channels_last_3d for 5-D, else contiguous)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+        return fmt
     return torch.contiguous_format

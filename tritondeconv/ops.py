@@ -1,16 +1,24 @@
-"""The op layer: ``torch.ops.tritondeconv.conv_transpose2d`` and
-``torch.ops.tritondeconv.naive_conv_transpose2d``.
+"""The op layer: the ``torch.ops.tritondeconv`` ops, their fake (meta) implementations
+and their dispatch to the kernels.
 
-Both are ``torch.library.custom_op``s with a fake (meta) implementation, so meta
-tensors work and ``torch.compile(fullgraph=True)`` traces through them as opaque
-nodes; being opaque, each shape keeps its own autotuning under compile (see
-DESIGN.md on pytorch/pytorch#164124).
+Public:
+  ``conv_transpose2d``        stride-phase transposed convolution
+  ``naive_conv_transpose2d``  the zero-insertion baseline on the same kernel
+Internal (the gradients of a transposed convolution, rank-generic, differentiable
+themselves so that double backward works; see ``autograd.py``):
+  ``conv_transpose_input_grad``   grad_input: the zero-free strided convolution
+  ``conv_transpose_weight_grad``  grad_weight: per-tap GEMMs with a split reduction
+
+All are ``torch.library.custom_op``s with a fake implementation, so meta tensors work
+and ``torch.compile(fullgraph=True)`` traces through them as opaque nodes; being
+opaque, each shape keeps its own autotuning under compile (DESIGN.md on
+pytorch/pytorch#164124).
 
 Where the work runs:
-  * CUDA tensors: always the Triton kernel.
-  * CPU tensors with ``TRITON_INTERPRET=1``: the same Triton kernel, run by the
-    Triton interpreter (this is how CI tests the kernels).
-  * CPU tensors otherwise: aten's ``conv_transpose2d`` (Triton has no CPU backend).
+  * CUDA tensors: always the Triton kernels.
+  * CPU tensors with ``TRITON_INTERPRET=1``: the same Triton kernels, run by the Triton
+    interpreter (this is how CI tests the kernels).
+  * CPU tensors otherwise: aten's convolutions (Triton has no CPU backend).
 """
 from __future__ import annotations
 
@@ -19,10 +27,19 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .arguments import ConvTranspose2dArgs, as_batched, check_conv_transpose2d, check_tensor_types, output_memory_format
-from .kernels.phase_gemm import INTERPRETING, phase_gemm
+from .arguments import (
+    ConvTranspose2dArgs,
+    as_batched,
+    check_conv_transpose2d,
+    check_tensor_types,
+    output_memory_format,
+)
+from .kernels.common import INTERPRETING
+from .kernels.phase_gemm import phase_gemm
+from .kernels.weight_grad import weight_grad
+from .planner import output_size
 
-_SCHEMA = (
+_SCHEMA_2D = (
     "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
     "int[2] output_padding=0, int groups=1, int[2] dilation=1) -> Tensor"
 )
@@ -32,6 +49,45 @@ def _runs_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
 
 
+def _as5d(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *spatial]`` (1 to 3 spatial axes) as a ``[N, C, D, H, W]`` view."""
+    while t.dim() < 5:
+        t = t.unsqueeze(2)
+    return t
+
+
+def _geometry5d(rank: int, *params: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per-axis parameters (stride, padding, dilation, ...) padded to three axes with the
+    identity of the missing leading axes (stride 1, padding 0, dilation 1)."""
+    identity = {0: 1, 1: 0, 2: 1}
+    return [(identity[i],) * (3 - rank) + tuple(p) for i, p in enumerate(params)]
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight with its second axis (the GEMM's columns in the forward) innermost:
+    same logical shape, new strides, so a tap's ``[C_in, C_out]`` tile is read along
+    contiguous memory."""
+    order = [*range(2, weight.dim()), 0, 1]
+    inverse = [order.index(i) for i in range(weight.dim())]
+    return weight.permute(order).contiguous().permute(inverse)
+
+
+def _allow_tf32() -> bool:
+    return torch.backends.cudnn.allow_tf32
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """A new tensor of ``shape`` in ``like``'s dtype, device and memory format."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=output_memory_format(like))
+
+
+def _empty_output(x: torch.Tensor, args: ConvTranspose2dArgs) -> torch.Tensor:
+    return _empty(args.output_shape, x)
+
+
+# ---------------------------------------------------------------- conv_transpose2d
+
+
 def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op):
     """Check the arguments; return the batched input, the checked args and whether the
     input was unbatched."""
@@ -39,32 +95,21 @@ def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilat
     return x, check_conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, op), unbatched
 
 
-def _empty_output(x: torch.Tensor, args: ConvTranspose2dArgs) -> torch.Tensor:
-    return torch.empty(args.output_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight with output channels innermost (same logical shape, new strides), so the
-    kernel's ``[C_in, C_out]`` tile of a tap is read along contiguous memory."""
-    return weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-
-
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTranspose2dArgs, stride) -> torch.Tensor:
-    """Run the kernel with the given stride (the naive op passes 1) into a new output
-    laid out like the input of the call (``args``'s shape).  2-D is depth 1 of the
-    kernel's three spatial axes: the 5-D views below copy nothing."""
+def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTranspose2dArgs, stride) -> torch.Tensor:
+    """Run the phase kernel with the given stride (the naive op passes 1) into a new
+    output laid out like ``x``.  2-D is depth 1 of the kernel's three spatial axes."""
     out = _empty_output(x, args)
     if out.numel() == 0:
         return out
+    stride, padding, dilation = _geometry5d(2, stride, args.padding, args.dilation)
     phase_gemm(
-        out.unsqueeze(2), x.unsqueeze(2), _packed_weight(weight).unsqueeze(2), bias,
-        (1, *stride), (0, *args.padding), (1, *args.dilation), args.groups,
-        transposed=True, allow_tf32=torch.backends.cudnn.allow_tf32,
+        _as5d(out), _as5d(x), _as5d(_packed_weight(weight)), bias, stride, padding, dilation, args.groups,
+        transposed=True, allow_tf32=_allow_tf32(),
     )
     return out
 
 
-@torch.library.custom_op("tritondeconv::conv_transpose2d", mutates_args=(), schema=_SCHEMA)
+@torch.library.custom_op("tritondeconv::conv_transpose2d", mutates_args=(), schema=_SCHEMA_2D)
 def _conv_transpose2d_op(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -78,7 +123,7 @@ def _conv_transpose2d_op(
     op = "conv_transpose2d"
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
     if _runs_triton(x.device):
-        out = _launch(x, weight, bias, args, args.stride)
+        out = _launch_transposed(x, weight, bias, args, args.stride)
     else:
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
     return out.squeeze(0) if unbatched else out
@@ -89,15 +134,12 @@ def zero_insert(x: torch.Tensor, stride: tuple[int, int], output_padding: tuple[
     last one, per axis: ``[N, C, (H-1)*s_h + 1 + op_h, (W-1)*s_w + 1 + op_w]``."""
     n, c, h, w = x.shape
     (s_h, s_w), (op_h, op_w) = stride, output_padding
-    up = torch.empty(
-        (n, c, (h - 1) * s_h + 1 + op_h, (w - 1) * s_w + 1 + op_w),
-        dtype=x.dtype, device=x.device, memory_format=output_memory_format(x),
-    ).zero_()
+    up = _empty((n, c, (h - 1) * s_h + 1 + op_h, (w - 1) * s_w + 1 + op_w), x).zero_()
     up[:, :, : (h - 1) * s_h + 1 : s_h, : (w - 1) * s_w + 1 : s_w] = x
     return up
 
 
-@torch.library.custom_op("tritondeconv::naive_conv_transpose2d", mutates_args=(), schema=_SCHEMA)
+@torch.library.custom_op("tritondeconv::naive_conv_transpose2d", mutates_args=(), schema=_SCHEMA_2D)
 def _naive_conv_transpose2d_op(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -116,13 +158,13 @@ def _naive_conv_transpose2d_op(
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
     up = zero_insert(x, args.stride, args.output_padding)
     if _runs_triton(x.device):
-        out = _launch(up, weight, bias, args, (1, 1))
+        out = _launch_transposed(up, weight, bias, args, (1, 1))
     else:
         out = F.conv_transpose2d(up, weight, bias, 1, args.padding, 0, args.groups, args.dilation)
     return out.squeeze(0) if unbatched else out
 
 
-def _fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, op="conv_transpose2d"):
+def _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, op):
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
     out = _empty_output(x, args)
     return out.squeeze(0) if unbatched else out
@@ -130,12 +172,84 @@ def _fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, group
 
 @_conv_transpose2d_op.register_fake
 def _(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    return _fake(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, "conv_transpose2d")
 
 
 @_naive_conv_transpose2d_op.register_fake
 def _(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     return _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, "naive_conv_transpose2d")
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def transposed_output_padding(input_size, output_size_, kernel_size, stride, padding, dilation) -> list[int]:
+    """The output_padding with which a transposed convolution of ``input_size`` produces
+    ``output_size_`` (how the gradient ops recover it from their tensors' sizes)."""
+    return [
+        o - output_size(i, k, s, p, d, 0)
+        for i, o, k, s, p, d in zip(input_size, output_size_, kernel_size, stride, padding, dilation)
+    ]
+
+
+@torch.library.custom_op(
+    "tritondeconv::conv_transpose_input_grad",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+)
+def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, groups):
+    """grad_input of a transposed convolution whose (batched) input had spatial size
+    ``input_size``: the strided convolution ``conv(grad_output, weight)`` (the weight,
+    ``[C_in, C_out/g, *k]``, is already a convolution weight mapping C_out to C_in
+    channels), computed without any inserted zero."""
+    out = _empty((grad_output.shape[0], weight.shape[0], *input_size), grad_output)
+    if out.numel() == 0:
+        return out
+    if not _runs_triton(grad_output.device):
+        full = torch.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
+        return out.copy_(full[(..., *(slice(0, i) for i in input_size))])
+    stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
+    phase_gemm(
+        _as5d(out), _as5d(grad_output), _as5d(weight), None, stride5, padding5, dilation5, groups,
+        transposed=False, allow_tf32=_allow_tf32(),
+    )
+    return out
+
+
+@_input_grad_op.register_fake
+def _(grad_output, weight, input_size, stride, padding, dilation, groups):
+    return _empty((grad_output.shape[0], weight.shape[0], *input_size), grad_output)
+
+
+@torch.library.custom_op(
+    "tritondeconv::conv_transpose_weight_grad",
+    mutates_args=(),
+    schema="(Tensor input, Tensor grad_output, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+)
+def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, groups):
+    """grad_weight ``[C_in, C_out/g, *kernel_size]`` of a transposed convolution of the
+    (batched) ``input`` that produced ``grad_output``'s shape."""
+    c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
+    if not _runs_triton(input.device):
+        output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding, dilation)
+        weight = input.new_empty((c_in, c_out_g, *kernel_size))
+        return torch.ops.aten.convolution_backward(
+            grad_output, input, weight, None, stride, padding, dilation, True, output_padding, groups, [False, True, False]
+        )[1]
+    stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
+    kernel5 = (1,) * (3 - len(kernel_size)) + tuple(kernel_size)
+    grad = weight_grad(
+        _as5d(input), _as5d(grad_output), kernel5, stride5, padding5, dilation5, groups, allow_tf32=_allow_tf32()
+    )
+    return grad.reshape(c_in, c_out_g, *kernel_size)
+
+
+@_weight_grad_op.register_fake
+def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
+    return input.new_empty((input.shape[1], grad_output.shape[1] // groups, *kernel_size))
+
+
+# ---------------------------------------------------------------- friendly functions
 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):

@@ -1,0 +1,24 @@
+"""What every kernel launcher shares: the run mode and the dot-operand choices."""
+import os
+
+import torch
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("TRITONDECONV_AUTOTUNE", "1") != "0"
+
+_OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def operand_dtype(dtype: torch.dtype):
+    """The dtype tiles are fed to ``tl.dot`` in: the tensors' own, except that the
+    interpreter multiplies bf16 as fp32 (numpy has no bf16; products of bf16 values are
+    exact in fp32, so the result is the same)."""
+    if INTERPRETING and dtype == torch.bfloat16:
+        return tl.float32
+    return _OPERAND_DTYPES[dtype]
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot``'s input precision: TF32 for fp32 when PyTorch's conv would use it."""
+    return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"

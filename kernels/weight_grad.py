@@ -1,0 +1,179 @@
+"""The weight gradient of a transposed convolution: the Triton kernel and its launcher.
+
+For ``y = conv_transpose(x, w)`` (stride s, padding p, dilation d, per axis),
+
+    grad_w[ci, co, kk] = Σ_{n, i} x[n, ci, i] · grad_y[n, co, i*s - p + kk*d]
+
+which is, for every tap ``kk``, a GEMM of ``C_in/groups × C_out/groups`` reducing over
+all ``N·D·H·W`` input pixels: only real pixels are read, no zero is inserted.  That
+reduction is long, so it is split into ``split`` contiguous ranges of pixels, each
+program writes its partial tile to a workspace, and the launcher sums the partials
+over the split axis in a fixed order: no atomics, bitwise-identical runs.
+
+Grid: (row tiles × column tiles, tap, group × split).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import AUTOTUNE, INTERPRETING, input_precision, operand_dtype
+
+
+def _configs():
+    """Tiles to autotune over (one fixed tile in the interpreter or with autotuning off)."""
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in [
+            (128, 128, 32, 8, 3),
+            (64, 128, 32, 4, 4),
+            (128, 64, 32, 4, 4),
+            (64, 64, 64, 4, 3),
+            (32, 32, 64, 4, 3),
+            (16, 16, 128, 4, 3),
+        ]
+    ]
+
+
+@triton.autotune(
+    configs=_configs(),
+    # Channels are the GEMM's M and N; the pixels per split its K (bucketed).
+    key=["C_in_g", "C_out_g", "PIXELS_BUCKET"],
+)
+@triton.jit
+def _weight_grad_kernel(
+    x_ptr, gy_ptr, ws_ptr,
+    N, C_in_g, C_out_g,
+    I_D, I_H, I_W, O_D, O_H, O_W,
+    sxn, sxc, sxd, sxh, sxw,
+    syn, syc, syd, syh, syw,
+    K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
+    SPLIT, PIXELS_PER_SPLIT, PIXELS_BUCKET,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (C_in tile, C_out tile) of one tap of one group, over one pixel range.
+
+    x_ptr:  input ``[N, C_in, I_D, I_H, I_W]``, strides ``(sxn, sxc, sxd, sxh, sxw)``.
+    gy_ptr: output gradient ``[N, C_out, O_D, O_H, O_W]``, strides ``(syn, ..., syw)``.
+    ws_ptr: workspace ``[SPLIT, groups, K_D*K_H*K_W, C_in_g, C_out_g]``, contiguous, in the
+            accumulator's dtype; this program writes its partial sum there.
+    N, C_in_g, C_out_g: batch, input and output channels per group.
+    I_*, O_*: input and output spatial sizes.
+    K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
+    SPLIT:  number of pixel ranges the reduction is split into.
+    PIXELS_PER_SPLIT: pixels (of ``N*I_D*I_H*I_W``) in each range.
+    PIXELS_BUCKET: ``PIXELS_PER_SPLIT`` rounded up to a power of two; autotuning key only.
+    OPERAND_DTYPE, INPUT_PRECISION: as in ``phase_gemm``.
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, output channels, pixels.
+    """
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    group = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
+    num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    # Tap (kd, kh, kw) reads grad_y at o = i*s - p + kk*d.
+    kw = tap % K_W
+    kh = (tap // K_W) % K_H
+    kd = tap // (K_W * K_H)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < C_in_g
+    mask_n = offs_n < C_out_g
+    x_cols = x_ptr + (group * C_in_g + offs_m) * sxc
+    gy_cols = gy_ptr + (group * C_out_g + offs_n) * syc
+
+    acc_dtype = tl.float64 if OPERAND_DTYPE == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    pixels = N * I_D * I_H * I_W
+    start = split * PIXELS_PER_SPLIT
+    stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
+    for q0 in range(start, stop, BLOCK_K):
+        # Pixel q = ((n*I_D + i_d)*I_H + i_h)*I_W + i_w.
+        q = q0 + tl.arange(0, BLOCK_K)
+        i_w = q % I_W
+        i_h = (q // I_W) % I_H
+        i_d = (q // (I_W * I_H)) % I_D
+        n = q // (I_W * I_H * I_D)
+        o_d = i_d * S_D - P_D + kd * D_D
+        o_h = i_h * S_H - P_H + kh * D_H
+        o_w = i_w * S_W - P_W + kw * D_W
+        in_range = q < stop
+        hits = in_range & (o_d >= 0) & (o_d < O_D) & (o_h >= 0) & (o_h < O_H) & (o_w >= 0) & (o_w < O_W)
+        a = tl.load(
+            x_cols[:, None] + (n * sxn + i_d * sxd + i_h * sxh + i_w * sxw)[None, :],
+            mask=mask_m[:, None] & hits[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            gy_cols[None, :] + (n * syn + o_d * syd + o_h * syh + o_w * syw)[:, None],
+            mask=hits[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    taps = K_D * K_H * K_W
+    ws = ws_ptr + (((split * (tl.num_programs(2) // SPLIT) + group) * taps + tap) * C_in_g) * C_out_g
+    tl.store(ws + offs_m[:, None] * C_out_g + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def default_split(pixels: int, programs: int, target_programs: int = 1024, min_pixels: int = 4096) -> int:
+    """Ranges to split ``pixels`` into: enough programs to fill a GPU, none shorter than
+    ``min_pixels`` (or 1 in the interpreter, where more programs only cost time)."""
+    if INTERPRETING:
+        return 1
+    return max(1, min(triton.cdiv(target_programs, programs), pixels // min_pixels))
+
+
+def weight_grad(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    kernel_size: tuple[int, int, int],
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    groups: int,
+    allow_tf32: bool,
+    split: int | None = None,
+) -> torch.Tensor:
+    """``grad_w`` ``[C_in, C_out/groups, kD, kH, kW]`` (contiguous, ``x``'s dtype) of a
+    transposed convolution of ``x`` ``[N, C_in, D, H, W]`` that produced ``grad_y``
+    ``[N, C_out, D', H', W']`` (5-D views, any strides).  ``split`` overrides the
+    number of pixel ranges (default: ``default_split``)."""
+    n, c_in = x.shape[:2]
+    c_out = grad_y.shape[1]
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    taps = math.prod(kernel_size)
+    pixels = n * math.prod(x.shape[2:])
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if split is None:
+        split = default_split(pixels, taps * groups * triton.cdiv(c_in_g, 64) * triton.cdiv(c_out_g, 64))
+    per_split = triton.cdiv(pixels, split)
+    workspace = torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
+
+    _weight_grad_kernel[grid](
+        x, grad_y, workspace,
+        n, c_in_g, c_out_g,
+        *x.shape[2:], *grad_y.shape[2:],
+        *x.stride(), *grad_y.stride(),
+        *kernel_size, *stride, *padding, *dilation,
+        split, per_split, triton.next_power_of_2(per_split),
+        OPERAND_DTYPE=operand_dtype(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+    )
+    # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
+    total = workspace.sum(0) if split > 1 else workspace[0]
+    return total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size).to(x.dtype)

@@ -1,0 +1,119 @@
+"""Autograd for the ops, written in terms of the ops themselves so that every
+gradient is differentiable again (double backward, gradgradcheck).
+
+For ``y = T(x, w)`` (transposed convolution; stride s, padding p, dilation d, groups g):
+
+    grad_x = I(grad_y, w)        conv_transpose_input_grad: the strided convolution
+    grad_w = W(x, grad_y)        conv_transpose_weight_grad: per-tap GEMMs
+    grad_b = Σ_{n, spatial} grad_y
+
+``I`` and ``W`` are bilinear, and their own gradients close the set:
+
+    I(gy, w):  d gy = T(g, w),    d w = W(g, gy)
+    W(x, gy):  d x  = I(gy, g),   d gy = T(x, g)
+
+where ``g`` is the incoming gradient; ``T`` gets the output_padding that reproduces
+``gy``'s size.  Only the gradients that are needed are computed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .arguments import pair
+from .ops import transposed_output_padding
+
+ops = torch.ops.tritondeconv
+
+
+def _transposed(rank: int):
+    """The forward op of a rank (only 2-D so far)."""
+    return {2: ops.conv_transpose2d}[rank]
+
+
+def _T(x, w, grad_y_size, stride, padding, dilation, groups):
+    """T(x, w) sized like ``grad_y_size``."""
+    output_padding = transposed_output_padding(x.shape[2:], grad_y_size, w.shape[2:], stride, padding, dilation)
+    return _transposed(x.dim() - 2)(x, w, None, stride, padding, output_padding, groups, dilation)
+
+
+# --------------------------------------------------------------- conv_transpose2d
+
+
+def _setup_conv_transpose2d(ctx, inputs, output):
+    input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.geometry = tuple(list(pair(v, n, "conv_transpose2d")) for v, n in
+                         ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    ctx.groups = groups
+
+
+def _backward_conv_transpose2d(ctx, grad_y):
+    x, w = ctx.saved_tensors
+    stride, padding, dilation = ctx.geometry
+    unbatched = x.dim() == 3
+    if unbatched:
+        x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = ops.conv_transpose_input_grad(grad_y, w, list(x.shape[2:]), stride, padding, dilation, ctx.groups)
+        grad_x = grad_x.squeeze(0) if unbatched else grad_x
+    if ctx.needs_input_grad[1]:
+        grad_w = ops.conv_transpose_weight_grad(x, grad_y, list(w.shape[2:]), stride, padding, dilation, ctx.groups)
+    if ctx.needs_input_grad[2]:
+        grad_b = grad_y.sum(dim=[0, *range(2, grad_y.dim())])
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "tritondeconv::conv_transpose2d", _backward_conv_transpose2d, setup_context=_setup_conv_transpose2d
+)
+
+
+# --------------------------------------------------------------- I(gy, w)
+
+
+def _setup_input_grad(ctx, inputs, output):
+    grad_y, weight, input_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_y, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward_input_grad(ctx, g):
+    grad_y, w = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    d_grad_y = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_grad_y = _T(g, w, grad_y.shape[2:], stride, padding, dilation, groups)
+    if ctx.needs_input_grad[1]:
+        d_w = ops.conv_transpose_weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
+    return d_grad_y, d_w, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "tritondeconv::conv_transpose_input_grad", _backward_input_grad, setup_context=_setup_input_grad
+)
+
+
+# --------------------------------------------------------------- W(x, gy)
+
+
+def _setup_weight_grad(ctx, inputs, output):
+    x, grad_y, kernel_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, grad_y)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward_weight_grad(ctx, g):
+    x, grad_y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    d_x = d_grad_y = None
+    if ctx.needs_input_grad[0]:
+        d_x = ops.conv_transpose_input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
+    if ctx.needs_input_grad[1]:
+        d_grad_y = _T(x, g, grad_y.shape[2:], stride, padding, dilation, groups)
+    return d_x, d_grad_y, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "tritondeconv::conv_transpose_weight_grad", _backward_weight_grad, setup_context=_setup_weight_grad
+)
