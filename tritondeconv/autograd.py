@@ -42,6 +42,7 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
 def _setup_conv_transpose2d(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
     ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
     ctx.geometry = tuple(list(pair(v, n, "conv_transpose2d")) for v, n in
                          ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     ctx.groups = groups
@@ -59,7 +60,7 @@ def _backward_conv_transpose2d(ctx, grad_y):
         grad_x = grad_x.squeeze(0) if unbatched else grad_x
     if ctx.needs_input_grad[1]:
         grad_w = ops.conv_transpose_weight_grad(x, grad_y, list(w.shape[2:]), stride, padding, dilation, ctx.groups)
-    if ctx.needs_input_grad[2]:
+    if ctx.has_bias and ctx.needs_input_grad[2]:  # (under compile the flags cover given tensors only)
         grad_b = grad_y.sum(dim=[0, *range(2, grad_y.dim())])
     return grad_x, grad_w, grad_b, None, None, None, None, None
 

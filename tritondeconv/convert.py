@@ -11,10 +11,10 @@ from .nn import ConvTranspose2d
 
 def _refusal(module: torch.nn.ConvTranspose2d) -> str | None:
     """Why ``module`` cannot be swapped, or None."""
-    if type(module) is not torch.nn.ConvTranspose2d:
-        return f"{type(module).__name__} is a subclass with behaviour of its own"
     if isinstance(module.weight, torch.nn.parameter.UninitializedParameter):
         return "its parameters are not initialised yet"
+    if type(module) is not torch.nn.ConvTranspose2d:
+        return f"{type(module).__name__} is a subclass with behaviour of its own"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"its dtype {module.weight.dtype} is not supported"
     return None

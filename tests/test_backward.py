@@ -1,0 +1,134 @@
+"""Gradients of conv_transpose2d: against PyTorch's in every dtype, gradcheck and
+gradgradcheck in float64, only the needed gradients, a deterministic split reduction."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritondeconv
+import tritondeconv.ops
+from reference import DTYPES, TOLERANCES, fresh_seed, layout, relative_error
+from tritondeconv.kernels.weight_grad import weight_grad
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+# (kernel, stride, padding, output_padding, dilation, groups)
+GEOMETRIES = [
+    pytest.param(3, 2, 1, 1, 1, 1, id="k3s2p1op1"),
+    pytest.param(4, 2, 1, 0, 1, 2, id="k4s2p1-g2"),
+    pytest.param(2, 3, 0, 2, 1, 1, id="k2s3op2-phases-without-taps"),
+    pytest.param(3, 2, 2, 1, 2, 1, id="k3s2p2d2op1"),
+    pytest.param(5, 3, 1, 1, 2, 1, id="k5s3p1d2op1"),
+    pytest.param((2, 3), (1, 2), (0, 1), (0, 1), (2, 1), 1, id="rectangular"),
+    pytest.param(3, 1, 1, 0, 1, 1, id="k3s1p1"),
+]
+
+
+def _gradients(fn, x, w, b, gy):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_()
+    return torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
+
+
+@pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("k, s, p, op, d, g", GEOMETRIES)
+def test_gradients_match_pytorch(device, precision, kind, k, s, p, op, d, g):
+    if device == "cpu" and precision not in ("float64", "bfloat16") and kind != "nchw":
+        pytest.skip("interpreter suite: layouts run in float64 and bfloat16 on CPU")
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    n, c_in, c_out, size = (2, 4, 6, 4) if device == "cpu" else (3, 24, 18, 7)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = layout(torch.randn(n, c_in, size, size + 1, device=device).to(dtype), kind)
+    w = torch.randn(c_in, c_out // g, kh, kw, device=device).to(dtype)
+    b = torch.randn(c_out, device=device).to(dtype)
+    args = (s, p, op, g, d)
+    out = tritondeconv.conv_transpose2d(x, w, b, *args)
+    gy = torch.randn_like(out)
+    got = _gradients(lambda x, w, b: tritondeconv.conv_transpose2d(x, w, b, *args), x, w, b, gy)
+    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args), x.double(), w.double(), b.double(), gy.double())
+    for name, a, r in zip(("input", "weight", "bias"), got, ref):
+        assert a.shape == r.shape and a.dtype == dtype, name
+        assert torch.isfinite(a).all(), f"grad_{name} has non-finite values (seed {seed})"
+        err = relative_error(a, r)
+        assert err <= TOLERANCES[precision], f"grad_{name}: relative error {err:.2e} (seed {seed})"
+    # grad_input comes back in the input's memory format, as PyTorch's does.
+    assert got[0].is_contiguous(memory_format=torch.channels_last if kind == "channels_last" else torch.contiguous_format)
+
+
+def _fast(device):
+    """gradcheck's fast mode (the Jacobian checked along random projections, so a wrong
+    gradient still fails) in the interpreter, where the full Jacobian takes minutes."""
+    return device == "cpu"
+
+
+@pytest.mark.parametrize("k, s, p, op, d, g", GEOMETRIES)
+def test_gradcheck_and_gradgradcheck(device, k, s, p, op, d, g):
+    fresh_seed()
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(1, 2, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2 // g, kh, kw, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return tritondeconv.conv_transpose2d(x, w, b, s, p, op, g, d)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=_fast(device))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), fast_mode=_fast(device))
+
+
+def test_gradcheck_unbatched_channels_last(device):
+    fresh_seed()
+    x = torch.randn(2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w: tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w), fast_mode=_fast(device))
+    xc = torch.randn(1, 2, 2, 3, device=device, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    fn = lambda x, w: tritondeconv.conv_transpose2d(x, w, None, 2)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (xc.requires_grad_(), w), fast_mode=_fast(device))
+
+
+@pytest.mark.parametrize("needs", ["input", "weight", "bias"])
+def test_only_needed_gradients_are_computed(device, monkeypatch, needs):
+    calls = []
+    for name in ("phase_gemm", "weight_grad"):
+        fn = getattr(tritondeconv.ops, name)
+        monkeypatch.setattr(tritondeconv.ops, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    x = torch.randn(1, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=needs == "input")
+    w = torch.randn(2, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=needs == "weight")
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=needs == "bias")
+    tritondeconv.conv_transpose2d(x, w, b, 2).sum().backward()
+    expected = {"input": ["phase_gemm", "phase_gemm"], "weight": ["phase_gemm", "weight_grad"], "bias": ["phase_gemm"]}
+    assert calls == expected[needs]
+
+
+def _weight_grad_inputs(device):
+    x = torch.randn(3, 4, 1, 5, 6, device=device, dtype=torch.float64)
+    gy = torch.randn(3, 6, 1, 9, 11, device=device, dtype=torch.float64)
+    return x, gy, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)
+
+
+def test_split_reduction_is_exact_and_deterministic(device):
+    """Any split of the pixel reduction gives the same gradient, and a run repeats bitwise."""
+    x, gy, *geometry = _weight_grad_inputs(device)
+    ref = torch.ops.aten.convolution_backward(
+        gy[:, :, 0], x[:, :, 0], torch.empty(4, 3, 3, 3, dtype=x.dtype, device=device), None,
+        [2, 2], [1, 1], [1, 1], True, [0, 0], 2, [False, True, False],
+    )[1]
+    grads = [weight_grad(x, gy, *geometry, groups=2, allow_tf32=False, split=split) for split in (1, 3, 1, 3)]
+    for g in grads:
+        assert relative_error(g[:, :, 0], ref) <= TOLERANCES["float64"]
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_is_bitwise_deterministic_on_cuda(dtype):
+    x = torch.randn(8, 64, 16, 16, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(64, 32, 4, 4, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    gy = torch.randn(8, 32, 32, 32, device="cuda", dtype=dtype)
+    runs = [torch.autograd.grad(tritondeconv.conv_transpose2d(x, w, b, 2, 1), (x, w, b), gy) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
