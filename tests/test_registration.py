@@ -31,6 +31,20 @@ def test_opcheck(device, op):
     ]
     for args in samples:
         torch.library.opcheck(OPS[op], args)
+    if op == "conv_transpose2d":  # and its autograd, through the gradient ops
+        for args in samples:
+            grads = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+            torch.library.opcheck(OPS[op], grads)
+
+
+def test_opcheck_gradient_ops(device):
+    """The internal gradient ops, with their own autograd (double backward)."""
+    x = torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 6, 6, 9, device=device, dtype=torch.float64, requires_grad=True)  # k3x2 s2 p1 op1, groups 2
+    geometry = ([2, 2], [1, 1], [1, 1], 2)
+    torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_input_grad, (gy, w, [3, 5], *geometry))
+    torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_weight_grad, (x, gy, [3, 2], *geometry))
 
 
 @pytest.mark.parametrize("op", list(OPS))
