@@ -35,14 +35,13 @@ def device(request):
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
-    """Make every output the ops allocate start as NaN, so an unwritten pixel fails."""
-    allocate = tritondeconv.ops._empty_output
+    """Make every tensor the ops allocate start as NaN, so an unwritten pixel fails."""
+    allocate = tritondeconv.ops._empty
 
-    def poisoned(x, args):
-        out = allocate(x, args)
-        return out.fill_(float("nan"))
+    def poisoned(shape, like):
+        return allocate(shape, like).fill_(float("nan"))
 
-    monkeypatch.setattr(tritondeconv.ops, "_empty_output", poisoned)
+    monkeypatch.setattr(tritondeconv.ops, "_empty", poisoned)
 
 
 @pytest.fixture

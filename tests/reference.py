@@ -27,26 +27,38 @@ def fresh_seed() -> int:
 
 
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """``t`` (4-D) as NCHW, channels_last, or a non-contiguous view with the same values."""
+    """``t`` ``[N, C, *spatial]`` as contiguous ("nchw"), channels-last (4-D and 5-D), or a
+    non-contiguous view ("strided") with the same values."""
     if kind == "nchw":
         return t.contiguous()
     if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
+        return t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()])
     if kind == "strided":
-        n, c, h, w = t.shape
-        big = torch.full((n, 2 * c, h + 2, 2 * w), float("nan"), dtype=t.dtype, device=t.device)
-        view = big[:, ::2, 1:-1, ::2]
+        # Every other channel, an interior window of the leading spatial axes, and every
+        # other element of the last one.
+        n, c, *spatial = t.shape
+        big_shape = [n, 2 * c, *(s + 2 for s in spatial[:-1]), 2 * spatial[-1]]
+        big = torch.full(big_shape, float("nan"), dtype=t.dtype, device=t.device)
+        view = big[(slice(None), slice(None, None, 2), *(slice(1, -1),) * (len(spatial) - 1), slice(None, None, 2))]
         view.copy_(t)
-        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+        assert not view.is_contiguous()
         return view
     raise ValueError(kind)
 
 
+def is_in_layout(out: torch.Tensor, kind: str) -> bool:
+    """Whether ``out`` has the memory format PyTorch gives the output of an input laid
+    out as ``kind`` (channels-last in, channels-last out; otherwise contiguous)."""
+    if kind == "channels_last":
+        return out.is_contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[out.dim()])
+    return out.is_contiguous()
+
+
 def reference(x, w, b, stride, padding, output_padding, groups, dilation):
-    """PyTorch's conv_transpose2d in float64 on the same (already rounded) values."""
-    return F.conv_transpose2d(
-        x.double(), w.double(), None if b is None else b.double(), stride, padding, output_padding, groups, dilation
-    )
+    """PyTorch's transposed convolution of ``w``'s rank in float64 on the same (already
+    rounded) values."""
+    fn = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
+    return fn(x.double(), w.double(), None if b is None else b.double(), stride, padding, output_padding, groups, dilation)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""Argument checking and shape arithmetic for the transposed-convolution ops.
+"""Argument checking and shape arithmetic for the transposed-convolution ops, for any
+spatial rank (1, 2 or 3).
 
 Every check raises the exception type PyTorch raises for the same mistake
 (``RuntimeError`` for values, ``TypeError`` for a non-tensor passed to the friendly
@@ -20,32 +21,47 @@ MAX_NUMEL = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class ConvTranspose2dArgs:
-    """Checked, normalised arguments of one conv_transpose2d call (input batched)."""
+class ConvTransposeArgs:
+    """Checked, normalised arguments of one transposed convolution (input batched);
+    the per-axis tuples have one entry per spatial axis."""
 
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    output_padding: tuple[int, int]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
-    output_shape: tuple[int, int, int, int]
+    output_shape: tuple[int, ...]
 
 
-def pair(value: int | Sequence[int], name: str, op: str) -> tuple[int, int]:
-    """``value`` as an (h, w) pair: an int, or a sequence of one or two ints."""
+def ntuple(value: int | Sequence[int], rank: int, name: str, op: str) -> tuple[int, ...]:
+    """``value`` with one entry per spatial axis: an int, or a sequence of one or
+    ``rank`` ints."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (list, tuple, torch.Size)) and len(value) in (1, 2) and all(
+        return (value,) * rank
+    if isinstance(value, (list, tuple, torch.Size)) and len(value) in (1, rank) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
-        return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+        return tuple(value) * (rank // len(value))
     raise RuntimeError(
-        f"{op}: expected {name} to be a single integer value or a list of 2 values to match "
+        f"{op}: expected {name} to be a single integer value or a list of {rank} values to match "
         f"the convolution dimensions, but got {name}={value!r}"
     )
 
 
-def check_conv_transpose2d(
+def as_batched(input: torch.Tensor, rank: int, op: str) -> tuple[torch.Tensor, bool]:
+    """A batched view of ``input`` and whether it was unbatched ``(C, *spatial)``, as
+    PyTorch allows."""
+    if input.dim() == rank + 1:
+        return input.unsqueeze(0), True
+    if input.dim() == rank + 2:
+        return input, False
+    raise RuntimeError(
+        f"{op}: expected input to be {rank + 1}-D (unbatched) or {rank + 2}-D (batched), "
+        f"but got input of size {list(input.shape)}"
+    )
+
+
+def check_conv_transpose(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -54,16 +70,20 @@ def check_conv_transpose2d(
     output_padding: int | Sequence[int],
     groups: int,
     dilation: int | Sequence[int],
-    op: str = "conv_transpose2d",
-) -> ConvTranspose2dArgs:
-    """Check every argument of a conv_transpose2d call; ``input`` is 4-D here."""
+    rank: int,
+    op: str,
+) -> ConvTransposeArgs:
+    """Check every argument of a transposed convolution; ``input`` is batched here."""
     _check_tensors(input, weight, bias, op)
-    if weight.dim() != 4:
-        raise RuntimeError(f"{op}: expected weight to be 4-D [C_in, C_out/groups, kH, kW], but got weight of size {list(weight.shape)}")
-    stride = pair(stride, "stride", op)
-    padding = pair(padding, "padding", op)
-    output_padding = pair(output_padding, "output_padding", op)
-    dilation = pair(dilation, "dilation", op)
+    if weight.dim() != rank + 2:
+        raise RuntimeError(
+            f"{op}: expected weight to be {rank + 2}-D [C_in, C_out/groups, *kernel_size], "
+            f"but got weight of size {list(weight.shape)}"
+        )
+    stride = ntuple(stride, rank, "stride", op)
+    padding = ntuple(padding, rank, "padding", op)
+    output_padding = ntuple(output_padding, rank, "output_padding", op)
+    dilation = ntuple(dilation, rank, "dilation", op)
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise RuntimeError(f"{op}: expected groups to be an integer, but got groups={groups!r}")
     if min(stride) <= 0:
@@ -83,8 +103,8 @@ def check_conv_transpose2d(
     if groups <= 0:
         raise RuntimeError(f"{op}: non-positive groups is not supported, but got groups={groups}")
 
-    n, c_in, h, w = input.shape
-    w_in, c_out_g, k_h, k_w = weight.shape
+    n, c_in, *spatial = input.shape
+    w_in, c_out_g, *kernel = weight.shape
     if w_in == 0 or w_in % groups != 0:
         raise RuntimeError(
             f"{op}: given groups={groups}, expected weight to be non-empty and divisible by {groups} "
@@ -95,36 +115,26 @@ def check_conv_transpose2d(
             f"{op}: weight of size {list(weight.shape)} expects input to have {w_in} channels, "
             f"but got input of size {list(input.shape)} with {c_in} channels"
         )
-    if k_h == 0 or k_w == 0:
+    if min(kernel) == 0:
         raise RuntimeError(f"{op}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
-    if h == 0 or w == 0:
+    if min(spatial) == 0:
         raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input.shape)}")
     c_out = c_out_g * groups
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != c_out):
         raise RuntimeError(f"{op}: expected bias to be 1-D with {c_out} elements, but got bias of size {list(bias.shape)}")
 
-    h_out = output_size(h, k_h, stride[0], padding[0], dilation[0], output_padding[0])
-    w_out = output_size(w, k_w, stride[1], padding[1], dilation[1], output_padding[1])
-    if h_out <= 0 or w_out <= 0:
+    out_spatial = [output_size(*axis) for axis in zip(spatial, kernel, stride, padding, dilation, output_padding)]
+    if min(out_spatial) <= 0:
         raise RuntimeError(
-            f"{op}: output size is non-positive: input {list(input.shape)} with kernel {[k_h, k_w]}, stride "
+            f"{op}: output size is non-positive: input {list(input.shape)} with kernel {kernel}, stride "
             f"{list(stride)}, padding {list(padding)}, dilation {list(dilation)}, output_padding "
-            f"{list(output_padding)} gives [{h_out}, {w_out}]"
+            f"{list(output_padding)} gives {out_spatial}"
         )
-    output_shape = (n, c_out, h_out, w_out)
-    for name, numel in (("input", input.numel()), ("weight", weight.numel()), ("output", n * c_out * h_out * w_out)):
+    output_shape = (n, c_out, *out_spatial)
+    for name, numel in (("input", input.numel()), ("weight", weight.numel()), ("output", torch.Size(output_shape).numel())):
         if numel > MAX_NUMEL:
             raise RuntimeError(f"{op}: {name} has {numel} elements; more than 2**31 - 1 is not supported yet")
-    return ConvTranspose2dArgs(stride, padding, output_padding, dilation, groups, output_shape)
-
-
-def as_batched(input: torch.Tensor, op: str = "conv_transpose2d") -> tuple[torch.Tensor, bool]:
-    """A 4-D view of ``input`` and whether it was unbatched ``(C, H, W)``, as PyTorch allows."""
-    if input.dim() == 3:
-        return input.unsqueeze(0), True
-    if input.dim() == 4:
-        return input, False
-    raise RuntimeError(f"{op}: expected input to be 3-D (unbatched) or 4-D (batched), but got input of size {list(input.shape)}")
+    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, output_shape)
 
 
 def check_tensor_types(input, weight, bias, op: str) -> None:

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import pair
+from .arguments import ntuple
 from .ops import transposed_output_padding
 
 ops = torch.ops.tritondeconv
 
 
 def _transposed(rank: int):
-    """The forward op of a rank (only 2-D so far)."""
-    return {2: ops.conv_transpose2d}[rank]
+    """The forward op of a spatial rank."""
+    return {1: ops.conv_transpose1d, 2: ops.conv_transpose2d, 3: ops.conv_transpose3d}[rank]
 
 
 def _T(x, w, grad_y_size, stride, padding, dilation, groups):
@@ -36,22 +36,23 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
     return _transposed(x.dim() - 2)(x, w, None, stride, padding, output_padding, groups, dilation)
 
 
-# --------------------------------------------------------------- conv_transpose2d
+# --------------------------------------------------------------- conv_transpose{1,2,3}d
 
 
-def _setup_conv_transpose2d(ctx, inputs, output):
+def _setup_conv_transpose(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
     ctx.save_for_backward(input, weight)
     ctx.has_bias = bias is not None
-    ctx.geometry = tuple(list(pair(v, n, "conv_transpose2d")) for v, n in
+    rank = weight.dim() - 2
+    ctx.geometry = tuple(list(ntuple(v, rank, n, "conv_transpose")) for v, n in
                          ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     ctx.groups = groups
 
 
-def _backward_conv_transpose2d(ctx, grad_y):
+def _backward_conv_transpose(ctx, grad_y):
     x, w = ctx.saved_tensors
     stride, padding, dilation = ctx.geometry
-    unbatched = x.dim() == 3
+    unbatched = x.dim() == w.dim() - 1
     if unbatched:
         x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
     grad_x = grad_w = grad_b = None
@@ -65,9 +66,10 @@ def _backward_conv_transpose2d(ctx, grad_y):
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "tritondeconv::conv_transpose2d", _backward_conv_transpose2d, setup_context=_setup_conv_transpose2d
-)
+for _rank in (1, 2, 3):
+    torch.library.register_autograd(
+        f"tritondeconv::conv_transpose{_rank}d", _backward_conv_transpose, setup_context=_setup_conv_transpose
+    )
 
 
 # --------------------------------------------------------------- I(gy, w)

@@ -5,23 +5,31 @@ import warnings
 
 import torch
 
+from . import nn
 from .arguments import SUPPORTED_DTYPES
-from .nn import ConvTranspose2d
+
+# PyTorch's module -> ours.
+SWAPS = {
+    torch.nn.ConvTranspose1d: nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d: nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d: nn.ConvTranspose3d,
+}
+_OURS = tuple(SWAPS.values())
 
 
-def _refusal(module: torch.nn.ConvTranspose2d) -> str | None:
+def _refusal(module: torch.nn.modules.conv._ConvTransposeNd) -> str | None:
     """Why ``module`` cannot be swapped, or None."""
     if isinstance(module.weight, torch.nn.parameter.UninitializedParameter):
         return "its parameters are not initialised yet"
-    if type(module) is not torch.nn.ConvTranspose2d:
+    if type(module) not in SWAPS:
         return f"{type(module).__name__} is a subclass with behaviour of its own"
     if module.weight.dtype not in SUPPORTED_DTYPES:
         return f"its dtype {module.weight.dtype} is not supported"
     return None
 
 
-def _swap(module: torch.nn.ConvTranspose2d) -> ConvTranspose2d:
-    new = ConvTranspose2d(
+def _swap(module: torch.nn.modules.conv._ConvTransposeNd) -> torch.nn.Module:
+    new = SWAPS[type(module)](
         module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
         padding=module.padding, output_padding=module.output_padding, groups=module.groups,
         bias=module.bias is not None, dilation=module.dilation, padding_mode=module.padding_mode,
@@ -35,13 +43,13 @@ def _swap(module: torch.nn.ConvTranspose2d) -> ConvTranspose2d:
 
 
 def convert(model: torch.nn.Module) -> int:
-    """Replace every ``torch.nn.ConvTranspose2d`` inside ``model`` by
-    ``tritondeconv.nn.ConvTranspose2d`` (same parameters) and return how many were
-    swapped.  Modules it cannot take are left as they are, named in one warning."""
+    """Replace every ``torch.nn.ConvTranspose{1,2,3}d`` inside ``model`` by
+    ``tritondeconv.nn.ConvTranspose{1,2,3}d`` (same parameters) and return how many
+    were swapped.  Modules it cannot take are left as they are, named in one warning."""
     swapped, left = 0, []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.ConvTranspose2d) or isinstance(child, ConvTranspose2d):
+            if not isinstance(child, torch.nn.modules.conv._ConvTransposeNd) or isinstance(child, _OURS):
                 continue
             why = _refusal(child)
             if why is None:

@@ -1,8 +1,9 @@
 """The op layer: the ``torch.ops.tritondeconv`` ops, their fake (meta) implementations
 and their dispatch to the kernels.
 
-Public:
-  ``conv_transpose2d``        stride-phase transposed convolution
+Public (aten's signatures):
+  ``conv_transpose1d``, ``conv_transpose2d``, ``conv_transpose3d``
+                              stride-phase transposed convolution, one kernel for all ranks
   ``naive_conv_transpose2d``  the zero-insertion baseline on the same kernel
 Internal (the gradients of a transposed convolution, rank-generic, differentiable
 themselves so that double backward works; see ``autograd.py``):
@@ -28,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import (
-    ConvTranspose2dArgs,
+    ConvTransposeArgs,
     as_batched,
-    check_conv_transpose2d,
+    check_conv_transpose,
     check_tensor_types,
     output_memory_format,
 )
@@ -39,10 +40,7 @@ from .kernels.phase_gemm import phase_gemm
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
 
-_SCHEMA_2D = (
-    "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
-    "int[2] output_padding=0, int groups=1, int[2] dilation=1) -> Tensor"
-)
+_FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _runs_triton(device: torch.device) -> bool:
@@ -81,27 +79,29 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=output_memory_format(like))
 
 
-def _empty_output(x: torch.Tensor, args: ConvTranspose2dArgs) -> torch.Tensor:
+def _empty_output(x: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
     return _empty(args.output_shape, x)
 
 
-# ---------------------------------------------------------------- conv_transpose2d
+# ---------------------------------------------------------------- conv_transpose{1,2,3}d
 
 
-def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op):
+def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, op):
     """Check the arguments; return the batched input, the checked args and whether the
     input was unbatched."""
-    x, unbatched = as_batched(input, op)
-    return x, check_conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, op), unbatched
+    x, unbatched = as_batched(input, rank, op)
+    args = check_conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, rank, op)
+    return x, args, unbatched
 
 
-def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTranspose2dArgs, stride) -> torch.Tensor:
+def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride) -> torch.Tensor:
     """Run the phase kernel with the given stride (the naive op passes 1) into a new
-    output laid out like ``x``.  2-D is depth 1 of the kernel's three spatial axes."""
+    output laid out like ``x``.  Every rank runs on the kernel's three spatial axes,
+    the missing leading ones of size 1."""
     out = _empty_output(x, args)
     if out.numel() == 0:
         return out
-    stride, padding, dilation = _geometry5d(2, stride, args.padding, args.dilation)
+    stride, padding, dilation = _geometry5d(len(stride), stride, args.padding, args.dilation)
     phase_gemm(
         _as5d(out), _as5d(x), _as5d(_packed_weight(weight)), bias, stride, padding, dilation, args.groups,
         transposed=True, allow_tf32=_allow_tf32(),
@@ -109,75 +109,55 @@ def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTr
     return out
 
 
-@torch.library.custom_op("tritondeconv::conv_transpose2d", mutates_args=(), schema=_SCHEMA_2D)
-def _conv_transpose2d_op(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: Sequence[int] = 1,
-    padding: Sequence[int] = 0,
-    output_padding: Sequence[int] = 0,
-    groups: int = 1,
-    dilation: Sequence[int] = 1,
-) -> torch.Tensor:
-    op = "conv_transpose2d"
-    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
-    if _runs_triton(x.device):
-        out = _launch_transposed(x, weight, bias, args, args.stride)
-    else:
-        out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
-    return out.squeeze(0) if unbatched else out
-
-
-def zero_insert(x: torch.Tensor, stride: tuple[int, int], output_padding: tuple[int, int]) -> torch.Tensor:
-    """``x`` with ``s - 1`` zeros between pixels and ``output_padding`` zeros after the
-    last one, per axis: ``[N, C, (H-1)*s_h + 1 + op_h, (W-1)*s_w + 1 + op_w]``."""
-    n, c, h, w = x.shape
-    (s_h, s_w), (op_h, op_w) = stride, output_padding
-    up = _empty((n, c, (h - 1) * s_h + 1 + op_h, (w - 1) * s_w + 1 + op_w), x).zero_()
-    up[:, :, : (h - 1) * s_h + 1 : s_h, : (w - 1) * s_w + 1 : s_w] = x
+def zero_insert(x: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
+    """``x`` ``[N, C, *spatial]`` with ``s - 1`` zeros between pixels and
+    ``output_padding`` zeros after the last one along each axis: size
+    ``(n - 1)*s + 1 + output_padding`` per axis."""
+    spatial = x.shape[2:]
+    up = _empty((*x.shape[:2], *((n - 1) * s + 1 + op for n, s, op in zip(spatial, stride, output_padding))), x)
+    up.zero_()[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(spatial, stride)))] = x
     return up
 
 
-@torch.library.custom_op("tritondeconv::naive_conv_transpose2d", mutates_args=(), schema=_SCHEMA_2D)
-def _naive_conv_transpose2d_op(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: Sequence[int] = 1,
-    padding: Sequence[int] = 0,
-    output_padding: Sequence[int] = 0,
-    groups: int = 1,
-    dilation: Sequence[int] = 1,
-) -> torch.Tensor:
-    """The textbook method: insert zeros, then a stride-1 transposed convolution, which is
-    an ordinary convolution with the flipped, transposed weight and padding
-    ``d*(k-1) - p``.  It runs on the same kernel with stride 1 (one phase holding every
-    tap), so against ``conv_transpose2d`` only the decomposition differs."""
-    op = "naive_conv_transpose2d"
-    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
-    up = zero_insert(x, args.stride, args.output_padding)
-    if _runs_triton(x.device):
-        out = _launch_transposed(up, weight, bias, args, (1, 1))
-    else:
-        out = F.conv_transpose2d(up, weight, bias, 1, args.padding, 0, args.groups, args.dilation)
-    return out.squeeze(0) if unbatched else out
+def _define_conv_transpose(name: str, rank: int, naive: bool):
+    """Register ``tritondeconv::{name}``, aten's signature for the rank.
+
+    ``naive``: the textbook method instead of the decomposition: insert zeros, then a
+    stride-1 transposed convolution (an ordinary convolution with the flipped,
+    transposed weight and padding ``d*(k-1) - p``), on the same kernel with stride 1
+    (one phase holding every tap), so that against the decomposed op only the
+    decomposition differs.
+    """
+    schema = (
+        f"(Tensor input, Tensor weight, Tensor? bias=None, int[{rank}] stride=1, int[{rank}] padding=0, "
+        f"int[{rank}] output_padding=0, int groups=1, int[{rank}] dilation=1) -> Tensor"
+    )
+
+    def impl(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
+        run_stride, run_output_padding = args.stride, args.output_padding
+        if naive:
+            x = zero_insert(x, args.stride, args.output_padding)
+            run_stride, run_output_padding = (1,) * rank, (0,) * rank
+        if _runs_triton(x.device):
+            out = _launch_transposed(x, weight, bias, args, run_stride)
+        else:
+            out = _FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation)
+        return out.squeeze(0) if unbatched else out
+
+    def fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
+        out = _empty_output(x, args)
+        return out.squeeze(0) if unbatched else out
+
+    op = torch.library.custom_op(f"tritondeconv::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
 
 
-def _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, op):
-    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, op)
-    out = _empty_output(x, args)
-    return out.squeeze(0) if unbatched else out
-
-
-@_conv_transpose2d_op.register_fake
-def _(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    return _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, "conv_transpose2d")
-
-
-@_naive_conv_transpose2d_op.register_fake
-def _(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    return _fake(input, weight, bias, stride, padding, output_padding, groups, dilation, "naive_conv_transpose2d")
+for _rank in (1, 2, 3):
+    _define_conv_transpose(f"conv_transpose{_rank}d", _rank, naive=False)
+_define_conv_transpose("naive_conv_transpose2d", 2, naive=True)
 
 
 # ---------------------------------------------------------------- gradients
@@ -250,13 +230,26 @@ def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
 
 
 # ---------------------------------------------------------------- friendly functions
+# Drop-ins for torch.nn.functional's, computed by stride-phase decomposition in Triton
+# (see the module docstring for where they run).
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Drop-in for ``torch.nn.functional.conv_transpose1d``."""
+    check_tensor_types(input, weight, bias, "conv_transpose1d")
+    return torch.ops.tritondeconv.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose2d``, computed by stride-phase
-    decomposition in Triton (see the module docstring for where it runs)."""
+    """Drop-in for ``torch.nn.functional.conv_transpose2d``."""
     check_tensor_types(input, weight, bias, "conv_transpose2d")
     return torch.ops.tritondeconv.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Drop-in for ``torch.nn.functional.conv_transpose3d``."""
+    check_tensor_types(input, weight, bias, "conv_transpose3d")
+    return torch.ops.tritondeconv.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):

@@ -1,0 +1,135 @@
+"""conv_transpose1d and conv_transpose3d: the same kernels and checks as 2-D, tested the
+same way (float64 references, per-dtype tolerances, NaN-poisoned outputs)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritondeconv
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, is_in_layout, layout, reference, relative_error
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+FUNCTIONS = {1: tritondeconv.conv_transpose1d, 3: tritondeconv.conv_transpose3d}
+OPS = {1: torch.ops.tritondeconv.conv_transpose1d, 3: torch.ops.tritondeconv.conv_transpose3d}
+MODULES = {1: (tritondeconv.nn.ConvTranspose1d, torch.nn.ConvTranspose1d),
+           3: (tritondeconv.nn.ConvTranspose3d, torch.nn.ConvTranspose3d)}
+SPATIAL = {1: (7,), 3: (2, 3, 4)}
+
+# (kernel, stride, padding, output_padding, dilation) per rank; the vocoder's k16 s8 is 1-D.
+GEOMETRIES = {
+    "k3s2p1op1": (3, 2, 1, 1, 1),
+    "k4s2p1": (4, 2, 1, 0, 1),
+    "k2s3op2-phases-without-taps": (2, 3, 0, 2, 1),
+    "k3s2p2d2op1": (3, 2, 2, 1, 2),
+}
+RANK_GEOMETRIES = {1: {**GEOMETRIES, "k16s8p4-vocoder": (16, 8, 4, 0, 1)}, 3: GEOMETRIES}
+KINDS = {1: ["nchw", "strided"], 3: ["nchw", "channels_last", "strided"]}
+
+
+def _cases():
+    for rank in (1, 3):
+        for kind in KINDS[rank]:
+            for name, geometry in RANK_GEOMETRIES[rank].items():
+                yield pytest.param(rank, kind, *geometry, id=f"{rank}d-{kind}-{name}")
+
+
+@pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("rank, kind, k, s, p, op, d", list(_cases()))
+def test_forward_and_gradients(device, precision, groups, rank, kind, k, s, p, op, d):
+    if device == "cpu" and precision != "float64":
+        pytest.skip("interpreter suite: the rank grid runs in float64 on CPU")
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    x = layout(torch.randn(2, 4, *SPATIAL[rank], device=device).to(dtype), kind).requires_grad_()
+    w = torch.randn(4, 6 // groups, *(k,) * rank, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    args = (s, p, op, groups, d)
+    out = FUNCTIONS[rank](x, w, b, *args)
+    assert_close(out, reference(x, w, b, *args), precision, seed)
+    assert is_in_layout(out, kind)
+    gy = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), gy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(reference(x64, w64, b64, *args), (x64, w64, b64), gy.double())
+    for name, a, r in zip(("input", "weight", "bias"), got, ref):
+        err = relative_error(a, r)
+        assert err <= TOLERANCES[precision], f"grad_{name}: relative error {err:.2e} (seed {seed})"
+    assert is_in_layout(got[0], kind)
+
+
+@pytest.mark.parametrize(
+    "rank, kernel, stride, padding, output_padding, dilation",
+    [
+        (1, 5, 3, 2, 2, 1),
+        (3, (1, 2, 3), (2, 1, 3), (0, 1, 1), (1, 0, 2), (1, 2, 1)),
+    ],
+    ids=["1d", "3d-anisotropic"],
+)
+def test_gradcheck_and_gradgradcheck(device, rank, kernel, stride, padding, output_padding, dilation):
+    fresh_seed()
+    kernel = (kernel,) * rank if isinstance(kernel, int) else kernel
+    x = torch.randn(1, 2, *((3,) if rank == 1 else (2, 2, 3)), device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, *kernel, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return FUNCTIONS[rank](x, w, b, stride, padding, output_padding, 1, dilation)
+
+    fast = device == "cpu"  # as in test_backward: the full Jacobian takes minutes in the interpreter
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), fast_mode=fast)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_unbatched_and_single_ints(device, rank):
+    seed = fresh_seed()
+    x = torch.randn(3, *SPATIAL[rank], device=device, dtype=torch.float64)
+    w = torch.randn(3, 2, *(3,) * rank, device=device, dtype=torch.float64)
+    out = OPS[rank](x, w, None, 2, 1, 1)
+    assert out.dim() == rank + 1
+    assert_close(out, reference(x, w, None, 2, 1, 1, 1, 1), "float64", seed)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_opcheck(device, rank):
+    x = torch.randn(2, 4, *SPATIAL[rank], device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, *(2,) * rank, device=device, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(OPS[rank], (x, w, None, [2] * rank, [1] * rank, [1] * rank, 2, [1] * rank))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_bad_rank(rank):
+    with pytest.raises(RuntimeError, match=rf"input to be {rank + 1}-D \(unbatched\) or {rank + 2}-D"):
+        FUNCTIONS[rank](torch.randn(1, 2, 3, 3, 3, 3), torch.randn(2, 2, *(3,) * rank))
+    with pytest.raises(RuntimeError, match=f"weight to be {rank + 2}-D"):
+        FUNCTIONS[rank](torch.randn(1, 2, *SPATIAL[rank]), torch.randn(2, 2, 3, 3))
+    with pytest.raises(RuntimeError, match=f"a list of {rank} values"):
+        FUNCTIONS[rank](torch.randn(1, 2, *SPATIAL[rank]), torch.randn(2, 2, *(3,) * rank), stride=[1] * (rank + 1))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_modules_and_convert(device, rank):
+    seed = fresh_seed()
+    ours_cls, theirs_cls = MODULES[rank]
+    config = dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2)
+    torch.manual_seed(seed)
+    ours = ours_cls(**config, device=device, dtype=torch.float64)
+    torch.manual_seed(seed)
+    theirs = theirs_cls(**config, device=device, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, *SPATIAL[rank], device=device, dtype=torch.float64)
+    target = [2 * s for s in SPATIAL[rank]]
+    assert relative_error(ours(x, output_size=target), theirs(x, output_size=target)) <= TOLERANCES["float64"]
+
+    model = torch.nn.Sequential(theirs, torch.nn.ReLU(), torch.nn.ConvTranspose2d(2, 2, 1))
+    assert tritondeconv.convert(model) == 2
+    assert type(model[0]) is ours_cls and type(model[2]) is tritondeconv.nn.ConvTranspose2d
+
+
+def test_reference_is_pytorch():
+    """The 1-D/3-D reference dispatches on the weight's rank."""
+    x, w = torch.randn(1, 2, 5), torch.randn(2, 3, 3)
+    assert torch.equal(reference(x, w, None, 2, 1, 1, 1, 1), F.conv_transpose1d(x.double(), w.double(), None, 2, 1, 1))
