@@ -72,13 +72,13 @@ for _rank in (1, 2, 3):
     )
 
 
-# --------------------------------------------------------------- I(gy, w)
+# --------------------------------------------------------------- I(gy, w) and W(x, gy)
 
 
-def _setup_input_grad(ctx, inputs, output):
-    grad_y, weight, input_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(grad_y, weight)
-    ctx.geometry = (stride, padding, dilation, groups)
+def _setup_gradient_op(ctx, inputs, output):
+    """Both gradient ops take (tensor, tensor, size, stride, padding, dilation, groups)."""
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.geometry = tuple(inputs[3:])
 
 
 def _backward_input_grad(ctx, g):
@@ -90,20 +90,6 @@ def _backward_input_grad(ctx, g):
     if ctx.needs_input_grad[1]:
         d_w = ops.conv_transpose_weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
     return d_grad_y, d_w, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "tritondeconv::conv_transpose_input_grad", _backward_input_grad, setup_context=_setup_input_grad
-)
-
-
-# --------------------------------------------------------------- W(x, gy)
-
-
-def _setup_weight_grad(ctx, inputs, output):
-    x, grad_y, kernel_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, grad_y)
-    ctx.geometry = (stride, padding, dilation, groups)
 
 
 def _backward_weight_grad(ctx, g):
@@ -118,5 +104,8 @@ def _backward_weight_grad(ctx, g):
 
 
 torch.library.register_autograd(
-    "tritondeconv::conv_transpose_weight_grad", _backward_weight_grad, setup_context=_setup_weight_grad
+    "tritondeconv::conv_transpose_input_grad", _backward_input_grad, setup_context=_setup_gradient_op
+)
+torch.library.register_autograd(
+    "tritondeconv::conv_transpose_weight_grad", _backward_weight_grad, setup_context=_setup_gradient_op
 )

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from .folding import upsample_conv2d
 from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d
 
-__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d"]
 
 
 class _TritonForward:
@@ -43,3 +44,27 @@ class ConvTranspose3d(_TritonForward, torch.nn.ConvTranspose3d):
     """Drop-in for ``torch.nn.ConvTranspose3d``."""
 
     _rank, _function = 3, staticmethod(conv_transpose3d)
+
+
+class UpsampleConv2d(torch.nn.Conv2d):
+    """``nn.Upsample(scale_factor, mode="nearest")`` followed by ``nn.Conv2d`` (stride 1,
+    zero padding), computed as one stride-phase transposed convolution
+    (``tritondeconv.upsample_conv2d``).
+
+    It is a ``Conv2d``: the same weight and bias (names, shapes, initialisation), so a
+    checkpoint of the original block's convolution loads into it.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, scale_factor=2, padding=0, groups=1, bias=True,
+                 device=None, dtype=None):
+        if isinstance(padding, str):
+            raise ValueError("UpsampleConv2d: padding must be an int or a pair of ints, not a string")
+        super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=padding, groups=groups, bias=bias,
+                         device=device, dtype=dtype)
+        self.scale_factor = scale_factor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return upsample_conv2d(input, self.weight, self.bias, self.scale_factor, self.padding, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale_factor={self.scale_factor}"

@@ -234,25 +234,24 @@ def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
 # (see the module docstring for where they run).
 
 
-def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose1d``."""
-    check_tensor_types(input, weight, bias, "conv_transpose1d")
-    return torch.ops.tritondeconv.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+def _functional(name: str):
+    """The friendly function of op ``tritondeconv::{name}``: PyTorch's functional signature
+    and defaults, and PyTorch's TypeError for a non-tensor argument."""
+    op = getattr(torch.ops.tritondeconv, name)
+
+    def function(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        check_tensor_types(input, weight, bias, name)
+        return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+    function.__name__ = function.__qualname__ = name
+    return function
 
 
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose2d``."""
-    check_tensor_types(input, weight, bias, "conv_transpose2d")
-    return torch.ops.tritondeconv.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
-
-
-def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose3d``."""
-    check_tensor_types(input, weight, bias, "conv_transpose3d")
-    return torch.ops.tritondeconv.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups, dilation)
-
-
-def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """The zero-insertion baseline, same signature as ``conv_transpose2d``."""
-    check_tensor_types(input, weight, bias, "naive_conv_transpose2d")
-    return torch.ops.tritondeconv.naive_conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+conv_transpose1d = _functional("conv_transpose1d")
+conv_transpose1d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose1d``."
+conv_transpose2d = _functional("conv_transpose2d")
+conv_transpose2d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose2d``."
+conv_transpose3d = _functional("conv_transpose3d")
+conv_transpose3d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose3d``."
+naive_conv_transpose2d = _functional("naive_conv_transpose2d")
+naive_conv_transpose2d.__doc__ = "The zero-insertion baseline, same signature as ``conv_transpose2d``."

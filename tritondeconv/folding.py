@@ -1,0 +1,73 @@
+"""Nearest-neighbour upsampling followed by a convolution, folded into one transposed
+convolution (DESIGN.md, "A folding that none of the usual libraries do").
+
+Along one axis, with ``up(x)[j] = x[j // s]`` and a cross-correlation of kernel ``k`` and
+zero padding ``p``:
+
+    y[o] = Σ_t W[t] · up(x)[o + t - p] = Σ_i x[i] · Σ_{t : (o + t - p) // s = i} W[t].
+
+Writing ``o = i*s - P + kk`` with ``P = k - 1 - p`` turns the inner sum into
+``W'[kk] = Σ_{m < s} W[k - 1 - kk + m]``: the flipped kernel convolved with a box of
+``s`` ones, ``k + s - 1`` taps long.  So ``y`` is the transposed convolution of the
+*real* input with ``W'`` (stride ``s``, padding ``P``), and the stride-phase kernel gives
+each output phase about ``(k + s - 1)/s`` taps instead of ``k`` (2×2 instead of 3×3 for
+``s = 2, k = 3``), never writing the ``s²``-times larger upsampled tensor.  The output
+sizes agree (``s*H + 2p - k + 1`` both ways); ``P >= 0`` needs ``p <= k - 1``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .arguments import ntuple
+from .ops import conv_transpose2d
+
+
+def box_convolve(weight: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    """Full convolution of the trailing ``len(scale)`` axes of ``weight`` with a box of
+    ones, ``scale[a]`` long on axis ``a``: each such axis grows by ``scale[a] - 1``."""
+    first = weight.dim() - len(scale)
+    for axis, s in enumerate(scale, start=first):
+        pad = [0, 0] * (weight.dim() - 1 - axis) + [s - 1, s - 1]
+        padded = F.pad(weight, pad)
+        length = weight.shape[axis] + s - 1
+        weight = sum(padded.narrow(axis, m, length) for m in range(s))
+    return weight
+
+
+def transposed_weight(conv_weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A convolution weight ``[C_out, C_in/g, *k]`` as the transposed-convolution weight
+    ``[C_in, C_out/g, *k]`` of the same channel map, taps flipped."""
+    c_out, c_in_g, *kernel = conv_weight.shape
+    w = conv_weight.reshape(groups, c_out // groups, c_in_g, *kernel).transpose(1, 2)
+    return w.reshape(groups * c_in_g, c_out // groups, *kernel).flip(list(range(2, 2 + len(kernel))))
+
+
+def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=1):
+    """``conv2d(interpolate(input, scale_factor, mode="nearest"), weight, bias, padding=padding,
+    groups=groups)`` as one stride-phase transposed convolution, without materialising
+    the upsampled tensor; differentiable in ``input``, ``weight`` and ``bias``.
+
+    ``scale_factor``: an int >= 1 or a pair; ``padding``: zero padding of the
+    convolution, at most ``kernel_size - 1`` per axis.
+    """
+    op = "upsample_conv2d"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise RuntimeError(f"{op}: expected weight to be a 4-D Conv2d weight [C_out, C_in/groups, kH, kW]")
+    scale = ntuple(scale_factor, 2, "scale_factor", op)
+    padding = ntuple(padding, 2, "padding", op)
+    kernel = weight.shape[2:]
+    if min(scale) < 1:
+        raise RuntimeError(f"{op}: expected scale_factor to be a positive integer, but got scale_factor={list(scale)}")
+    if min(padding) < 0 or any(p > k - 1 for p, k in zip(padding, kernel)):
+        raise RuntimeError(
+            f"{op}: expected 0 <= padding <= kernel_size - 1 per axis, but got padding={list(padding)} "
+            f"with kernel_size={list(kernel)}"
+        )
+    if not isinstance(groups, int) or groups <= 0 or weight.shape[0] % groups:
+        raise RuntimeError(f"{op}: groups={groups!r} must be a positive integer dividing C_out={weight.shape[0]}")
+    folded = box_convolve(transposed_weight(weight, groups), scale)
+    transposed_padding = [k - 1 - p for k, p in zip(kernel, padding)]
+    return conv_transpose2d(input, folded, bias, scale, transposed_padding, 0, groups, 1)
