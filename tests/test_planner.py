@@ -90,3 +90,10 @@ def test_explain_module_runs():
         capture_output=True, text=True, check=True,
     )
     assert "no taps: bias only" in proc.stdout
+
+
+def test_explain_plot_writes_a_picture(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the test and perf extras install it)")
+    path = tmp_path / "decomposition.png"
+    assert explain_main(["--kernel", "3", "--stride", "2", "--padding", "1", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
