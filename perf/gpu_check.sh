@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for the lent GPU: install offline, run the cuda tests and the demo, and
-# leave their output in the folder given as the first argument.
+# One command for the lent GPU: install offline, run the cuda tests, the demo and the
+# benchmark (with its plots), and leave their output in the folder given as the first
+# argument.  BENCH_ARGS passes options to perf/bench.py (e.g. "--passes fwd").
 #   bash perf/gpu_check.sh "$OUT"
 set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR}"
@@ -17,4 +18,6 @@ pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || {
 TRITONDECONV_AUTOTUNE=0 python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.txt"
 status=${PIPESTATUS[0]}
 python -m tritondeconv.demo 2>&1 | tee "$out/demo.txt"
+python perf/bench.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+python perf/plot.py "$out/bench.csv"
 exit "$status"

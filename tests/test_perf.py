@@ -1,0 +1,28 @@
+"""The benchmark harness runs end to end (tiny shapes; on CPU through the interpreter):
+it checks every method against float64, writes the CSV and table, and plots them."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).parent.parent / "perf"
+
+
+def test_bench_quick_and_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="perf/plot.py needs matplotlib")
+    subprocess.run([sys.executable, str(PERF / "bench.py"), "--quick", "--layouts", "nchw", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    with open(tmp_path / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("gpu", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "pct_roofline"):
+        assert column in rows[0]
+    methods = {(r["pass"], r["method"]) for r in rows}
+    assert methods == {("fwd", "tritondeconv"), ("fwd", "cudnn"), ("fwd", "naive"), ("fwd", "subpixel_torch"),
+                       ("fwd+bwd", "tritondeconv"), ("fwd+bwd", "cudnn")}
+    assert all(float(r["median_ms"]) > 0 and float(r["rel_error"]) < 2e-3 for r in rows)
+    assert "Geometric-mean speedup" in (tmp_path / "bench.md").read_text()
+    subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], check=True, capture_output=True)
+    for png in ("speedup_cudnn.png", "roofline.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
