@@ -41,7 +41,7 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
         big = torch.full(big_shape, float("nan"), dtype=t.dtype, device=t.device)
         view = big[(slice(None), slice(None, None, 2), *(slice(1, -1),) * (len(spatial) - 1), slice(None, None, 2))]
         view.copy_(t)
-        assert not view.is_contiguous()
+        assert not view.is_contiguous() or spatial[-1] == 1  # (taking every other of one element is no stride)
         return view
     raise ValueError(kind)
 
