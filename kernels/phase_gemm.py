@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRETING, input_precision, operand_dtype
+from .common import AUTOTUNE, INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
 
 
 def _configs():
@@ -110,6 +110,7 @@ def _phase_gemm_kernel(
     M_MAX, M_BUCKET,
     TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -131,6 +132,7 @@ def _phase_gemm_kernel(
     M_BUCKET: ``M_MAX`` rounded up to a power of two; an autotuning key only.
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     HAS_BIAS: add the bias in the epilogue.
+    INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
     BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, output channels, input channels.
@@ -139,6 +141,11 @@ def _phase_gemm_kernel(
     pid = tl.program_id(0)
     phase = tl.program_id(1)
     group = tl.program_id(2)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_INDEX:  # every index below derives from these, so all of it becomes 64-bit
+        pid = pid.to(tl.int64)
+        group = group.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
 
     # Grouped ordering of (row tile, column tile) for L2 reuse.
     num_pid_m = tl.cdiv(M_MAX, BLOCK_M)
@@ -156,7 +163,7 @@ def _phase_gemm_kernel(
     kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
     kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
     kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
-    M = N * T_D * T_H * T_W
+    M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
 
     # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,7 +181,6 @@ def _phase_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_col_g
-    offs_k = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + n * sxn + (group * C_red_g) * sxc
     w_cols = w_ptr + group * swg + offs_n * swc
@@ -264,19 +270,21 @@ def phase_gemm(
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
         return (tiles, n_phases, groups)
 
-    _phase_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, out,
-        n, c_red_g, c_col_g,
-        *x.shape[2:], *out.shape[2:],
-        *x.stride(),
-        sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
-        *out.stride(),
-        *weight.shape[2:], *stride, *padding, *dilation,
-        *(g for g, _ in consts), *(inv for _, inv in consts),
-        m_max, triton.next_power_of_2(m_max),
-        TRANSPOSED=transposed,
-        HAS_BIAS=bias is not None,
-        OPERAND_DTYPE=operand_dtype(x.dtype),
-        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
-    )
+    with LAUNCH_LOCK:
+        _phase_gemm_kernel[grid](
+            x, weight, bias if bias is not None else x, out,
+            n, c_red_g, c_col_g,
+            *x.shape[2:], *out.shape[2:],
+            *x.stride(),
+            sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
+            *out.stride(),
+            *weight.shape[2:], *stride, *padding, *dilation,
+            *(g for g, _ in consts), *(inv for _, inv in consts),
+            m_max, triton.next_power_of_2(m_max),
+            TRANSPOSED=transposed,
+            HAS_BIAS=bias is not None,
+            INT64_INDEX=needs_int64(x, weight, out),
+            OPERAND_DTYPE=operand_dtype(x.dtype),
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+        )
     return out

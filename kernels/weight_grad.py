@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRETING, input_precision, operand_dtype
+from .common import AUTOTUNE, INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
 
 
 def _configs():
@@ -54,6 +54,7 @@ def _weight_grad_kernel(
     syn, syc, syd, syh, syw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     SPLIT, PIXELS_PER_SPLIT, PIXELS_BUCKET,
+    INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -70,6 +71,7 @@ def _weight_grad_kernel(
     SPLIT:  number of pixel ranges the reduction is split into.
     PIXELS_PER_SPLIT: pixels (of ``N*I_D*I_H*I_W``) in each range.
     PIXELS_BUCKET: ``PIXELS_PER_SPLIT`` rounded up to a power of two; autotuning key only.
+    INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE, INPUT_PRECISION: as in ``phase_gemm``.
     BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, output channels, pixels.
     """
@@ -88,6 +90,11 @@ def _weight_grad_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, BLOCK_K)
+    if INT64_INDEX:  # the pixel and channel indices below derive from these
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_q = offs_q.to(tl.int64)
     mask_m = offs_m < C_in_g
     mask_n = offs_n < C_out_g
     x_cols = x_ptr + (group * C_in_g + offs_m) * sxc
@@ -100,7 +107,7 @@ def _weight_grad_kernel(
     stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
     for q0 in range(start, stop, BLOCK_K):
         # Pixel q = ((n*I_D + i_d)*I_H + i_h)*I_W + i_w.
-        q = q0 + tl.arange(0, BLOCK_K)
+        q = q0 + offs_q
         i_w = q % I_W
         i_h = (q // I_W) % I_H
         i_d = (q // (I_W * I_H)) % I_D
@@ -164,16 +171,18 @@ def weight_grad(
     def grid(meta):
         return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
 
-    _weight_grad_kernel[grid](
-        x, grad_y, workspace,
-        n, c_in_g, c_out_g,
-        *x.shape[2:], *grad_y.shape[2:],
-        *x.stride(), *grad_y.stride(),
-        *kernel_size, *stride, *padding, *dilation,
-        split, per_split, triton.next_power_of_2(per_split),
-        OPERAND_DTYPE=operand_dtype(x.dtype),
-        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
-    )
+    with LAUNCH_LOCK:
+        _weight_grad_kernel[grid](
+            x, grad_y, workspace,
+            n, c_in_g, c_out_g,
+            *x.shape[2:], *grad_y.shape[2:],
+            *x.stride(), *grad_y.stride(),
+            *kernel_size, *stride, *padding, *dilation,
+            split, per_split, triton.next_power_of_2(per_split),
+            INT64_INDEX=needs_int64(x, grad_y),
+            OPERAND_DTYPE=operand_dtype(x.dtype),
+            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+        )
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
     total = workspace.sum(0) if split > 1 else workspace[0]
     return total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size).to(x.dtype)

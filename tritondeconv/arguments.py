@@ -16,8 +16,6 @@ import torch
 from .planner import output_size
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The kernels index with 32-bit offsets (issue 7 lifts this).
-MAX_NUMEL = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -130,11 +128,7 @@ def check_conv_transpose(
             f"{list(stride)}, padding {list(padding)}, dilation {list(dilation)}, output_padding "
             f"{list(output_padding)} gives {out_spatial}"
         )
-    output_shape = (n, c_out, *out_spatial)
-    for name, numel in (("input", input.numel()), ("weight", weight.numel()), ("output", torch.Size(output_shape).numel())):
-        if numel > MAX_NUMEL:
-            raise RuntimeError(f"{op}: {name} has {numel} elements; more than 2**31 - 1 is not supported yet")
-    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, output_shape)
+    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, (n, c_out, *out_spatial))
 
 
 def check_tensor_types(input, weight, bias, op: str) -> None:

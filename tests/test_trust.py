@@ -1,0 +1,134 @@
+"""Trust: 64-bit indexing for large tensors, NaN/Inf propagation like PyTorch's, threads,
+CUDA graphs, memory bounds."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritondeconv
+import tritondeconv.kernels.phase_gemm
+import tritondeconv.kernels.weight_grad
+from reference import TOLERANCES, fresh_seed, layout, reference, relative_error
+from tritondeconv.kernels.common import needs_int64
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+
+def test_int64_indexing_is_chosen_per_launch():
+    small = torch.empty(2, 3, 4, 5, device="meta")
+    big = torch.empty(1, 2, 2**15, 2**15 + 1, device="meta")  # 2**31 + 2**16 elements
+    assert not needs_int64(small) and needs_int64(small, big)
+    assert needs_int64(torch.empty(1, device="meta").as_strided((2,), (2**31,)))  # a view with a huge stride
+    assert not needs_int64(torch.empty(0, 2**20, 2**20, device="meta"))
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("k, s, p, op, g", [(3, 2, 1, 1, 1), (4, 2, 1, 0, 2), (2, 3, 0, 2, 1)])
+def test_the_int64_path_computes_the_same(device, monkeypatch, kind, k, s, p, op, g):
+    """The 64-bit index path (taken for tensors past 2**31 elements) forced on small ones."""
+    for module in (tritondeconv.kernels.phase_gemm, tritondeconv.kernels.weight_grad):
+        monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
+    seed = fresh_seed()
+    x = layout(torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64), kind).requires_grad_()
+    w = torch.randn(4, 6 // g, k, k, device=device, dtype=torch.float64, requires_grad=True)
+    out = tritondeconv.conv_transpose2d(x, w, None, s, p, op, g)
+    ref = reference(x, w, None, s, p, op, g, 1)
+    assert relative_error(out, ref) <= TOLERANCES["float64"], f"seed {seed}"
+    gy = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (x, w), gy), torch.autograd.grad(ref, (x, w), gy)):
+        assert relative_error(a, r) <= TOLERANCES["float64"], f"seed {seed}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_nan_and_inf_propagate_like_pytorch(device, value, where):
+    fresh_seed()
+    x = torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, device=device, dtype=torch.float64)
+    (x[1, 2, 1, 3] if where == "input" else w[1, 0, 2, 1]).fill_(value)
+    out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1)
+    ref = F.conv_transpose2d(x, w, None, 2, 1, 1)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isposinf(), ref.isposinf())
+    assert torch.equal(out.isneginf(), ref.isneginf())
+    finite = ref.isfinite()
+    assert finite.any() and relative_error(out[finite], ref[finite]) <= TOLERANCES["float64"]
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_threads_get_correct_results(_):
+    """Eight threads calling the op at once, each on its own shapes, all correct."""
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            x = torch.randn(2, 8 + i, 5 + i, 6, device="cuda", dtype=torch.float64)
+            w = torch.randn(8 + i, 4, 3, 3, device="cuda", dtype=torch.float64)
+            for _ in range(5):
+                out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1)
+            results[i] = relative_error(out, F.conv_transpose2d(x, w, None, 2, 1, 1))
+        except Exception as e:  # reported below, with the thread that raised it
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(results[i] <= TOLERANCES["float64"] for i in range(8)), results
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_cuda_graph_capture_and_replay(_):
+    x = torch.randn(4, 32, 8, 8, device="cuda", dtype=torch.float16)
+    w = torch.randn(32, 16, 4, 4, device="cuda", dtype=torch.float16)
+    b = torch.randn(16, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compile and tune outside the capture
+        for _ in range(3):
+            tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tritondeconv.conv_transpose2d(x, w, b, 2, 1))
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_forward_allocates_only_output_and_packed_weight(_):
+    x = torch.randn(8, 256, 32, 32, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 128, 4, 4, device="cuda", dtype=torch.bfloat16)
+    tritondeconv.conv_transpose2d(x, w, None, 2, 1)  # compile and tune first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    allowed = out.numel() * out.element_size() + w.numel() * w.element_size() + 2 * 2**20  # + allocator rounding
+    assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight = {allowed}"
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_bf16_output_above_2_to_the_31_elements(_):
+    """k2 s2 (no overlap): every output block depends on one input block, so slices of the
+    output can be checked against cuDNN on the matching slices of the input."""
+    x = torch.randn(2, 8, 4096, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8, 32, 2, 2, device="cuda", dtype=torch.bfloat16)
+    out = tritondeconv.conv_transpose2d(x, w, None, 2)
+    assert out.numel() > 2**31
+    for n, rows, cols in [(0, slice(0, 256), slice(0, 256)), (1, slice(-256, None), slice(-256, None)),
+                          (1, slice(1024, 1280), slice(2048, 2304))]:
+        xs = x[n:n + 1, :, rows, cols]
+        ref = F.conv_transpose2d(xs.double(), w.double(), None, 2)
+        o_rows = slice(None if rows.start is None else 2 * rows.start, None if rows.stop is None else 2 * rows.stop)
+        o_cols = slice(None if cols.start is None else 2 * cols.start, None if cols.stop is None else 2 * cols.stop)
+        assert relative_error(out[n:n + 1, :, o_rows, o_cols], ref) <= TOLERANCES["bfloat16"]
