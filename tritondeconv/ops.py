@@ -54,11 +54,11 @@ def _as5d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _geometry5d(rank: int, *params: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Per-axis parameters (stride, padding, dilation, ...) padded to three axes with the
-    identity of the missing leading axes (stride 1, padding 0, dilation 1)."""
-    identity = {0: 1, 1: 0, 2: 1}
-    return [(identity[i],) * (3 - rank) + tuple(p) for i, p in enumerate(params)]
+def _geometry5d(rank: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """Stride, padding and dilation padded to three axes: the missing leading axes get
+    stride 1, padding 0, dilation 1 (they have size 1)."""
+    lead = 3 - rank
+    return (1,) * lead + tuple(stride), (0,) * lead + tuple(padding), (1,) * lead + tuple(dilation)
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
