@@ -90,6 +90,28 @@ def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
         return 0, 1, K, -P, S, D, 0, 1, size_out
 
 
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "tanh", "sigmoid")
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
+    """``ACTIVATION`` (one of ``ACTIVATIONS``, or ``""`` for none) of ``v``, as PyTorch
+    defines it (gelu: the exact, erf form)."""
+    if ACTIVATION == "relu":
+        v = tl.maximum(v, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        v = tl.where(v > 0, v, v * negative_slope)
+    elif ACTIVATION == "silu":
+        v = v * tl.sigmoid(v)
+    elif ACTIVATION == "gelu":
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACTIVATION == "tanh":
+        v = 2.0 * tl.sigmoid(2.0 * v) - 1.0
+    elif ACTIVATION == "sigmoid":
+        v = tl.sigmoid(v)
+    return v
+
+
 @triton.autotune(
     configs=_configs(),
     # Tuned once per layer shape class: channels set the GEMM's N and K, the kernel
@@ -99,17 +121,20 @@ def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
 )
 @triton.jit
 def _phase_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr,
     N, C_red_g, C_col_g,
     I_D, I_H, I_W, O_D, O_H, O_W,
     sxn, sxc, sxd, sxh, sxw,
     swr, swc, swg, swd, swh, sww,
     syn, syc, syd, syh, syw,
+    srn, src, srd, srh, srw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
-    M_MAX, M_BUCKET,
+    M_MAX, M_BUCKET, negative_slope,
     TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -122,6 +147,8 @@ def _phase_gemm_kernel(
              ``g*swg + c*swr + j*swc + kd*swd + kh*swh + kw*sww``.
     b_ptr:   bias ``[groups*C_col_g]`` (read only when ``HAS_BIAS``).
     y_ptr:   output ``[N, groups*C_col_g, O_D, O_H, O_W]``, strides ``(syn, syc, syd, syh, syw)``.
+    r_ptr:   residual, shaped like the output, strides ``(srn, ..., srw)`` (read only when
+             ``HAS_RESIDUAL``).
     N:       batch size.
     C_red_g, C_col_g: channels per group reduced over (input) and produced (output).
     I_*, O_*: input and output spatial sizes.
@@ -130,8 +157,11 @@ def _phase_gemm_kernel(
     INV_*:   inverse of ``D/G`` modulo ``S/G`` per axis, 0 when ``S/G == 1`` (transposed only).
     M_MAX:   rows of the largest phase; the grid's row tiles are laid out for it.
     M_BUCKET: ``M_MAX`` rounded up to a power of two; an autotuning key only.
+    negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     HAS_BIAS: add the bias in the epilogue.
+    ACTIVATION: apply this activation after the bias (``""``: none; see ``_activate``).
+    HAS_RESIDUAL: add the residual after the activation.
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
@@ -214,17 +244,23 @@ def _phase_gemm_kernel(
         b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
 
+    # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:
         bias = tl.load(b_ptr + group * C_col_g + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
+    acc = _activate(acc, ACTIVATION, negative_slope)
 
     # Output position of each row: o0 + t*o_step.
     o_d = od0 + t_d * od_step
     o_h = oh0 + t_h * oh_step
     o_w = ow0 + t_w * ow_step
+    cols = (group * C_col_g + offs_n)[None, :]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_rows = r_ptr + n * srn + o_d * srd + o_h * srh + o_w * srw
+        acc += tl.load(r_rows[:, None] + cols * src, mask=mask_out, other=0.0).to(acc_dtype)
     y_rows = y_ptr + n * syn + o_d * syd + o_h * syh + o_w * syw
-    y = y_rows[:, None] + (group * C_col_g + offs_n)[None, :] * syc
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_rows[:, None] + cols * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
 def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
@@ -245,8 +281,13 @@ def phase_gemm(
     groups: int,
     transposed: bool,
     allow_tf32: bool,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``.
+    """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
+    then, fused into the store, ``activation`` (one of ``ACTIVATIONS``) and ``+ residual``
+    (5-D, shaped like ``out``, any strides).
 
     All tensors are 5-D views, any strides: ``x`` ``[N, C_x, D, H, W]``, ``out``
     ``[N, C_out, D', H', W']``, ``weight`` ``[C_in, C_out/groups, kD, kH, kW]`` in
@@ -272,18 +313,21 @@ def phase_gemm(
 
     with LAUNCH_LOCK:
         _phase_gemm_kernel[grid](
-            x, weight, bias if bias is not None else x, out,
+            x, weight, bias if bias is not None else x, out, residual if residual is not None else out,
             n, c_red_g, c_col_g,
             *x.shape[2:], *out.shape[2:],
             *x.stride(),
             sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
             *out.stride(),
+            *(residual if residual is not None else out).stride(),
             *weight.shape[2:], *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
-            m_max, triton.next_power_of_2(m_max),
+            m_max, triton.next_power_of_2(m_max), negative_slope,
             TRANSPOSED=transposed,
             HAS_BIAS=bias is not None,
-            INT64_INDEX=needs_int64(x, weight, out),
+            ACTIVATION=activation or "",
+            HAS_RESIDUAL=residual is not None,
+            INT64_INDEX=needs_int64(x, weight, out, residual),
             OPERAND_DTYPE=operand_dtype(x.dtype),
             INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
         )

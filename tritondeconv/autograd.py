@@ -39,18 +39,22 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
 # --------------------------------------------------------------- conv_transpose{1,2,3}d
 
 
-def _setup_conv_transpose(ctx, inputs, output):
-    input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
+def _save_geometry(ctx, weight, bias, stride, padding, groups, dilation):
     rank = weight.dim() - 2
+    ctx.has_bias = bias is not None
     ctx.geometry = tuple(list(ntuple(v, rank, n, "conv_transpose")) for v, n in
                          ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     ctx.groups = groups
 
 
-def _backward_conv_transpose(ctx, grad_y):
-    x, w = ctx.saved_tensors
+def _setup_conv_transpose(ctx, inputs, output):
+    input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    _save_geometry(ctx, weight, bias, stride, padding, groups, dilation)
+
+
+def _grads(ctx, x, w, grad_y):
+    """grad_input, grad_weight, grad_bias of T, each only if needed."""
     stride, padding, dilation = ctx.geometry
     unbatched = x.dim() == w.dim() - 1
     if unbatched:
@@ -63,13 +67,64 @@ def _backward_conv_transpose(ctx, grad_y):
         grad_w = ops.conv_transpose_weight_grad(x, grad_y, list(w.shape[2:]), stride, padding, dilation, ctx.groups)
     if ctx.has_bias and ctx.needs_input_grad[2]:  # (under compile the flags cover given tensors only)
         grad_b = grad_y.sum(dim=[0, *range(2, grad_y.dim())])
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    return grad_x, grad_w, grad_b
+
+
+def _backward_conv_transpose(ctx, grad_y):
+    x, w = ctx.saved_tensors
+    return *_grads(ctx, x, w, grad_y), None, None, None, None, None
 
 
 for _rank in (1, 2, 3):
     torch.library.register_autograd(
         f"tritondeconv::conv_transpose{_rank}d", _backward_conv_transpose, setup_context=_setup_conv_transpose
     )
+
+
+# --------------------------------------------------------------- conv_transpose2d_fused
+# y = act(T(x, w) + b) + r:  grad_r = gy, and T's gradients of gz = gy * act'(z) with
+# z = T(x, w) + b recomputed (one more forward, instead of keeping z in memory).
+
+
+def _activation_derivative(z: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
+    """act'(z), written with differentiable ops (for double backward)."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if activation == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    s = torch.sigmoid(z)  # sigmoid
+    return s * (1 - s)
+
+
+def _setup_fused(ctx, inputs, output):
+    input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
+    ctx.save_for_backward(input, weight, bias)
+    _save_geometry(ctx, weight, bias, stride, padding, groups, dilation)
+    ctx.epilogue = (stride, padding, output_padding, groups, dilation, activation, slope)
+    ctx.has_residual = residual is not None
+
+
+def _backward_fused(ctx, grad_y):
+    x, w, b = ctx.saved_tensors
+    stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
+    grad_z = grad_y
+    if activation is not None:
+        z = ops.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation)
+        # act'(z) * grad_y in at least fp32, rounded once to the gradient's dtype.
+        wide = torch.promote_types(z.dtype, torch.float32)
+        grad_z = (grad_y.to(wide) * _activation_derivative(z.to(wide), activation, slope)).to(grad_y.dtype)
+    grad_r = grad_y if ctx.has_residual and ctx.needs_input_grad[-1] else None
+    return *_grads(ctx, x, w, grad_z), None, None, None, None, None, None, None, grad_r
+
+
+torch.library.register_autograd("tritondeconv::conv_transpose2d_fused", _backward_fused, setup_context=_setup_fused)
 
 
 # --------------------------------------------------------------- I(gy, w) and W(x, gy)

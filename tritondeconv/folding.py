@@ -45,13 +45,16 @@ def transposed_weight(conv_weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups * c_in_g, c_out // groups, *kernel).flip(list(range(2, 2 + len(kernel))))
 
 
-def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=1):
+def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=1, *,
+                    activation=None, negative_slope=0.01, residual=None):
     """``conv2d(interpolate(input, scale_factor, mode="nearest"), weight, bias, padding=padding,
     groups=groups)`` as one stride-phase transposed convolution, without materialising
     the upsampled tensor; differentiable in ``input``, ``weight`` and ``bias``.
 
     ``scale_factor``: an int >= 1 or a pair; ``padding``: zero padding of the
-    convolution, at most ``kernel_size - 1`` per axis.
+    convolution, at most ``kernel_size - 1`` per axis.  ``activation``,
+    ``negative_slope`` and ``residual`` are fused into the epilogue as in
+    ``conv_transpose2d``.
     """
     op = "upsample_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
@@ -70,4 +73,5 @@ def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=
         raise RuntimeError(f"{op}: groups={groups!r} must be a positive integer dividing C_out={weight.shape[0]}")
     folded = box_convolve(transposed_weight(weight, groups), scale)
     transposed_padding = [k - 1 - p for k, p in zip(kernel, padding)]
-    return conv_transpose2d(input, folded, bias, scale, transposed_padding, 0, groups, 1)
+    return conv_transpose2d(input, folded, bias, scale, transposed_padding, 0, groups, 1,
+                            activation=activation, negative_slope=negative_slope, residual=residual)

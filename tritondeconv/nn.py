@@ -19,13 +19,17 @@ class _TritonForward:
     _rank: int  # spatial axes
     _function: staticmethod  # the functional form
 
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def _conv(self, input: torch.Tensor, output_size, **epilogue) -> torch.Tensor:
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
         return self._function(
-            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
+            **epilogue,
         )
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return self._conv(input, output_size)
 
 
 class ConvTranspose1d(_TritonForward, torch.nn.ConvTranspose1d):
@@ -35,9 +39,23 @@ class ConvTranspose1d(_TritonForward, torch.nn.ConvTranspose1d):
 
 
 class ConvTranspose2d(_TritonForward, torch.nn.ConvTranspose2d):
-    """Drop-in for ``torch.nn.ConvTranspose2d``."""
+    """Drop-in for ``torch.nn.ConvTranspose2d``; optionally with an ``activation`` (and
+    ``negative_slope``) fused into the kernel's epilogue, and ``forward(..., residual=)``
+    adding a residual there too (see ``tritondeconv.conv_transpose2d``)."""
 
     _rank, _function = 2, staticmethod(conv_transpose2d)
+
+    def __init__(self, *args, activation: str | None = None, negative_slope: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation, self.negative_slope = activation, negative_slope
+
+    def forward(self, input, output_size=None, residual=None):
+        return self._conv(input, output_size, activation=self.activation, negative_slope=self.negative_slope,
+                          residual=residual)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + extra
 
 
 class ConvTranspose3d(_TritonForward, torch.nn.ConvTranspose3d):
@@ -56,15 +74,18 @@ class UpsampleConv2d(torch.nn.Conv2d):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, scale_factor=2, padding=0, groups=1, bias=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, activation=None, negative_slope=0.01):
         if isinstance(padding, str):
             raise ValueError("UpsampleConv2d: padding must be an int or a pair of ints, not a string")
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=padding, groups=groups, bias=bias,
                          device=device, dtype=dtype)
         self.scale_factor = scale_factor
+        self.activation, self.negative_slope = activation, negative_slope
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return upsample_conv2d(input, self.weight, self.bias, self.scale_factor, self.padding, self.groups)
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return upsample_conv2d(input, self.weight, self.bias, self.scale_factor, self.padding, self.groups,
+                               activation=self.activation, negative_slope=self.negative_slope, residual=residual)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale_factor={self.scale_factor}"
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        return f"{super().extra_repr()}, scale_factor={self.scale_factor}{extra}"

@@ -5,6 +5,7 @@ Public (aten's signatures):
   ``conv_transpose1d``, ``conv_transpose2d``, ``conv_transpose3d``
                               stride-phase transposed convolution, one kernel for all ranks
   ``naive_conv_transpose2d``  the zero-insertion baseline on the same kernel
+  ``conv_transpose2d_fused``  with an activation and a residual fused into the epilogue
 Internal (the gradients of a transposed convolution, rank-generic, differentiable
 themselves so that double backward works; see ``autograd.py``):
   ``conv_transpose_input_grad``   grad_input: the zero-free strided convolution
@@ -36,7 +37,7 @@ from .arguments import (
     output_memory_format,
 )
 from .kernels.common import INTERPRETING
-from .kernels.phase_gemm import phase_gemm
+from .kernels.phase_gemm import ACTIVATIONS, phase_gemm
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
 
@@ -94,17 +95,19 @@ def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilat
     return x, args, unbatched
 
 
-def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride) -> torch.Tensor:
+def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride,
+                       activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
     """Run the phase kernel with the given stride (the naive op passes 1) into a new
-    output laid out like ``x``.  Every rank runs on the kernel's three spatial axes,
-    the missing leading ones of size 1."""
+    output laid out like ``x``, with an optional fused epilogue.  Every rank runs on the
+    kernel's three spatial axes, the missing leading ones of size 1."""
     out = _empty_output(x, args)
     if out.numel() == 0:
         return out
     stride, padding, dilation = _geometry5d(len(stride), stride, args.padding, args.dilation)
     phase_gemm(
         _as5d(out), _as5d(x), _as5d(_packed_weight(weight)), bias, stride, padding, dilation, args.groups,
-        transposed=True, allow_tf32=_allow_tf32(),
+        transposed=True, allow_tf32=_allow_tf32(), activation=activation, negative_slope=negative_slope,
+        residual=None if residual is None else _as5d(residual),
     )
     return out
 
@@ -158,6 +161,66 @@ def _define_conv_transpose(name: str, rank: int, naive: bool):
 for _rank in (1, 2, 3):
     _define_conv_transpose(f"conv_transpose{_rank}d", _rank, naive=False)
 _define_conv_transpose("naive_conv_transpose2d", 2, naive=True)
+
+
+# ---------------------------------------------------------------- fused epilogue
+
+# The activations as PyTorch computes them (the reference of the fused epilogue and the
+# aten fallback's epilogue).
+TORCH_ACTIVATIONS = {
+    "relu": lambda v, slope: F.relu(v),
+    "leaky_relu": lambda v, slope: F.leaky_relu(v, slope),
+    "silu": lambda v, slope: F.silu(v),
+    "gelu": lambda v, slope: F.gelu(v),
+    "tanh": lambda v, slope: torch.tanh(v),
+    "sigmoid": lambda v, slope: torch.sigmoid(v),
+}
+assert set(TORCH_ACTIVATIONS) == set(ACTIVATIONS)
+
+
+def _check_epilogue(activation, residual, out_shape, x: torch.Tensor, op: str) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise RuntimeError(f"{op}: activation must be None or one of {', '.join(ACTIVATIONS)}, but got activation={activation!r}")
+    if residual is None:
+        return
+    if tuple(residual.shape) != tuple(out_shape):
+        raise RuntimeError(f"{op}: expected residual of the output's size {list(out_shape)}, but got {list(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise RuntimeError(f"{op}: expected residual to have the input's dtype and device, but got {residual.dtype} on {residual.device}")
+
+
+@torch.library.custom_op(
+    "tritondeconv::conv_transpose2d_fused",
+    mutates_args=(),
+    schema=(
+        "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] output_padding, "
+        "int groups, int[2] dilation, str? activation, float negative_slope, Tensor? residual) -> Tensor"
+    ),
+)
+def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                               activation, negative_slope, residual):
+    """``activation(conv_transpose2d(...)) + residual``, the activation and the residual
+    applied in the kernel's epilogue (one pass over the output)."""
+    op = "conv_transpose2d"
+    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
+    _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
+    r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
+    if _runs_triton(x.device):
+        out = _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r)
+    else:
+        out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
+        out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
+        out = out if r is None else out + r
+    return out.squeeze(0) if unbatched else out
+
+
+@_conv_transpose2d_fused_op.register_fake
+def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, negative_slope, residual):
+    op = "conv_transpose2d"
+    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
+    _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
+    out = _empty_output(x, args)
+    return out.squeeze(0) if unbatched else out
 
 
 # ---------------------------------------------------------------- gradients
@@ -234,7 +297,7 @@ def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
 # (see the module docstring for where they run).
 
 
-def _functional(name: str):
+def _functional(name: str, doc: str):
     """The friendly function of op ``tritondeconv::{name}``: PyTorch's functional signature
     and defaults, and PyTorch's TypeError for a non-tensor argument."""
     op = getattr(torch.ops.tritondeconv, name)
@@ -244,14 +307,28 @@ def _functional(name: str):
         return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
     function.__name__ = function.__qualname__ = name
+    function.__doc__ = doc
     return function
 
 
-conv_transpose1d = _functional("conv_transpose1d")
-conv_transpose1d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose1d``."
-conv_transpose2d = _functional("conv_transpose2d")
-conv_transpose2d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose2d``."
-conv_transpose3d = _functional("conv_transpose3d")
-conv_transpose3d.__doc__ = "Drop-in for ``torch.nn.functional.conv_transpose3d``."
-naive_conv_transpose2d = _functional("naive_conv_transpose2d")
-naive_conv_transpose2d.__doc__ = "The zero-insertion baseline, same signature as ``conv_transpose2d``."
+conv_transpose1d = _functional("conv_transpose1d", "Drop-in for ``torch.nn.functional.conv_transpose1d``.")
+conv_transpose3d = _functional("conv_transpose3d", "Drop-in for ``torch.nn.functional.conv_transpose3d``.")
+naive_conv_transpose2d = _functional(
+    "naive_conv_transpose2d", "The zero-insertion baseline, same signature as ``conv_transpose2d``."
+)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                     activation=None, negative_slope=0.01, residual=None):
+    """Drop-in for ``torch.nn.functional.conv_transpose2d``.
+
+    Optionally fused into the kernel's epilogue: ``activation`` (``"relu"``,
+    ``"leaky_relu"`` with ``negative_slope``, ``"silu"``, ``"gelu"``, ``"tanh"``,
+    ``"sigmoid"``) applied after the bias, then ``residual`` (the output's shape) added.
+    """
+    check_tensor_types(input, weight, bias, "conv_transpose2d")
+    if activation is None and residual is None:
+        return torch.ops.tritondeconv.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return torch.ops.tritondeconv.conv_transpose2d_fused(
+        input, weight, bias, stride, padding, output_padding, groups, dilation, activation, float(negative_slope), residual
+    )
