@@ -20,4 +20,5 @@ status=${PIPESTATUS[0]}
 python -m tritondeconv.demo 2>&1 | tee "$out/demo.txt"
 python perf/bench.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 python perf/plot.py "$out/bench.csv"
+python perf/bench_blocks.py --out "$out" 2>&1 | tee "$out/blocks.log"
 exit "$status"

@@ -26,3 +26,13 @@ def test_bench_quick_and_plot(tmp_path):
     subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], check=True, capture_output=True)
     for png in ("speedup_cudnn.png", "roofline.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_blocks_quick(tmp_path):
+    subprocess.run([sys.executable, str(PERF / "bench_blocks.py"), "--quick", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    with open(tmp_path / "blocks.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"tritondeconv_fold", "interpolate_conv2d", "fused", "unfused"}
+    assert all(float(r["rel_error"]) < 2e-3 for r in rows)
+    assert (tmp_path / "blocks.md").read_text().count("Geometric-mean speedup") == 2
