@@ -8,10 +8,10 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRITONDECONV_AUTOTUNE", "1") != "0"
 
-# Triton's autotuner keeps per-call state on the kernel object (the arguments of the
-# call being tuned), so two threads launching the same kernel at once could tune on
-# each other's arguments.  Launches are serialised; each is a few microseconds of host
-# work (the GPU still runs them asynchronously).
+# Launches are serialised: a first call of a shape times every candidate configuration
+# (``tuning.Tuner``), and a second thread launching meanwhile would both skew those
+# timings and race on the tuner's memo.  Each launch is a few microseconds of host work
+# (the GPU still runs them asynchronously).
 LAUNCH_LOCK = threading.Lock()
 
 _OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}

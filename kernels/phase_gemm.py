@@ -22,7 +22,7 @@ and, through its ``j``-th tap (kernel index ``kk0 + j*kk_step``), reads input
 
 The implicit GEMM per (phase, group): rows = (n, t_d, t_h, t_w), columns = the group's
 output channels, reduction = (tap_d, tap_h, tap_w, input channel).  One launch covers
-every phase and group: grid = (row tiles × column tiles, phase, group).
+every phase and group: grid = (row tiles × column tiles × phases, group).
 
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``;
 the direct convolution reads it with the first two axes swapped (columns = C_in).
@@ -34,36 +34,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .tuning import Tuner, bucket, config, device_limits, prune
 
 
-def _configs():
-    """Tile configurations to autotune over.
+def configs(c_red: int, c_col: int) -> list[dict]:
+    """Launch configurations to choose from, best first, for a GEMM that reduces over
+    ``c_red`` channels per group and produces ``c_col`` (``tuning.prune`` then trims
+    them to the problem and the GPU; with autotuning off the first survivor is used).
 
-    Under ``TRITON_INTERPRET=1`` nothing can be timed, and with
-    ``TRITONDECONV_AUTOTUNE=0`` nothing should be: then there is exactly one
-    configuration, and the autotuner skips benchmarking.
+    Two paths, chosen by the channels (``tl.dot`` needs tiles of at least 16 a side):
+
+    * tensor cores (``tl.dot``) for ordinary layers: Hopper-sized tiles (up to
+      256×128, 64-deep, 3–5 stages), narrow ones for few output channels and shallow
+      ones for few input channels;
+    * FMA (a broadcast multiply and a sum over the reduction axis) when either side has
+      fewer than 16 channels, with tiles exactly as wide as the channels: a depthwise
+      layer (one channel in, one out per group) would waste 255/256 of every MMA, so it
+      gets only FMA tiles; a layer with one narrow side gets both, tensor-core tiles
+      first (they waste work on the padding but run about 15× faster per product).
+
+    In the interpreter (nothing can be timed) one small tile per path.
     """
+    n_fma, k_fma = min(triton.next_power_of_2(c_col), 16), min(triton.next_power_of_2(c_red), 16)
     if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1})]
-    if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 32, 8, 3),
-            (128, 64, 32, 4, 4),
-            (64, 128, 32, 4, 4),
-            (64, 64, 32, 4, 4),
-            (128, 32, 32, 4, 4),
-            (64, 32, 32, 4, 4),
-            (128, 16, 32, 4, 3),
-            (64, 64, 64, 4, 3),
-            (128, 128, 64, 8, 3),
-            (32, 32, 16, 2, 4),
-            (128, 16, 16, 4, 4),
-        ]
-    ]
+        fma = [config(32, n_fma, k_fma, GROUP_M=1)]
+        dot = [config(32, 16, 16, GROUP_M=1)]
+    else:
+        # FMA tiles keep BLOCK_M*BLOCK_N*BLOCK_K products per step within the registers.
+        fma = [config(bm, n_fma, k_fma, num_warps=w, num_stages=2, GROUP_M=1)
+               for bm, w in ((256, 4), (512, 8), (128, 4), (1024, 8)) if bm * n_fma * k_fma <= 16384]
+        dot = [config(bm, bn, bk, num_warps=w, num_stages=st, GROUP_M=8) for bm, bn, bk, w, st in (
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
+            (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (128, 16, 64, 4, 4), (64, 16, 128, 4, 3),
+            (128, 64, 16, 4, 5), (64, 64, 16, 4, 4), (32, 16, 16, 2, 2),
+        )]
+    if c_red == 1 and c_col == 1:
+        return fma
+    return dot + fma if min(c_red, c_col) < 16 else dot
 
 
 @triton.jit
@@ -112,13 +121,6 @@ def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
     return v
 
 
-@triton.autotune(
-    configs=_configs(),
-    # Tuned once per layer shape class: channels set the GEMM's N and K, the kernel
-    # size and stride set taps per phase, the direction the access pattern, and the
-    # rows (bucketed) the M; image sizes that round to the same bucket share a tuning.
-    key=["C_red_g", "C_col_g", "K_D", "K_H", "K_W", "S_D", "S_H", "S_W", "M_BUCKET", "TRANSPOSED"],
-)
 @triton.jit
 def _phase_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr,
@@ -130,7 +132,7 @@ def _phase_gemm_kernel(
     srn, src, srd, srh, srw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
-    M_MAX, M_BUCKET, negative_slope,
+    M_MAX, negative_slope,
     TRANSPOSED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -156,7 +158,6 @@ def _phase_gemm_kernel(
     G_*:     ``gcd(D, S)`` per axis (transposed only).
     INV_*:   inverse of ``D/G`` modulo ``S/G`` per axis, 0 when ``S/G == 1`` (transposed only).
     M_MAX:   rows of the largest phase; the grid's row tiles are laid out for it.
-    M_BUCKET: ``M_MAX`` rounded up to a power of two; an autotuning key only.
     negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     HAS_BIAS: add the bias in the epilogue.
@@ -165,12 +166,18 @@ def _phase_gemm_kernel(
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
-    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, output channels, input channels.
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, columns (produced channels), reduced
+             channels; all of at least 16 multiply on tensor cores (``tl.dot``), smaller
+             ones by FMA (see ``configs``).
     GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
     """
-    pid = tl.program_id(0)
-    phase = tl.program_id(1)
-    group = tl.program_id(2)
+    # The phase varies fastest: the s^d programs of one (row tile, column tile) run side
+    # by side and read overlapping input rows (the same rows when k == s), which they
+    # then find in L2 instead of each fetching them from memory.
+    n_phases = S_D * S_H * S_W if TRANSPOSED else 1
+    pid = tl.program_id(0) // n_phases
+    phase = tl.program_id(0) % n_phases
+    group = tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
     if INT64_INDEX:  # every index below derives from these, so all of it becomes 64-bit
         pid = pid.to(tl.int64)
@@ -242,7 +249,10 @@ def _phase_gemm_kernel(
         )
         w_tap = (kd0 + jd * kd_step) * swd + (kh0 + jh * kh_step) * swh + (kw0 + jw * kw_step) * sww
         b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if BLOCK_N >= 16 and BLOCK_K >= 16:
+            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+        else:  # acc[m, n] += sum_c a[m, c] * b[c, n], one FMA per product
+            acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
 
     # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:
@@ -261,6 +271,9 @@ def _phase_gemm_kernel(
         acc += tl.load(r_rows[:, None] + cols * src, mask=mask_out, other=0.0).to(acc_dtype)
     y_rows = y_ptr + n * syn + o_d * syd + o_h * syh + o_w * syw
     tl.store(y_rows[:, None] + cols * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
+
+
+_TUNER = Tuner("phase_gemm", _phase_gemm_kernel)
 
 
 def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
@@ -307,11 +320,24 @@ def phase_gemm(
     rows_per_phase = out.shape[2:] if not transposed else [triton.cdiv(o, s) for o, s in zip(out.shape[2:], stride)]
     m_max = n * math.prod(rows_per_phase)
 
+    precision = input_precision(x.dtype, allow_tf32)
+    device_name, shared_memory = device_limits(x.device)
+    # The shape class a tuning is kept for: the GEMM's N and K (channels per group), the
+    # taps per phase and their spacing (kernel size, stride, dilation), the access
+    # pattern (direction, channels-last or not), the dtype and dot precision, and M
+    # bucketed, so that every layer of a model tunes once and image sizes within a
+    # factor of two share a tuning.
+    key = (transposed, c_red_g, c_col_g, *weight.shape[2:], *stride, *dilation, str(x.dtype), precision,
+           x.stride(1) == 1 and x.shape[1] > 1, bucket(m_max))
+
+    def candidates() -> list[dict]:
+        return prune(configs(c_red_g, c_col_g), m_max, c_col_g, c_red_g, x.element_size(), shared_memory)
+
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
-        return (tiles, n_phases, groups)
+        return (tiles * n_phases, groups)
 
-    with LAUNCH_LOCK:
+    def launch(config: dict) -> None:
         _phase_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, out, residual if residual is not None else out,
             n, c_red_g, c_col_g,
@@ -322,13 +348,17 @@ def phase_gemm(
             *(residual if residual is not None else out).stride(),
             *weight.shape[2:], *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
-            m_max, triton.next_power_of_2(m_max), negative_slope,
+            m_max, negative_slope,
             TRANSPOSED=transposed,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation or "",
             HAS_RESIDUAL=residual is not None,
             INT64_INDEX=needs_int64(x, weight, out, residual),
             OPERAND_DTYPE=operand_dtype(x.dtype),
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            INPUT_PRECISION=precision,
+            **config,
         )
+
+    with LAUNCH_LOCK:
+        launch(_TUNER.pick(device_name, key, candidates, launch))
     return out

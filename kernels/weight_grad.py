@@ -18,33 +18,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .tuning import Tuner, bucket, config, device_limits, prune
 
 
-def _configs():
-    """Tiles to autotune over (one fixed tile in the interpreter or with autotuning off)."""
+def configs(c_in: int, c_out: int) -> list[dict]:
+    """Launch configurations to choose from, best first, for per-tap GEMMs of
+    ``c_in × c_out`` channels per group reducing over pixels (pruned by
+    ``tuning.prune``).  Tensor-core tiles, deep in the pixel reduction; when either
+    channel count is below 16 (``tl.dot``'s minimum), also FMA tiles as wide as the
+    channels (only those for depthwise layers), as in ``phase_gemm.configs``.  In the
+    interpreter, one small tile per path."""
+    m_fma, n_fma = min(triton.next_power_of_2(c_in), 16), min(triton.next_power_of_2(c_out), 16)
     if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})]
-    if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 32, 8, 3),
-            (64, 128, 32, 4, 4),
-            (128, 64, 32, 4, 4),
-            (64, 64, 64, 4, 3),
-            (32, 32, 64, 4, 3),
-            (16, 16, 128, 4, 3),
-        ]
-    ]
+        fma = [config(m_fma, n_fma, 32)]
+        dot = [config(16, 16, 32)]
+    else:
+        fma = [config(m_fma, n_fma, bk, num_warps=w, num_stages=2)
+               for bk, w in ((256, 4), (1024, 8), (64, 4)) if m_fma * n_fma * bk <= 16384]
+        dot = [config(bm, bn, bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
+            (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+            (128, 128, 32, 8, 4), (64, 64, 128, 4, 3), (32, 32, 128, 4, 3), (16, 16, 256, 4, 3),
+        )]
+    if c_in == 1 and c_out == 1:
+        return fma
+    return dot + fma if min(c_in, c_out) < 16 else dot
 
 
-@triton.autotune(
-    configs=_configs(),
-    # Channels are the GEMM's M and N; the pixels per split its K (bucketed).
-    key=["C_in_g", "C_out_g", "PIXELS_BUCKET"],
-)
 @triton.jit
 def _weight_grad_kernel(
     x_ptr, gy_ptr, ws_ptr,
@@ -53,7 +53,7 @@ def _weight_grad_kernel(
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
-    SPLIT, PIXELS_PER_SPLIT, PIXELS_BUCKET,
+    SPLIT, PIXELS_PER_SPLIT,
     INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -70,10 +70,10 @@ def _weight_grad_kernel(
     K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
     SPLIT:  number of pixel ranges the reduction is split into.
     PIXELS_PER_SPLIT: pixels (of ``N*I_D*I_H*I_W``) in each range.
-    PIXELS_BUCKET: ``PIXELS_PER_SPLIT`` rounded up to a power of two; autotuning key only.
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE, INPUT_PRECISION: as in ``phase_gemm``.
-    BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, output channels, pixels.
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, output channels, pixels; channel
+            tiles of at least 16 multiply on tensor cores, smaller ones by FMA.
     """
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -127,11 +127,17 @@ def _weight_grad_kernel(
             mask=hits[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if BLOCK_M >= 16 and BLOCK_N >= 16:
+            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+        else:  # acc[ci, co] += sum_q a[ci, q] * b[q, co], one FMA per product
+            acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
 
     taps = K_D * K_H * K_W
     ws = ws_ptr + (((split * (tl.num_programs(2) // SPLIT) + group) * taps + tap) * C_in_g) * C_out_g
     tl.store(ws + offs_m[:, None] * C_out_g + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+_TUNER = Tuner("weight_grad", _weight_grad_kernel)
 
 
 def default_split(pixels: int, programs: int, target_programs: int = 1024, min_pixels: int = 4096) -> int:
@@ -168,21 +174,35 @@ def weight_grad(
     per_split = triton.cdiv(pixels, split)
     workspace = torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device)
 
+    precision = input_precision(x.dtype, allow_tf32)
+    device_name, shared_memory = device_limits(x.device)
+    # The shape class a tuning is kept for: the GEMM's M and N (channels per group), its
+    # K (pixels per split, bucketed), the access pattern (channels-last or not, stride),
+    # the dtype and dot precision.
+    key = (c_in_g, c_out_g, *stride, str(x.dtype), precision, x.stride(1) == 1 and c_in > 1, bucket(per_split))
+
+    def candidates() -> list[dict]:
+        return prune(configs(c_in_g, c_out_g), c_in_g, c_out_g, per_split, x.element_size(), shared_memory)
+
     def grid(meta):
         return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
 
-    with LAUNCH_LOCK:
+    def launch(config: dict) -> None:
         _weight_grad_kernel[grid](
             x, grad_y, workspace,
             n, c_in_g, c_out_g,
             *x.shape[2:], *grad_y.shape[2:],
             *x.stride(), *grad_y.stride(),
             *kernel_size, *stride, *padding, *dilation,
-            split, per_split, triton.next_power_of_2(per_split),
+            split, per_split,
             INT64_INDEX=needs_int64(x, grad_y),
             OPERAND_DTYPE=operand_dtype(x.dtype),
-            INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
+            INPUT_PRECISION=precision,
+            **config,
         )
+
+    with LAUNCH_LOCK:
+        launch(_TUNER.pick(device_name, key, candidates, launch))
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
     total = workspace.sum(0) if split > 1 else workspace[0]
     return total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size).to(x.dtype)

@@ -88,6 +88,17 @@ def test_dtypes(device, precision, kind, k, s, p, op_):
              kind=kind, stride=s, padding=p, output_padding=op_)
 
 
+@pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
+@pytest.mark.parametrize("k, s, p, size", [(16, 8, 4, 3), (64, 32, 16, 2)], ids=["FCN-k16s8p4", "k64s32p16"])
+def test_large_kernel_and_stride(device, precision, k, s, p, size):
+    """FCN's upsampling geometries: 64 and 1024 phases of 2x2 taps each."""
+    if device == "cpu" and (precision != "float64" or k == 64):
+        pytest.skip("interpreter suite: k16s8 in float64 (1024 phases take 30 s in the interpreter)")
+    c_in, c_out = (3, 2) if device == "cpu" else (21, 21)
+    run_case("conv_transpose2d", device, precision, (2, c_in, size, size + 1), (c_in, c_out, k, k),
+             kind="channels_last", stride=s, padding=p)
+
+
 @pytest.mark.parametrize("precision", ["float64"], indirect=True)
 @pytest.mark.parametrize("op", list(OPS))
 def test_unbatched(device, precision, op):
