@@ -1,13 +1,16 @@
 """Trust: 64-bit indexing for large tensors, NaN/Inf propagation like PyTorch's, threads,
-CUDA graphs, memory bounds."""
+CUDA graphs, memory bounds, a packed-weight cache that is never stale."""
+import pickle
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import tritondeconv
 import tritondeconv.kernels.phase_gemm
+import tritondeconv.ops
 import tritondeconv.kernels.weight_grad
 from reference import TOLERANCES, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels.common import needs_int64
@@ -81,6 +84,70 @@ def test_threads_get_correct_results(_):
     assert all(results[i] <= TOLERANCES["float64"] for i in range(8)), results
 
 
+@pytest.fixture
+def weight_copies(monkeypatch):
+    """A list that gets one ``(where, columns)`` entry per copy made to pack a weight:
+    ``"module"`` for a module's kept inference copy, ``"op"`` for a per-call one."""
+    copies = []
+    pack = tritondeconv.ops.pack_weight
+
+    def counting(where):
+        def pack_weight(w, columns=1):
+            packed = pack(w, columns)
+            if packed.data_ptr() != w.data_ptr():
+                copies.append((where, columns))
+            return packed
+        return pack_weight
+
+    monkeypatch.setattr(tritondeconv.nn, "pack_weight", counting("module"))
+    monkeypatch.setattr(tritondeconv.ops, "pack_weight", counting("op"))
+    return copies
+
+
+def test_packed_weight_is_kept_for_inference_and_never_stale(device, weight_copies):
+    seed = fresh_seed()
+    layer = tritondeconv.nn.ConvTranspose2d(6, 4, 3, 2, 1, 1).to(device, torch.float64)
+    x = torch.randn(2, 6, 4, 5, device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def check():
+        ref = reference(x, layer.weight, layer.bias, 2, 1, 1, 1, 1)
+        assert relative_error(layer(x), ref) <= TOLERANCES["float64"], f"seed {seed}"
+
+    check()
+    check()
+    assert weight_copies == [("module", 1)]  # inference: packed once, the op copies nothing
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # an in-place update bumps the version counter
+    check()
+    assert weight_copies == [("module", 1)] * 2
+    # Training: the op packs per call (forward, and C_in-innermost for grad_input).
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x.detach().requires_grad_()).square().sum().backward()
+    optimizer.step()
+    check()
+    assert weight_copies == [("module", 1)] * 2 + [("op", 1), ("op", 0), ("module", 1)]
+    layer.weight.data.add_(1)  # invisible to the version counter: the documented escape hatch
+    assert tritondeconv.clear_weight_cache(torch.nn.Sequential(layer)) == 1
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # a new tensor
+    check()
+    with torch.inference_mode():
+        check()
+        layer.weight.mul_(3)
+        check()
+    assert weight_copies[5:] == [("module", 1)] * 3
+
+
+def test_module_with_packed_weight_pickles(device):
+    layer = tritondeconv.nn.ConvTranspose2d(3, 2, 3, 2).to(device, torch.float64)
+    x = torch.randn(1, 3, 4, 4, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+        copy = pickle.loads(pickle.dumps(layer))
+        assert torch.equal(copy(x), out)
+
+
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
 def test_cuda_graph_capture_and_replay(_):
     x = torch.randn(4, 32, 8, 8, device="cuda", dtype=torch.float16)
@@ -97,6 +164,7 @@ def test_cuda_graph_capture_and_replay(_):
         out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
+        w.mul_(-0.5)  # the packed weight is never stale inside a graph either
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, tritondeconv.conv_transpose2d(x, w, b, 2, 1))
@@ -115,6 +183,28 @@ def test_forward_allocates_only_output_and_packed_weight(_):
     extra = torch.cuda.max_memory_allocated() - base
     allowed = out.numel() * out.element_size() + w.numel() * w.element_size() + 2 * 2**20  # + allocator rounding
     assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight = {allowed}"
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_backward_allocates_only_gradients_and_split_workspace(_):
+    x = torch.randn(8, 256, 32, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 128, 4, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    gy = torch.randn_like(out)
+    torch.autograd.grad(out, (x, w, b), gy, retain_graph=True)  # compile and tune first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, (x, w, b), gy)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    split = tritondeconv.kernels.weight_grad.default_split(
+        8 * 32 * 32, 16 * triton.cdiv(256, 64) * triton.cdiv(128, 64))
+    # The gradients, plus the weight gradient's fp32 partial sums (split of them), their
+    # fp32 total, and the allocator's rounding.
+    allowed = sum(g.numel() * g.element_size() for g in grads) + w.numel() * 4 * (split + 1) + 2 * 2**20
+    assert extra <= allowed, f"backward allocated {extra} bytes; gradients + workspace = {allowed}"
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])

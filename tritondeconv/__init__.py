@@ -6,12 +6,14 @@
 """
 from . import autograd  # noqa: F401  (registers the gradients)
 from . import init, nn
+from .nn import clear_weight_cache
 from .convert import convert
 from .folding import upsample_conv2d
 from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
 from .planner import Plan, plan
 
 __all__ = [
-    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d", "upsample_conv2d", "init", "nn", "convert", "plan", "Plan",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d", "upsample_conv2d",
+    "clear_weight_cache", "init", "nn", "convert", "plan", "Plan",
 ]
 __version__ = "0.1.0"

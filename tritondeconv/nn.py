@@ -1,12 +1,26 @@
 """``torch.nn`` modules backed by the tritondeconv ops."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .folding import upsample_conv2d
-from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d
+from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d, pack_weight, runs_triton
 
-__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d"]
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
+
+
+def clear_weight_cache(model: torch.nn.Module) -> int:
+    """Drop the packed inference weights of every tritondeconv transposed convolution in
+    ``model`` (needed only after changing a weight through ``.data``, which its version
+    counter does not see); returns how many modules had one."""
+    cleared = 0
+    for module in model.modules():
+        if isinstance(module, _TritonForward):
+            cleared += module._packed is not None
+            module.clear_packed_weight()
+    return cleared
 
 
 class _TritonForward:
@@ -18,13 +32,52 @@ class _TritonForward:
 
     _rank: int  # spatial axes
     _function: staticmethod  # the functional form
+    # The packed copy of the weight kept for inference, and what the weight was then.
+    _packed: torch.Tensor | None = None
+    _packed_from: tuple | None = None
+
+    def _weight(self) -> torch.Tensor:
+        """The weight to compute with.
+
+        In inference (no gradient wanted for the weight), a copy packed the way the
+        kernel reads it (``ops.pack_weight``), kept while the weight is unchanged: the
+        same tensor, storage, shape, strides and version counter. Every in-place update
+        through the tensor (``copy_`` or an optimizer step under ``no_grad``,
+        ``load_state_dict``) bumps the version, and the next call repacks. Otherwise the
+        parameter itself (the op packs it per call): when autograd needs it, while
+        ``torch.compile`` traces, during CUDA-graph capture (the graph then contains
+        the packing, so replaying it after an in-place update reads the new weight),
+        for inference tensors (no version counter) and where the kernels do not run.
+        A change made through ``weight.data`` bypasses the version counter: call
+        ``tritondeconv.clear_weight_cache(model)`` after one.
+        """
+        w = self.weight
+        if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or w.is_inference()
+                or (w.is_cuda and torch.cuda.is_current_stream_capturing()) or not runs_triton(w.device)):
+            return w
+        state = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
+        if self._packed_from is None or self._packed_from[0]() is not w or self._packed_from[1] != state:
+            self._packed = pack_weight(w.detach())
+            self._packed_from = (weakref.ref(w), state)
+        return self._packed
+
+    def clear_packed_weight(self) -> None:
+        """Forget the packed inference copy (the next inference call repacks)."""
+        self._packed = self._packed_from = None
+
+    def __getstate__(self):
+        """Pickled without the packed copy (and its weak reference, which cannot be)."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        state.pop("_packed_from", None)
+        return state
 
     def _conv(self, input: torch.Tensor, output_size, **epilogue) -> torch.Tensor:
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
         return self._function(
-            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
+            input, self._weight(), self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
             **epilogue,
         )
 

@@ -44,7 +44,8 @@ from .planner import output_size
 _FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _runs_triton(device: torch.device) -> bool:
+def runs_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run the Triton kernels (see the module docstring)."""
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
 
 
@@ -62,11 +63,14 @@ def _geometry5d(rank: int, stride: Sequence[int], padding: Sequence[int], dilati
     return (1,) * lead + tuple(stride), (0,) * lead + tuple(padding), (1,) * lead + tuple(dilation)
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight with its second axis (the GEMM's columns in the forward) innermost:
-    same logical shape, new strides, so a tap's ``[C_in, C_out]`` tile is read along
-    contiguous memory."""
-    order = [*range(2, weight.dim()), 0, 1]
+def pack_weight(weight: torch.Tensor, columns: int = 1) -> torch.Tensor:
+    """The weight ``[C_in, C_out/g, *k]`` with axis ``columns`` (the GEMM's columns: 1,
+    C_out, in the forward; 0, C_in, in the input gradient) innermost and the other
+    channel axis next: same logical shape, new strides, so that a tap's
+    ``[reduction, columns]`` tile is read along contiguous memory.  A weight already
+    laid out so is returned as it is (no copy): a module that keeps its weight packed
+    (``nn.ConvTranspose*d`` in inference) passes it through here for free."""
+    order = [*range(2, weight.dim()), 1 - columns, columns]
     inverse = [order.index(i) for i in range(weight.dim())]
     return weight.permute(order).contiguous().permute(inverse)
 
@@ -105,7 +109,7 @@ def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTr
         return out
     stride, padding, dilation = _geometry5d(len(stride), stride, args.padding, args.dilation)
     phase_gemm(
-        _as5d(out), _as5d(x), _as5d(_packed_weight(weight)), bias, stride, padding, dilation, args.groups,
+        _as5d(out), _as5d(x), _as5d(pack_weight(weight, columns=1)), bias, stride, padding, dilation, args.groups,
         transposed=True, allow_tf32=_allow_tf32(), activation=activation, negative_slope=negative_slope,
         residual=None if residual is None else _as5d(residual),
     )
@@ -142,7 +146,7 @@ def _define_conv_transpose(name: str, rank: int, naive: bool):
         if naive:
             x = zero_insert(x, args.stride, args.output_padding)
             run_stride, run_output_padding = (1,) * rank, (0,) * rank
-        if _runs_triton(x.device):
+        if runs_triton(x.device):
             out = _launch_transposed(x, weight, bias, args, run_stride)
         else:
             out = _FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation)
@@ -205,7 +209,7 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
     _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
     r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
-    if _runs_triton(x.device):
+    if runs_triton(x.device):
         out = _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r)
     else:
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
@@ -248,12 +252,12 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
     out = _empty((grad_output.shape[0], weight.shape[0], *input_size), grad_output)
     if out.numel() == 0:
         return out
-    if not _runs_triton(grad_output.device):
+    if not runs_triton(grad_output.device):
         full = torch.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
         return out.copy_(full[(..., *(slice(0, i) for i in input_size))])
     stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
     phase_gemm(
-        _as5d(out), _as5d(grad_output), _as5d(weight), None, stride5, padding5, dilation5, groups,
+        _as5d(out), _as5d(grad_output), _as5d(pack_weight(weight, columns=0)), None, stride5, padding5, dilation5, groups,
         transposed=False, allow_tf32=_allow_tf32(),
     )
     return out
@@ -273,7 +277,7 @@ def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, 
     """grad_weight ``[C_in, C_out/g, *kernel_size]`` of a transposed convolution of the
     (batched) ``input`` that produced ``grad_output``'s shape."""
     c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
-    if not _runs_triton(input.device):
+    if not runs_triton(input.device):
         output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding, dilation)
         weight = input.new_empty((c_in, c_out_g, *kernel_size))
         return torch.ops.aten.convolution_backward(
