@@ -1,14 +1,19 @@
 """Benchmark tritondeconv against the naive zero-insertion op, cuDNN and a torch-level
-sub-pixel rewrite, over the suite of real layers (issue 3).
+sub-pixel rewrite, over suites of real layers: 2-D (issue 3), and 1-D (a HiFi-GAN
+vocoder's upsamplers) and 3-D (a 3-D U-Net decoder) against cuDNN (issue 6).
 
-    python perf/bench.py                      # on a GPU: the whole suite
+    python perf/bench.py                      # on a GPU: every suite
+    python perf/bench.py --suites 2d          # one suite
     python perf/bench.py --quick              # a smoke run of the harness (tiny shapes; CPU ok)
 
 Every method's result is checked against float64 before it is timed; times are the
 median of ``triton.testing.do_bench`` (on CPU, in ``--quick``, a wall-clock median).
 The same run measures the matmul peak per dtype and the copy bandwidth, which give each
-cell its roofline.  Writes ``bench.csv`` and ``bench.md`` to
-``perf/results/<gpu-name>/`` (or ``--out``); ``perf/plot.py`` draws them.
+cell its roofline.  Tuning starts from an empty cache (a temporary
+``TRITONDECONV_CACHE_DIR`` unless one is set), so the ``tuning_s`` column is the
+first-call tuning time of each cell's new shape keys; the tuned cache is copied beside
+the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
+(or ``--out``); ``perf/plot.py`` draws them.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import csv
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import tritondeconv  # noqa: E402
+from tritondeconv.kernels import tuning  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative error against float64 a result must meet before it is timed (TF32 for fp32).
@@ -41,13 +49,13 @@ CHECK_TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 2e-3}
 
 @dataclass(frozen=True)
 class Cell:
-    """One suite layer: (N, C_in, H, W) -> C_out, kernel k, stride s, padding p, output_padding."""
+    """One suite layer: (N, C_in, *spatial) -> C_out, kernel k, stride s, padding p,
+    output_padding op (the same along every spatial axis)."""
 
     name: str
     n: int
     c_in: int
-    h: int
-    w: int
+    spatial: tuple[int, ...]
     c_out: int
     k: int
     s: int
@@ -55,25 +63,54 @@ class Cell:
     op: int = 0
 
     @property
+    def rank(self) -> int:
+        return len(self.spatial)
+
+    @property
     def label(self) -> str:
         tail = f" op{self.op}" if self.op else ""
-        return f"{self.name} {self.n}x{self.c_in}x{self.h}x{self.w}->{self.c_out} k{self.k} s{self.s} p{self.p}{tail}"
+        size = "x".join(map(str, (self.n, self.c_in, *self.spatial)))
+        return f"{self.name} {size}->{self.c_out} k{self.k} s{self.s} p{self.p}{tail}"
 
 
-SUITE = [
-    Cell("DCGAN", 128, 512, 4, 4, 256, 4, 2, 1),
-    Cell("DCGAN", 128, 256, 8, 8, 128, 4, 2, 1),
-    Cell("DCGAN", 128, 128, 16, 16, 64, 4, 2, 1),
-    Cell("DCGAN-RGB", 128, 64, 32, 32, 3, 4, 2, 1),
-    Cell("U-Net", 16, 1024, 32, 32, 512, 2, 2),
-    Cell("U-Net", 16, 256, 128, 128, 128, 2, 2),
-    Cell("U-Net", 16, 128, 256, 256, 64, 2, 2),
-    Cell("generic", 32, 256, 64, 64, 128, 3, 2, 1, 1),
-    Cell("large", 8, 512, 128, 128, 256, 4, 2, 1),
-    Cell("FCN", 1, 21, 64, 64, 21, 16, 8, 4),
-    Cell("segmentation", 8, 64, 128, 128, 32, 4, 2, 1),
-]
-QUICK_SUITE = [Cell("quick", 2, 8, 5, 5, 4, 4, 2, 1), Cell("quick-op", 1, 4, 4, 3, 3, 3, 2, 1, 1)]
+SUITES = {
+    "2d": [
+        Cell("DCGAN", 128, 512, (4, 4), 256, 4, 2, 1),
+        Cell("DCGAN", 128, 256, (8, 8), 128, 4, 2, 1),
+        Cell("DCGAN", 128, 128, (16, 16), 64, 4, 2, 1),
+        Cell("DCGAN-RGB", 128, 64, (32, 32), 3, 4, 2, 1),
+        Cell("U-Net", 16, 1024, (32, 32), 512, 2, 2),
+        Cell("U-Net", 16, 256, (128, 128), 128, 2, 2),
+        Cell("U-Net", 16, 128, (256, 256), 64, 2, 2),
+        Cell("generic", 32, 256, (64, 64), 128, 3, 2, 1, 1),
+        Cell("large", 8, 512, (128, 128), 256, 4, 2, 1),
+        Cell("FCN", 1, 21, (64, 64), 21, 16, 8, 4),
+        Cell("segmentation", 8, 64, (128, 128), 32, 4, 2, 1),
+    ],
+    "1d": [  # HiFi-GAN's upsampling stack, batch 16
+        Cell("HiFi-GAN", 16, 512, (32,), 256, 16, 8, 4),
+        Cell("HiFi-GAN", 16, 256, (256,), 128, 16, 8, 4),
+        Cell("HiFi-GAN", 16, 128, (2048,), 64, 4, 2, 1),
+        Cell("HiFi-GAN", 16, 64, (4096,), 32, 4, 2, 1),
+    ],
+    "3d": [  # a 3-D U-Net decoder, batch 2
+        Cell("3D-U-Net", 2, 256, (16, 32, 32), 128, 2, 2),
+        Cell("3D-U-Net", 2, 64, (32, 64, 64), 32, 2, 2),
+        Cell("3D-U-Net", 2, 128, (16, 32, 32), 64, 3, 2, 1, 1),
+    ],
+}
+QUICK_SUITES = {
+    "2d": [Cell("quick", 2, 8, (5, 5), 4, 4, 2, 1), Cell("quick-op", 1, 4, (4, 3), 3, 3, 2, 1, 1)],
+    "1d": [Cell("quick-1d", 2, 8, (7,), 4, 4, 2, 1)],
+    "3d": [Cell("quick-3d", 1, 4, (3, 3, 2), 3, 3, 2, 1, 1)],
+}
+FUNCTIONS = {  # rank -> (ours, PyTorch's)
+    1: (tritondeconv.conv_transpose1d, F.conv_transpose1d),
+    2: (tritondeconv.conv_transpose2d, F.conv_transpose2d),
+    3: (tritondeconv.conv_transpose3d, F.conv_transpose3d),
+}
+# The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
+LAYOUTS = {1: ["nchw"], 2: ["nchw", "channels_last"], 3: ["nchw", "channels_last"]}
 
 
 def subpixel_weight(w: torch.Tensor, s: int) -> torch.Tensor:
@@ -124,22 +161,25 @@ def measure_peaks(device: str, quick: bool) -> tuple[dict[str, float], float]:
 
 
 def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) -> list[dict]:
-    """Check, then time, every applicable method on one cell; returns one row per method."""
+    """Check, then time, every applicable method on one cell; returns one row per method
+    (ours with ``tuning_s``: the tuning its first call did)."""
     dtype = DTYPES[dtype_name]
-    x = torch.randn(cell.n, cell.c_in, cell.h, cell.w, device=device, dtype=dtype)
+    ours, torch_fn = FUNCTIONS[cell.rank]
+    x = torch.randn(cell.n, cell.c_in, *cell.spatial, device=device, dtype=dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(cell.c_in, cell.c_out, cell.k, cell.k, device=device, dtype=dtype) / math.sqrt(cell.c_in * cell.k)).to(dtype)
+        x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
+    fan_in = cell.c_in * cell.k
+    w = (torch.randn(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, device=device, dtype=dtype) / math.sqrt(fan_in)).to(dtype)
     b = torch.randn(cell.c_out, device=device, dtype=dtype)
     args = (cell.s, cell.p, cell.op)
-    ref = F.conv_transpose2d(x.double(), w.double(), b.double(), *args)
-    h_out, w_out = ref.shape[-2:]
+    ref = torch_fn(x.double(), w.double(), b.double(), *args)
 
     methods = {
-        "tritondeconv": lambda x, w: tritondeconv.conv_transpose2d(x, w, b, *args),
-        "cudnn": lambda x, w: F.conv_transpose2d(x, w, b, *args),
+        "tritondeconv": lambda x, w: ours(x, w, b, *args),
+        "cudnn": lambda x, w: torch_fn(x, w, b, *args),
     }
-    if pass_ == "fwd":
+    if pass_ == "fwd" and cell.rank == 2:
+        h_out, w_out = ref.shape[-2:]
         methods["naive"] = lambda x, w: tritondeconv.naive_conv_transpose2d(x, w, b, *args)
         if cell.k % cell.s == 0 and cell.op == 0:
             v = subpixel_weight(w, cell.s)  # rearranged once, as a layer would keep it
@@ -148,26 +188,34 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) 
     grad_y = torch.randn_like(ref).to(dtype)
     rows = []
     for method, fn in methods.items():
-        out = fn(x, w)
+        if pass_ == "fwd":
+            def run():
+                return fn(x, w)
+        else:
+            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+            def run():
+                return torch.autograd.grad(fn(xg, wg), (xg, wg), grad_y)
+        tuned_before = len(tuning.TUNING_LOG)
+        result = run()  # the first call: tunes every new shape key
+        tuning_s = sum(t.seconds for t in tuning.TUNING_LOG[tuned_before:])
+        out = result if pass_ == "fwd" else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
-        if pass_ == "fwd":
-            ms = timer(lambda: fn(x, w))
-        else:
-            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            ms = timer(lambda: torch.autograd.grad(fn(xg, wg), (xg, wg), grad_y))
-        rows.append(dict(method=method, median_ms=ms, rel_error=err))
+        rows.append(dict(method=method, median_ms=timer(run), rel_error=err,
+                         tuning_s=tuning_s if method == "tritondeconv" else ""))
     return rows
 
 
 def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
     """Useful FLOPs and minimum bytes of one cell (backward: grad_input and grad_weight
     each redo the forward's multiply-adds and read/write the same tensors once more)."""
-    plan = tritondeconv.plan((cell.h, cell.w), (cell.k,) * 2, (cell.s,) * 2, (cell.p,) * 2, (1, 1), (cell.op,) * 2)
+    r = cell.rank
+    plan = tritondeconv.plan(cell.spatial, (cell.k,) * r, (cell.s,) * r, (cell.p,) * r, (1,) * r, (cell.op,) * r)
     macs = plan.macs(cell.n, cell.c_in, cell.c_out)["useful"]
-    h_out, w_out = plan.output_shape
-    elements = cell.n * cell.c_in * cell.h * cell.w + cell.c_in * cell.c_out * cell.k**2 + cell.n * cell.c_out * h_out * w_out
+    elements = (cell.n * cell.c_in * math.prod(cell.spatial) + cell.c_in * cell.c_out * cell.k**r
+                + cell.n * cell.c_out * math.prod(plan.output_shape))
     factor = 1 if pass_ == "fwd" else 3
     return 2.0 * macs * factor, elements * DTYPES[dtype_name].itemsize * factor
 
@@ -176,15 +224,26 @@ def gpu_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu-interpreter-{platform.machine()}"
 
 
+def setup(out: Path | None) -> tuple[str, str, Path]:
+    """The device, its name and the results folder (``out``, default
+    ``perf/results/<gpu-name>``, created); cuDNN set to pick its fastest algorithm."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    name = gpu_name(device)
+    out_dir = out or Path(__file__).parent / "results" / name.replace(" ", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return device, name, out_dir
+
+
 def write_markdown(path: Path, rows: list[dict], header: str) -> None:
     """One line per (cell, dtype, layout, pass): times, speedups, roofline; geometric means."""
     keyed: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        keyed.setdefault((r["shape"], r["dtype"], r["layout"], r["pass"]), {})[r["method"]] = r
+        keyed.setdefault((r["rank"], r["shape"], r["dtype"], r["layout"], r["pass"]), {})[r["method"]] = r
     lines = [header, "", "| shape | dtype | layout | pass | tritondeconv ms | cuDNN ms | naive ms | subpixel ms "
-             "| × cuDNN | × naive | × subpixel | % roofline |", "|" + " --- |" * 12]
-    speedups: dict[tuple[str, str], list[float]] = {}
-    for (shape, dtype, layout, pass_), m in keyed.items():
+             "| × cuDNN | × naive | × subpixel | % roofline | tuning s |", "|" + " --- |" * 13]
+    speedups: dict[tuple[str, str, str], list[float]] = {}
+    for (rank, shape, dtype, layout, pass_), m in keyed.items():
         ours = m["tritondeconv"]["median_ms"]
 
         def cell(method):
@@ -193,37 +252,63 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
         def ratio(method):
             if method not in m:
                 return "–"
-            speedups.setdefault((pass_, method), []).append(m[method]["median_ms"] / ours)
+            speedups.setdefault((rank, pass_, method), []).append(m[method]["median_ms"] / ours)
             return f"{m[method]['median_ms'] / ours:.2f}"
 
         lines.append(f"| {shape} | {dtype} | {layout} | {pass_} | {ours:.3f} | {cell('cudnn')} | {cell('naive')} "
                      f"| {cell('subpixel_torch')} | {ratio('cudnn')} | {ratio('naive')} | {ratio('subpixel_torch')} "
-                     f"| {m['tritondeconv']['pct_roofline']:.0f} |")
+                     f"| {m['tritondeconv']['pct_roofline']:.0f} | {m['tritondeconv']['tuning_s']:.1f} |")
     lines += ["", "Geometric-mean speedup of tritondeconv (time of the other method / ours):", ""]
-    for (pass_, method), values in sorted(speedups.items()):
+    for (rank, pass_, method), values in sorted(speedups.items()):
         geo = math.exp(sum(map(math.log, values)) / len(values))
-        lines.append(f"- {pass_}, over {method}: **{geo:.2f}×** ({len(values)} cells, worst {min(values):.2f}×)")
+        lines.append(f"- {rank}, {pass_}, over {method}: **{geo:.2f}×** ({len(values)} cells, worst {min(values):.2f}×)")
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, one dtype: a smoke run of the harness")
-    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
-    ap.add_argument("--layouts", default="nchw,channels_last")
-    ap.add_argument("--passes", default="fwd,fwd+bwd")
-    ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
-    a = ap.parse_args(argv)
+COLUMNS = ["gpu", "rank", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "gbps",
+           "pct_roofline", "tuning_s", "rel_error", "peak_tflops", "copy_gbps", "versions"]
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cudnn.benchmark = True
-    suite = QUICK_SUITE if a.quick else SUITE
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a bench.csv, numbers as numbers."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("median_ms", "tflops", "gbps", "pct_roofline", "rel_error", "peak_tflops", "copy_gbps"):
+            r[key] = float(r[key])
+        r["tuning_s"] = float(r["tuning_s"]) if r["tuning_s"] else ""
+    return rows
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows whose (shape, dtype, layout, pass) ``new`` does not re-measure, then ``new``."""
+    measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in new}
+    return [r for r in old if (r["shape"], r["dtype"], r["layout"], r["pass"]) not in measured] + new
+
+
+def write_results(out_dir: Path, rows: list[dict]) -> None:
+    """bench.csv and bench.md; the header names each run's GPU, versions and measured roofs."""
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    runs = dict.fromkeys((r["gpu"], r["versions"], r["copy_gbps"]) for r in rows)
+    peaks = {(r["copy_gbps"], r["dtype"]): r["peak_tflops"] for r in rows}
+    lines = [f"# tritondeconv benchmark on {rows[0]['gpu']}", ""]
+    for gpu, versions, bandwidth in runs:
+        roofs = ", ".join(f"{d} {p:.0f} TFLOP/s" for (b, d), p in peaks.items() if b == bandwidth)
+        lines.append(f"- run on {gpu}, {versions}: matmul peak {roofs}; copy bandwidth {bandwidth:.0f} GB/s "
+                     "(measured in the run, as was every baseline beside our time)")
+    write_markdown(out_dir / "bench.md", rows, "\n".join(lines))
+    print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.md'}")
+
+
+def measure(a: argparse.Namespace, device: str, name: str) -> list[dict]:
+    """Measure the roofs, then every (cell, dtype, layout, pass) asked for, with progress."""
+    suites = QUICK_SUITES if a.quick else SUITES
+    suite = [cell for suite_name in a.suites.split(",") for cell in suites[suite_name]]
     dtypes = ["fp32"] if a.quick else a.dtypes.split(",")
     layouts, passes = a.layouts.split(","), a.passes.split(",")
-    name = gpu_name(device)
-    out_dir = a.out or Path(__file__).parent / "results" / name.replace(" ", "_")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     peaks, bandwidth = measure_peaks(device, a.quick)
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device == "cuda":
@@ -231,31 +316,52 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {versions}; matmul peak " + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items())
           + f"; copy {bandwidth:.0f} GB/s", flush=True)
 
-    jobs = [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts]
+    jobs = [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts if l in LAYOUTS[c.rank]]
     rows = []
     for i, (cell, dtype_name, layout, pass_) in enumerate(jobs, 1):
         flops, nbytes = roofline(cell, dtype_name, pass_)
         bound_ms = max(flops / (peaks[dtype_name] * 1e12), nbytes / (bandwidth * 1e9)) * 1e3
-        for r in run_cell(cell, dtype_name, layout, pass_, device):
-            r.update(gpu=name, shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
+        cell_rows = run_cell(cell, dtype_name, layout, pass_, device)
+        for r in cell_rows:
+            r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
                      tflops=flops / (r["median_ms"] * 1e-3) / 1e12, gbps=nbytes / (r["median_ms"] * 1e-3) / 1e9,
                      pct_roofline=100 * bound_ms / r["median_ms"], versions=versions,
                      peak_tflops=peaks[dtype_name], copy_gbps=bandwidth)
-            rows.append(r)
-        summary = ", ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in rows if r["shape"] == cell.label
-                            and r["dtype"] == dtype_name and r["layout"] == layout and r["pass"] == pass_)
+        rows += cell_rows
+        summary = ", ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in cell_rows)
         print(f"[{i}/{len(jobs)}] {cell.label} {dtype_name} {layout} {pass_}: {summary}", flush=True)
+    return rows
 
-    columns = ["gpu", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "gbps", "pct_roofline",
-               "rel_error", "peak_tflops", "copy_gbps", "versions"]
-    with open(out_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in columns} for r in rows)
-    header = (f"# tritondeconv benchmark on {name}\n\n{versions}. Measured in the same run: matmul peak "
-              + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items()) + f"; copy bandwidth {bandwidth:.0f} GB/s.")
-    write_markdown(out_dir / "bench.md", rows, header)
-    print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.md'}")
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one dtype: a smoke run of the harness")
+    ap.add_argument("--suites", default="2d,1d,3d", help="which suites: 2d, 1d, 3d")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--layouts", default="nchw,channels_last", help="(1-D inputs have only nchw)")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of the bench.csv already there that this run does not re-measure")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="CSV",
+                    help="measure nothing: merge these bench.csv files (later ones win) into --out")
+    a = ap.parse_args(argv)
+
+    device, name, out_dir = setup(a.out)
+    if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it
+        os.environ["TRITONDECONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritondeconv-tuning-")
+
+    if a.merge:
+        rows = []
+        for path in a.merge:
+            rows = merge(rows, read_csv(path))
+    else:
+        rows = measure(a, device, name)
+        for cache_file in Path(tuning.cache_dir()).glob("*.json"):  # the configurations chosen, for the record
+            shutil.copy(cache_file, out_dir / cache_file.name)
+    if a.append and (out_dir / "bench.csv").exists():
+        rows = merge(read_csv(out_dir / "bench.csv"), rows)
+    write_results(out_dir, rows)
     return 0
 
 

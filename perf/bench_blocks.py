@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # bench (perf/ is the script's folder) first: it picks the interpreter when there is no GPU.
-from bench import DTYPES, QUICK_SUITE, SUITE, gpu_name, relative_error, timer  # noqa: I001
+from bench import DTYPES, QUICK_SUITES, SUITES, relative_error, setup, timer  # noqa: I001
 import torch
 import torch.nn.functional as F
 import triton
@@ -36,9 +36,9 @@ FOLD_CELLS = [
 ]
 QUICK_FOLD_CELLS = [("quick 8ch 4->8", 1, 8, 4, 8)]
 # Suite rows with the activation their networks put after them.
-EPILOGUE_CELLS = [(cell, "relu") for cell in SUITE if cell.name == "DCGAN"] + \
-                 [(cell, "tanh") for cell in SUITE if cell.name == "DCGAN-RGB"] + \
-                 [(cell, "silu") for cell in SUITE if cell.name == "U-Net"]
+EPILOGUE_CELLS = [(cell, "relu") for cell in SUITES["2d"] if cell.name == "DCGAN"] + \
+                 [(cell, "tanh") for cell in SUITES["2d"] if cell.name == "DCGAN-RGB"] + \
+                 [(cell, "silu") for cell in SUITES["2d"] if cell.name == "U-Net"]
 CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 2e-3}
 
 
@@ -79,7 +79,7 @@ def fold_rows(cell, dtype_name: str, layout: str, device: str) -> list[dict]:
 
 def epilogue_rows(cell, activation: str, dtype_name: str, layout: str, device: str) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    x = torch.randn(cell.n, cell.c_in, cell.h, cell.w, device=device, dtype=dtype)
+    x = torch.randn(cell.n, cell.c_in, *cell.spatial, device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(cell.c_in, cell.c_out, cell.k, cell.k, device=device) / math.sqrt(cell.c_in * cell.k)).to(dtype)
@@ -129,15 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32: a smoke run of the harness")
     ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
     a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cudnn.benchmark = True
-    name = gpu_name(device)
-    out_dir = a.out or Path(__file__).parent / "results" / name.replace(" ", "_")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device, name, out_dir = setup(a.out)
     dtypes = ["fp32"] if a.quick else ["bf16", "fp16"]
     layouts = ["nchw", "channels_last"]
     fold_cells = QUICK_FOLD_CELLS if a.quick else FOLD_CELLS
-    epilogue_cells = [(QUICK_SUITE[0], "silu")] if a.quick else EPILOGUE_CELLS
+    epilogue_cells = [(QUICK_SUITES["2d"][0], "silu")] if a.quick else EPILOGUE_CELLS
 
     rows = []
     jobs = [("fold", c, d, l) for c in fold_cells for d in dtypes for l in layouts] + \

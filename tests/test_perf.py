@@ -16,13 +16,24 @@ def test_bench_quick_and_plot(tmp_path):
                    check=True, capture_output=True, text=True)
     with open(tmp_path / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    for column in ("gpu", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "pct_roofline"):
+    for column in ("gpu", "rank", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "pct_roofline",
+                   "tuning_s"):
         assert column in rows[0]
+    assert {r["rank"] for r in rows} == {"1-D", "2-D", "3-D"}
     methods = {(r["pass"], r["method"]) for r in rows}
     assert methods == {("fwd", "tritondeconv"), ("fwd", "cudnn"), ("fwd", "naive"), ("fwd", "subpixel_torch"),
                        ("fwd+bwd", "tritondeconv"), ("fwd+bwd", "cudnn")}
     assert all(float(r["median_ms"]) > 0 and float(r["rel_error"]) < 2e-3 for r in rows)
-    assert "Geometric-mean speedup" in (tmp_path / "bench.md").read_text()
+    table = (tmp_path / "bench.md").read_text()
+    assert "Geometric-mean speedup" in table
+    assert all(f"{rank}, fwd, over cudnn" in table for rank in ("1-D", "2-D", "3-D"))
+    # Runs split over several device calls are merged into one table.
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, str(PERF / "bench.py"), "--merge", str(tmp_path / "bench.csv"), "--out", str(merged)],
+                   check=True, capture_output=True, text=True)
+    with open(merged / "bench.csv", newline="") as f:
+        assert [r["median_ms"] for r in csv.DictReader(f)] == [r["median_ms"] for r in rows]
+    assert (merged / "bench.md").read_text().count("|") == table.count("|")
     subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], check=True, capture_output=True)
     for png in ("speedup_cudnn.png", "roofline.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
@@ -36,3 +47,4 @@ def test_bench_blocks_quick(tmp_path):
     assert {r["method"] for r in rows} == {"tritondeconv_fold", "interpolate_conv2d", "fused", "unfused"}
     assert all(float(r["rel_error"]) < 2e-3 for r in rows)
     assert (tmp_path / "blocks.md").read_text().count("Geometric-mean speedup") == 2
+
