@@ -48,3 +48,19 @@ def test_bench_blocks_quick(tmp_path):
     assert all(float(r["rel_error"]) < 2e-3 for r in rows)
     assert (tmp_path / "blocks.md").read_text().count("Geometric-mean speedup") == 2
 
+
+def test_quick_launches_compile_for_hopper(tmp_path):
+    """Every configuration the tuner offers on two small layers, in both layouts,
+    compiles for sm_90 with the installed Triton (no GPU needed) and fits an H100 block,
+    and the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma."""
+    run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(tmp_path / "hopper_compile.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in ("phase_gemm", "weight_grad") for d in ("bf16", "fp32")}
+    assert {r["mode"].split()[0] for r in rows if r["kernel"] == "phase_gemm"} == {"transposed", "direct"}
+    assert all(not r["error"] and r["fits"] == "True" for r in rows)
+    tensor_core = [r for r in rows if int(r["wgmma"]) + int(r["mma_sync"]) > 0]
+    assert tensor_core and len(tensor_core) < len(rows)  # both paths were compiled
+    assert all(int(r["wgmma"]) > 0 for r in tensor_core if r["tile"].startswith("64x") and " w4 " in r["tile"])
