@@ -250,7 +250,8 @@ def _phase_gemm_kernel(
         w_tap = (kd0 + jd * kd_step) * swd + (kh0 + jh * kh_step) * swh + (kw0 + jw * kw_step) * sww
         b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if BLOCK_N >= 16 and BLOCK_K >= 16:
-            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=acc_dtype)
         else:  # acc[m, n] += sum_c a[m, c] * b[c, n], one FMA per product
             acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
 

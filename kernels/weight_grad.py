@@ -128,7 +128,8 @@ def _weight_grad_kernel(
             other=0.0,
         )
         if BLOCK_M >= 16 and BLOCK_N >= 16:
-            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=acc_dtype)
         else:  # acc[ci, co] += sum_q a[ci, q] * b[q, co], one FMA per product
             acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
 

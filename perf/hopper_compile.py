@@ -1,8 +1,9 @@
-"""Compile for Hopper, without a GPU, every kernel configuration the tuner can offer on
-the benchmark suites' layers, and report what each one costs the chip.
+"""Compile for Hopper, without a GPU, every kernel configuration the tuner can offer,
+and report what each one costs the chip.
 
-    python perf/hopper_compile.py                # every suite cell, forward and backward
-    python perf/hopper_compile.py --quick        # one small layer per path (a test runs this)
+    python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
+    python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
+    python perf/hopper_compile.py --quick   # two small layers, both paths (a test runs this)
 
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
 intercepted, so every launch's arguments are exactly those of a GPU run of the same
@@ -18,7 +19,7 @@ compiled by Triton for an sm_90 target, and read:
 * ``async_copies``: ``cp.async`` instructions (global loads software-pipelined through
   shared memory over ``num_stages``).
 
-Writes ``hopper_compile.csv`` and ``hopper_compile.md`` to ``--out`` (default
+Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
 ``perf/results/static-sm90/triton-<version>``) and exits non-zero if any configuration
 fails to compile or does not fit an H100 block.  Spills are reported, not failed: they
 depend on the Triton version (``perf/NOTES.md``) and cost time, not correctness.  A
@@ -39,6 +40,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from typing import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -47,6 +49,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
 from tritondeconv.kernels import phase_gemm, weight_grad  # noqa: E402
 
@@ -59,6 +62,10 @@ REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
 OPTIONS = ("num_warps", "num_stages")
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+# The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
+API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
+              (torch.float64, False)]
+
 
 # The quick run: small layers that between them reach both paths (tensor cores, FMA for
 # few channels) in both directions and the weight gradient, with rows enough for a
@@ -129,9 +136,10 @@ def _offer_every_candidate(device_name, key, candidates, launch, tune=None):
 
 
 @contextmanager
-def recording(launches: set):
+def recording(launches: set, int64: bool = False):
     """While inside: the ops run their Triton path on CPU tensors, as on an H100, and
-    every kernel launch of every candidate configuration lands in ``launches``."""
+    every kernel launch of every candidate configuration lands in ``launches``
+    (``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits)."""
     saved = []
 
     def patch(owner, name, value):
@@ -143,6 +151,8 @@ def recording(launches: set):
         patch(module, name, _Recorder(getattr(module, name), launches))
         patch(module, "device_limits", lambda device: H100)
         patch(module._TUNER, "pick", _offer_every_candidate)
+        if int64:
+            patch(module, "needs_int64", lambda *tensors: True)
     try:
         yield
     finally:
@@ -150,19 +160,64 @@ def recording(launches: set):
             setattr(owner, name, value)
 
 
-def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set) -> None:
-    """The launches of one cell's forward and backward (outputs are never written:
-    the values computed on the CPU are meaningless, only the calls matter)."""
-    ours, _ = FUNCTIONS[cell.rank]
-    x = torch.empty(cell.n, cell.c_in, *cell.spatial, dtype=dtype)
+def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward=True, **kwargs) -> None:
+    """``function(x, w, bias, **kwargs)`` on new tensors of these shapes, then its
+    gradients for ``x`` and ``w`` (values are never written: only the calls matter)."""
+    x = torch.empty(x_shape, dtype=dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
-    w = torch.empty(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, dtype=dtype, requires_grad=True)
-    b = torch.empty(cell.c_out, dtype=dtype, requires_grad=True)
+        x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()])
+    w = torch.empty(w_shape, dtype=dtype)
+    c_out = w_shape[0] if function is tritondeconv.upsample_conv2d else w_shape[1] * kwargs.get("groups", 1)
+    b = torch.empty(c_out, dtype=dtype)
+    if "residual" in kwargs:  # shaped like the output
+        kwargs["residual"] = torch.empty_like(function(x, w, b, **{k: v for k, v in kwargs.items() if k != "residual"}))
+    if not backward:
+        function(x, w, b, **kwargs)
+        return
     x.requires_grad_()
+    w.requires_grad_()
+    y = function(x, w, b, **kwargs)
+    torch.autograd.grad(y, (x, w), torch.empty_like(y))
+
+
+def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set) -> None:
+    """The launches of one cell's forward and backward."""
     with recording(launches):
-        y = ours(x, w, b, cell.s, cell.p, cell.op)
-        torch.autograd.grad(y, (x, w), torch.empty_like(y))
+        _forward_backward(FUNCTIONS[cell.rank][0], (cell.n, cell.c_in, *cell.spatial),
+                          (cell.c_in, cell.c_out, *(cell.k,) * cell.rank), dtype, layout,
+                          stride=cell.s, padding=cell.p, output_padding=cell.op)
+
+
+def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
+    """Every kernel variant the public API can launch, each from one small call, forward
+    and backward: name -> (call taking the dtype, whether it indexes in 64 bits)."""
+    ct1, ct2, ct3 = (FUNCTIONS[r][0] for r in (1, 2, 3))
+    variants = {
+        "2-D nchw": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 3, 3), dt, stride=2, padding=1,
+                                                   output_padding=1), False),
+        "2-D channels_last": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 3, 3), dt, "channels_last",
+                                                            stride=2, padding=1, output_padding=1), False),
+        "2-D groups 2, dilation 2": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 16, 3, 3), dt, stride=2,
+                                                                   groups=2, dilation=2), False),
+        "2-D depthwise": (lambda dt: _forward_backward(ct2, (2, 8, 6, 6), (8, 1, 4, 4), dt, stride=2, padding=1,
+                                                        groups=8), False),
+        "2-D 3 output channels": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 4, 4), dt, stride=2,
+                                                                padding=1), False),
+        "1-D": (lambda dt: _forward_backward(ct1, (2, 32, 16), (32, 16, 16), dt, stride=8, padding=4), False),
+        "3-D": (lambda dt: _forward_backward(ct3, (1, 16, 4, 4, 4), (16, 16, 3, 3, 3), dt, "channels_last",
+                                              stride=2, padding=1, output_padding=1), False),
+        "upsample_conv2d": (lambda dt: _forward_backward(tritondeconv.upsample_conv2d, (2, 32, 6, 6), (16, 32, 3, 3),
+                                                          dt, padding=1), False),
+        "naive": (lambda dt: _forward_backward(tritondeconv.naive_conv_transpose2d, (2, 32, 6, 6), (32, 32, 4, 4), dt,
+                                                backward=False, stride=2, padding=1), False),
+        "2-D, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, stride=2,
+                                                              padding=1), True),
+    }
+    for activation in phase_gemm.ACTIVATIONS:
+        variants[f"2-D {activation} + residual"] = (
+            lambda dt, a=activation: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, "channels_last",
+                                                       stride=2, padding=1, activation=a, residual=True), False)
+    return variants
 
 
 def _cuobjdump() -> Path:
@@ -207,7 +262,7 @@ def compile_launch(launch: Launch) -> dict:
     return row
 
 
-def report(rows: list[dict], cells: dict, out: Path) -> list[dict]:
+def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
     """Write the CSV and the markdown summary; return the rows that fail (do not compile,
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
@@ -215,7 +270,7 @@ def report(rows: list[dict], cells: dict, out: Path) -> list[dict]:
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
     rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["mode"], r["tile"], r["constants"]))
-    with open(out / "hopper_compile.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -227,8 +282,8 @@ def report(rows: list[dict], cells: dict, out: Path) -> list[dict]:
     lines = [
         f"# Hopper (sm_90) compile report: triton {triton.__version__}, torch {torch.__version__}", "",
         f"{len(rows)} distinct launches (kernel, dtype, tile, specialisation) from "
-        f"{len({c for v in cells.values() for c in v})} (cell, dtype, layout) combinations, forward and backward; "
-        "compiled, not run.", "",
+        f"{len({c for v in cells.values() for c in v})} calls (a layer or API variant, a dtype, a layout), forward "
+        "and backward; compiled, not run.", "",
         f"- failed to compile: {len(rows) - len(ok)}",
         f"- do not fit an H100 block (shared memory or registers): {sum(not r['fits'] for r in ok)}",
         f"- spill to local memory: {sum(r['local_bytes'] > 0 for r in ok)} "
@@ -237,7 +292,7 @@ def report(rows: list[dict], cells: dict, out: Path) -> list[dict]:
         f"- tensor-core launches on wgmma: {sum(r['wgmma'] > 0 for r in dot)} of {len(dot)}",
         f"- launches with software-pipelined (cp.async) loads: {sum(r['async_copies'] > 0 for r in ok)} of {len(ok)}",
         "", "Per tile, its launches (one per direction, layout and set of specialised integer arguments) in one "
-        "row; `hopper_compile.csv` has every launch, its constants and the cells that make it:", "",
+        f"row; `{stem}.csv` has every launch, its constants and the calls that make it:", "",
         "| kernel | dtype | tile | launches | spilling | max local B | max regs | max shared KiB | on wgmma "
         "| with cp.async | errors |",
         "|" + " --- |" * 11,
@@ -252,13 +307,16 @@ def report(rows: list[dict], cells: dict, out: Path) -> list[dict]:
                      f"| {most['local_bytes']} | {most['regs']} | {most['shared_bytes'] / 1024:.0f} "
                      f"| {sum(r['wgmma'] > 0 for r in built)} | {sum(r['async_copies'] > 0 for r in built)} "
                      f"| {len(group) - len(built)} |")
-    (out / "hopper_compile.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return bad
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two small layers, bf16 and fp32")
+    ap.add_argument("--api", action="store_true",
+                    help="instead of the suites: every kernel variant the API can launch, on small layers, in "
+                         "every dtype (fp32 with and without TF32)")
     ap.add_argument("--suites", default="2d,1d,3d")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
@@ -269,15 +327,28 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ["bf16", "fp32"] if a.quick else a.dtypes.split(",")
 
     cells: dict[Launch, set[str]] = {}
-    for cell in suite:
-        for dtype in dtypes:
-            for layout in LAYOUTS[cell.rank]:
+
+    def add(launches: set, label: str) -> None:
+        for launch in launches:
+            cells.setdefault(launch, set()).add(label)
+
+    if a.api:
+        for name, (call, int64) in api_variants().items():
+            for dtype, tf32 in API_DTYPES:
                 launches: set[Launch] = set()
-                record(cell, DTYPES[dtype], layout, launches)
-                for launch in launches:
-                    cells.setdefault(launch, set()).add(f"{cell.label} {dtype} {layout}")
-    print(f"{len(cells)} distinct launches from {len(suite)} cells; compiling for sm_90 with {a.jobs} processes",
-          flush=True)
+                torch.backends.cudnn.allow_tf32 = tf32
+                with recording(launches, int64):
+                    call(dtype)
+                add(launches, f"{name} {TYPES[dtype]}{' tf32' if tf32 else ''}")
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        for cell in suite:
+            for dtype in dtypes:
+                for layout in LAYOUTS[cell.rank]:
+                    launches = set()
+                    record(cell, DTYPES[dtype], layout, launches)
+                    add(launches, f"{cell.label} {dtype} {layout}")
+    print(f"{len(cells)} distinct launches; compiling for sm_90 with {a.jobs} processes", flush=True)
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:
         for i, (launch, row) in enumerate(zip(cells, pool.map(compile_launch, cells)), 1):
@@ -285,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             status = row["error"] or f"regs {row['regs']}, local {row['local_bytes']} B, shared {row['shared_bytes']} B"
             print(f"[{i}/{len(cells)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, a.out)
-    print(f"wrote {a.out / 'hopper_compile.csv'} and {a.out / 'hopper_compile.md'}; {len(bad)} failing launches")
+    stem = "api" if a.api else "quick" if a.quick else "suites"
+    bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, a.out, stem)
+    print(f"wrote {a.out / stem}.csv and .md; {len(bad)} failing launches")
     return 1 if bad else 0
 
 
