@@ -10,6 +10,9 @@
 #   bench-2d-bwd  the same, forward+backward (issue 4)
 #   bench-1d3d    the 1-D and 3-D suites (issue 6), both passes
 #   blocks        perf/bench_blocks.py (folded upsample+conv, fused epilogues)
+#   sanitize      the cuda forward and backward tests under compute-sanitizer's memcheck
+#                 (not in the default list: slow; needs a runtime where the sanitizer
+#                 works, see the device tool's KINDS.md)
 # The bench stages add their rows to OUTPUT_DIR/bench.csv (and redraw the plots); the
 # CSVs of stages run in separate device calls merge with
 #   python perf/bench.py --merge A/bench.csv B/bench.csv --out perf/results/<gpu>
@@ -45,6 +48,12 @@ for stage in "$@"; do
       python perf/plot.py "$out/bench.csv" ;;
     blocks)
       python perf/bench_blocks.py --out "$out" 2>&1 | tee "$out/blocks.log" ;;
+    sanitize)
+      # Without the caching allocator, so that an access past a tensor is past an allocation.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python -m pytest -q -m cuda -p no:cacheprovider tests/test_forward.py tests/test_backward.py \
+        -k "float16 or float64" 2>&1 | tee "$out/sanitizer.txt"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
