@@ -48,10 +48,13 @@ def test_conv_transpose2d_epilogue(device, precision, kind, with_residual, activ
         pytest.skip("interpreter suite: epilogues run in float64 and bfloat16 on CPU")
     seed = fresh_seed()
     dtype = DTYPES[precision]
+    # 8 output channels: with 3, the bias gradient's relative error in bf16 rested on 3
+    # numbers and crossed its bound about once in a hundred draws (tanh), 8 keep it
+    # under 0.62 of the bound in 100 draws of each activation.
     x = layout(torch.randn(2, 4, 3, 5, device=device).to(dtype), kind).requires_grad_()
-    w = torch.randn(4, 3, 4, 4, device=device).to(dtype).requires_grad_()
-    b = torch.randn(3, device=device).to(dtype).requires_grad_()
-    r = layout(torch.randn(2, 3, 6, 10, device=device).to(dtype), kind).requires_grad_() if with_residual else None
+    w = torch.randn(4, 8, 4, 4, device=device).to(dtype).requires_grad_()
+    b = torch.randn(8, device=device).to(dtype).requires_grad_()
+    r = layout(torch.randn(2, 8, 6, 10, device=device).to(dtype), kind).requires_grad_() if with_residual else None
     out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, activation=activation, negative_slope=0.2, residual=r)
     leaves = [t for t in (x, w, b, r) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
