@@ -1,6 +1,11 @@
-"""What every kernel launcher shares: the run mode and the dot-operand choices."""
+"""What every kernel launcher shares: the run mode, the dot-operand choices, and the
+launch observers (the documented seam through which tests and tools see which kernels
+ran, with which constants)."""
+import contextlib
 import os
 import threading
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton.language as tl
@@ -36,3 +41,34 @@ def needs_int64(*tensors) -> bool:
     that the kernels must index in 64 bits (otherwise they keep 32-bit index arithmetic)."""
     return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1
                for t in tensors if t is not None and t.numel() > 0)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as its launcher made it: the kernel family (``"phase_gemm"`` or
+    ``"weight_grad"``) and the compile-time constants it was specialised with (the
+    tile configuration included)."""
+    kernel: str
+    constants: dict
+
+
+_OBSERVERS: list[list[Launch]] = []
+
+
+@contextlib.contextmanager
+def observe_launches() -> Iterator[list[Launch]]:
+    """Collect every kernel launch made while the block runs (from any thread) into the
+    list it yields; the tuner's timing runs are not counted, only the launches that
+    compute a result.  Observing costs nothing when nobody observes."""
+    launches: list[Launch] = []
+    _OBSERVERS.append(launches)
+    try:
+        yield launches
+    finally:
+        _OBSERVERS.remove(launches)
+
+
+def notify_launch(kernel: str, constants: dict) -> None:
+    """Called by each launcher after a launch: hands it to every observer."""
+    for launches in _OBSERVERS:
+        launches.append(Launch(kernel, dict(constants)))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, notify_launch, operand_dtype
 from .tuning import Tuner, bucket, config, device_limits, prune
 
 
@@ -130,6 +130,7 @@ def _phase_gemm_kernel(
     swr, swc, swg, swd, swh, sww,
     syn, syc, syd, syh, syw,
     srn, src, srd, srh, srw,
+    sbc,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
     M_MAX, negative_slope,
@@ -147,7 +148,7 @@ def _phase_gemm_kernel(
     x_ptr:   input ``[N, groups*C_red_g, I_D, I_H, I_W]``, strides ``(sxn, sxc, sxd, sxh, sxw)``.
     w_ptr:   weight; element (reduction channel c, column channel j, tap) of group g at
              ``g*swg + c*swr + j*swc + kd*swd + kh*swh + kw*sww``.
-    b_ptr:   bias ``[groups*C_col_g]`` (read only when ``HAS_BIAS``).
+    b_ptr:   bias ``[groups*C_col_g]``, stride ``sbc`` (read only when ``HAS_BIAS``).
     y_ptr:   output ``[N, groups*C_col_g, O_D, O_H, O_W]``, strides ``(syn, syc, syd, syh, syw)``.
     r_ptr:   residual, shaped like the output, strides ``(srn, ..., srw)`` (read only when
              ``HAS_RESIDUAL``).
@@ -257,7 +258,7 @@ def _phase_gemm_kernel(
 
     # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:
-        bias = tl.load(b_ptr + group * C_col_g + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(b_ptr + (group * C_col_g + offs_n) * sbc, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
     acc = _activate(acc, ACTIVATION, negative_slope)
 
@@ -338,6 +339,16 @@ def phase_gemm(
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
         return (tiles * n_phases, groups)
 
+    constants = dict(
+        TRANSPOSED=transposed,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation or "",
+        HAS_RESIDUAL=residual is not None,
+        INT64_INDEX=needs_int64(x, weight, out, residual),
+        OPERAND_DTYPE=operand_dtype(x.dtype),
+        INPUT_PRECISION=precision,
+    )
+
     def launch(config: dict) -> None:
         _phase_gemm_kernel[grid](
             x, weight, bias if bias is not None else x, out, residual if residual is not None else out,
@@ -347,19 +358,16 @@ def phase_gemm(
             sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
             *out.stride(),
             *(residual if residual is not None else out).stride(),
+            bias.stride(0) if bias is not None else 0,
             *weight.shape[2:], *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
             m_max, negative_slope,
-            TRANSPOSED=transposed,
-            HAS_BIAS=bias is not None,
-            ACTIVATION=activation or "",
-            HAS_RESIDUAL=residual is not None,
-            INT64_INDEX=needs_int64(x, weight, out, residual),
-            OPERAND_DTYPE=operand_dtype(x.dtype),
-            INPUT_PRECISION=precision,
+            **constants,
             **config,
         )
 
     with LAUNCH_LOCK:
-        launch(_TUNER.pick(device_name, key, candidates, launch))
+        config = _TUNER.pick(device_name, key, candidates, launch)
+        launch(config)
+    notify_launch("phase_gemm", {**constants, **config})
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, notify_launch, operand_dtype
 from .tuning import Tuner, bucket, config, device_limits, prune
 
 
@@ -188,6 +188,8 @@ def weight_grad(
     def grid(meta):
         return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
 
+    constants = dict(INT64_INDEX=needs_int64(x, grad_y), OPERAND_DTYPE=operand_dtype(x.dtype), INPUT_PRECISION=precision)
+
     def launch(config: dict) -> None:
         _weight_grad_kernel[grid](
             x, grad_y, workspace,
@@ -196,14 +198,15 @@ def weight_grad(
             *x.stride(), *grad_y.stride(),
             *kernel_size, *stride, *padding, *dilation,
             split, per_split,
-            INT64_INDEX=needs_int64(x, grad_y),
-            OPERAND_DTYPE=operand_dtype(x.dtype),
-            INPUT_PRECISION=precision,
+            **constants,
             **config,
         )
 
     with LAUNCH_LOCK:
-        launch(_TUNER.pick(device_name, key, candidates, launch))
+        config = _TUNER.pick(device_name, key, candidates, launch)
+        launch(config)
+    notify_launch("weight_grad", {**constants, **config})
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
     total = workspace.sum(0) if split > 1 else workspace[0]
-    return total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size).to(x.dtype)
+    grad = torch.empty((c_in, c_out_g, *kernel_size), dtype=x.dtype, device=x.device)
+    return grad.copy_(total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size))

@@ -38,8 +38,8 @@ def poisoned_outputs(monkeypatch):
     """Make every tensor the ops allocate start as NaN, so an unwritten pixel fails."""
     allocate = tritondeconv.ops._empty
 
-    def poisoned(shape, like):
-        return allocate(shape, like).fill_(float("nan"))
+    def poisoned(*args, **kwargs):
+        return allocate(*args, **kwargs).fill_(float("nan"))
 
     monkeypatch.setattr(tritondeconv.ops, "_empty", poisoned)
 

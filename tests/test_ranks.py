@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
-from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, is_in_layout, layout, reference, relative_error
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error, same_layout
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 FUNCTIONS = {1: tritondeconv.conv_transpose1d, 3: tritondeconv.conv_transpose3d}
+TORCH_FUNCTIONS = {1: F.conv_transpose1d, 3: F.conv_transpose3d}
 OPS = {1: torch.ops.tritondeconv.conv_transpose1d, 3: torch.ops.tritondeconv.conv_transpose3d}
 MODULES = {1: (tritondeconv.nn.ConvTranspose1d, torch.nn.ConvTranspose1d),
            3: (tritondeconv.nn.ConvTranspose3d, torch.nn.ConvTranspose3d)}
@@ -47,7 +48,7 @@ def test_forward_and_gradients(device, precision, groups, rank, kind, k, s, p, o
     args = (s, p, op, groups, d)
     out = FUNCTIONS[rank](x, w, b, *args)
     assert_close(out, reference(x, w, b, *args), precision, seed)
-    assert is_in_layout(out, kind)
+    assert same_layout(out, TORCH_FUNCTIONS[rank](x.detach(), w.detach(), b.detach(), *args))
     gy = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, w, b), gy)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -55,7 +56,9 @@ def test_forward_and_gradients(device, precision, groups, rank, kind, k, s, p, o
     for name, a, r in zip(("input", "weight", "bias"), got, ref):
         err = relative_error(a, r)
         assert err <= TOLERANCES[precision], f"grad_{name}: relative error {err:.2e} (seed {seed})"
-    assert is_in_layout(got[0], kind)
+    xa = x.detach().requires_grad_()
+    aten_grad_input, = torch.autograd.grad(TORCH_FUNCTIONS[rank](xa, w.detach(), b.detach(), *args), xa, gy)
+    assert same_layout(got[0], aten_grad_input)
 
 
 @pytest.mark.parametrize(

@@ -87,3 +87,66 @@ def test_compile_fullgraph(device):
     out = compiled(x)
     h = torch.relu(reference(x, model.w1, None, 2, 1, 0, 1, 1))
     assert_close(out, reference(h, model.w2, None, 2, 1, 1, 1, 1), "float64", seed)
+
+
+def _layout(t, channels_last):
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
+
+
+EVERY_OP = {
+    "conv_transpose1d": (torch.ops.tritondeconv.conv_transpose1d, 1),
+    "conv_transpose2d": (torch.ops.tritondeconv.conv_transpose2d, 2),
+    "conv_transpose3d": (torch.ops.tritondeconv.conv_transpose3d, 3),
+    "naive_conv_transpose2d": (torch.ops.tritondeconv.naive_conv_transpose2d, 2),
+    "conv_transpose2d_fused": (torch.ops.tritondeconv.conv_transpose2d_fused, 2),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", list(EVERY_OP))
+def test_opcheck_every_op(device, name, groups, channels_last):
+    """Every op's fake implementation matches its real output exactly (sizes, strides,
+    dtype, device), with and without autograd, over groups and both layouts; and the
+    gradient ops too, as the op's backward calls them."""
+    op, rank = EVERY_OP[name]
+    x = _layout(torch.randn(2, 4, *(3,) * rank, device=device, dtype=torch.float64), channels_last)
+    w = torch.randn(4, 4 // groups, *(2,) * rank, device=device, dtype=torch.float64)
+    b = torch.randn(4, device=device, dtype=torch.float64)
+    args = [x, w, b, [2] * rank, [1] * rank, [1] * rank, groups, [1] * rank]
+    if name == "conv_transpose2d_fused":
+        out_shape = torch.nn.functional.conv_transpose2d(x, w, b, 2, 1, 1, groups).shape
+        args += ["silu", 0.01, torch.randn(out_shape, device=device, dtype=torch.float64)]
+    torch.library.opcheck(op, tuple(args))
+    if name != "naive_conv_transpose2d":  # the baseline is forward only
+        grads = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, grads)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.up = tritondeconv.nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=groups,
+                                                  dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.relu(self.up(x)).square().sum()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_compile_training_with_inductor(device, groups):
+    """``torch.compile(fullgraph=True)`` with the default backend (inductor) trains:
+    forward and backward, the gradients as in eager PyTorch."""
+    seed = fresh_seed()
+    model = _Block(groups).to(device)
+    x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    loss = torch.compile(model, fullgraph=True)(x)
+    loss.backward()
+    ref_model = torch.nn.ConvTranspose2d(4, 4, 3, 2, 1, 1, groups=groups, dtype=torch.float64).to(device)
+    ref_model.load_state_dict(model.up.state_dict())
+    xr = x.detach().clone().requires_grad_()
+    ref = torch.relu(ref_model(xr)).square().sum()
+    ref.backward()
+    assert_close(loss.detach().reshape(1), ref.detach().reshape(1), "float64", seed)
+    assert_close(x.grad, xr.grad, "float64", seed)
+    assert_close(model.up.weight.grad, ref_model.weight.grad, "float64", seed)

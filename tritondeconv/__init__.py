@@ -9,7 +9,7 @@ from . import init, nn
 from .nn import clear_weight_cache
 from .convert import convert
 from .folding import upsample_conv2d
-from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
+from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
 from .planner import Plan, plan
 
 __all__ = [

@@ -8,6 +8,7 @@ message that names the argument.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -113,8 +114,8 @@ def check_conv_transpose(
             f"{op}: weight of size {list(weight.shape)} expects input to have {w_in} channels, "
             f"but got input of size {list(input.shape)} with {c_in} channels"
         )
-    if min(kernel) == 0:
-        raise RuntimeError(f"{op}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
+    if c_out_g == 0 or min(kernel) == 0:
+        raise RuntimeError(f"{op}: expected a non-empty weight, but got weight of size {list(weight.shape)}")
     if min(spatial) == 0:
         raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input.shape)}")
     c_out = c_out_g * groups
@@ -129,6 +130,47 @@ def check_conv_transpose(
             f"{list(output_padding)} gives {out_spatial}"
         )
     return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, (n, c_out, *out_spatial))
+
+
+# The positions of the integer arguments in the functional signature
+# ``(input, weight, bias, stride, padding, output_padding, groups, dilation)``, counted
+# from 1 as PyTorch's argument parser counts them in its messages.
+INT_ARGUMENTS = {"stride": 4, "padding": 5, "output_padding": 6, "groups": 7, "dilation": 8}
+
+
+def _as_int(value):
+    """``value`` as a Python int if PyTorch's parser takes it as one (an int, a NumPy
+    integer, a 0-d integer tensor), else None (floats, strings, bools and bool tensors
+    are not integers there)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.is_floating_point()
+                                            or value.is_complex() or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def parse_int_argument(value, name: str, op: str):
+    """An integer argument of the functional API (``stride``, ``padding``,
+    ``output_padding``, ``dilation``: an int or a sequence of ints; ``groups``: an
+    int) as plain Python ints, accepting what PyTorch's functions accept and raising
+    their ``TypeError`` for the rest."""
+    where = f"{op}(): argument '{name}' (position {INT_ARGUMENTS[name]})"
+    single = _as_int(value)
+    if single is not None:
+        return single
+    if name == "groups":
+        raise TypeError(f"{where} must be int, not {type(value).__name__}")
+    if not isinstance(value, (list, tuple, torch.Size)):
+        raise TypeError(f"{where} must be tuple of ints, not {type(value).__name__}")
+    items = [_as_int(v) for v in value]
+    for pos, (item, v) in enumerate(zip(items, value)):
+        if item is None:
+            raise TypeError(f"{where} must be tuple of ints, but found element of type {type(v).__name__} at pos {pos}")
+    return items
 
 
 def check_tensor_types(input, weight, bias, op: str) -> None:
@@ -148,10 +190,36 @@ def _check_tensors(input, weight, bias, op: str) -> None:
             raise RuntimeError(f"{op}: expected {name} to be on the input's device {input.device}, but got {t.device}")
 
 
-def output_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The memory format PyTorch gives a convolution's output: the input's
-    (channels_last for 4-D, channels_last_3d for 5-D, else contiguous)."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
-        return fmt
+def _strides_like_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` (4-D or 5-D) has channels-last strides, decided exactly as aten's
+    ``suggest_memory_format`` decides it: the strides must grow in the order C, W, H,
+    (D,) N, with the ambiguous cases (a zero channel stride, size-1 axes that leave the
+    order open) counted as contiguous."""
+    sizes, strides = t.shape, t.stride()
+    if t.dim() not in (4, 5) or strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, *range(t.dim() - 1, 1, -1), 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format aten gives a convolution's output (and so ours): channels-last
+    (``channels_last`` for 4-D, ``channels_last_3d`` for 5-D) when the batched input or
+    the weight has channels-last strides, except where aten's backend for the device
+    has no channels-last kernel (float64 on CUDA; float64 in 3-D on the CPU); otherwise
+    contiguous.  A 1-D convolution runs in aten as a 2-D one of height 1, and its
+    output has its channels innermost (``channels_last`` here, for a 3-D tensor) when
+    the weight has; its input's layout does not count (aten makes it contiguous)."""
+    if input.dtype == torch.float64 and (input.is_cuda or input.dim() == 5):
+        return torch.contiguous_format
+    if input.dim() == 3:
+        return torch.channels_last if _strides_like_channels_last(weight.unsqueeze(2)) else torch.contiguous_format
+    if _strides_like_channels_last(input) or _strides_like_channels_last(weight):
+        return torch.channels_last if input.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format

@@ -14,13 +14,25 @@ For ``y = T(x, w)`` (transposed convolution; stride s, padding p, dilation d, gr
 
 where ``g`` is the incoming gradient; ``T`` gets the output_padding that reproduces
 ``gy``'s size.  Only the gradients that are needed are computed.
+
+Two registrations of the same formulas:
+
+* on the ops (``torch.library.register_autograd``): what ``backward()``, double
+  backward and ``torch.compile`` use;
+* as ``torch.autograd.Function``s with ``setup_context``, ``jvp`` and ``vmap``
+  (``TransposedConv``, ``InputGrad``, ``WeightGrad``): what the public functions use
+  while a ``torch.func`` transform (``grad``, ``jacrev``, ``hessian``, ``jvp``,
+  ``vmap``, ...) or forward-mode AD is active, since PyTorch runs those transforms
+  only through such Functions.  Being bilinear, each op's tangent is the op applied to
+  the tangents: ``dT = T(dx, w) + T(x, dw)`` (plus the bias's), and so on.
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .arguments import ntuple
-from .ops import transposed_output_padding
+from .ops import tangents_carried, transposed_output_padding
 
 ops = torch.ops.tritondeconv
 
@@ -33,7 +45,7 @@ def _transposed(rank: int):
 def _T(x, w, grad_y_size, stride, padding, dilation, groups):
     """T(x, w) sized like ``grad_y_size``."""
     output_padding = transposed_output_padding(x.shape[2:], grad_y_size, w.shape[2:], stride, padding, dilation)
-    return _transposed(x.dim() - 2)(x, w, None, stride, padding, output_padding, groups, dilation)
+    return transposed_conv(w.dim() - 2, x, w, None, stride, padding, output_padding, groups, dilation)
 
 
 # --------------------------------------------------------------- conv_transpose{1,2,3}d
@@ -53,19 +65,21 @@ def _setup_conv_transpose(ctx, inputs, output):
     _save_geometry(ctx, weight, bias, stride, padding, groups, dilation)
 
 
-def _grads(ctx, x, w, grad_y):
-    """grad_input, grad_weight, grad_bias of T, each only if needed."""
+def _grads(ctx, x, w, grad_y, needs=None):
+    """grad_input, grad_weight, grad_bias of T, each only if ``needs`` it (the flags of
+    (input, weight, bias); default: the first three of ``ctx.needs_input_grad``)."""
+    needs = ctx.needs_input_grad if needs is None else needs
     stride, padding, dilation = ctx.geometry
     unbatched = x.dim() == w.dim() - 1
     if unbatched:
         x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
     grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = ops.conv_transpose_input_grad(grad_y, w, list(x.shape[2:]), stride, padding, dilation, ctx.groups)
+    if needs[0]:
+        grad_x = _input_grad(grad_y, w, list(x.shape[2:]), stride, padding, dilation, ctx.groups)
         grad_x = grad_x.squeeze(0) if unbatched else grad_x
-    if ctx.needs_input_grad[1]:
-        grad_w = ops.conv_transpose_weight_grad(x, grad_y, list(w.shape[2:]), stride, padding, dilation, ctx.groups)
-    if ctx.has_bias and ctx.needs_input_grad[2]:  # (under compile the flags cover given tensors only)
+    if needs[1]:
+        grad_w = _weight_grad(x, grad_y, list(w.shape[2:]), stride, padding, dilation, ctx.groups)
+    if ctx.has_bias and needs[2]:  # (under compile the flags cover given tensors only)
         grad_b = grad_y.sum(dim=[0, *range(2, grad_y.dim())])
     return grad_x, grad_w, grad_b
 
@@ -143,7 +157,7 @@ def _backward_input_grad(ctx, g):
     if ctx.needs_input_grad[0]:
         d_grad_y = _T(g, w, grad_y.shape[2:], stride, padding, dilation, groups)
     if ctx.needs_input_grad[1]:
-        d_w = ops.conv_transpose_weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
+        d_w = _weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
     return d_grad_y, d_w, None, None, None, None, None
 
 
@@ -152,7 +166,7 @@ def _backward_weight_grad(ctx, g):
     stride, padding, dilation, groups = ctx.geometry
     d_x = d_grad_y = None
     if ctx.needs_input_grad[0]:
-        d_x = ops.conv_transpose_input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
+        d_x = _input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
     if ctx.needs_input_grad[1]:
         d_grad_y = _T(x, g, grad_y.shape[2:], stride, padding, dilation, groups)
     return d_x, d_grad_y, None, None, None, None, None
@@ -164,3 +178,229 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "tritondeconv::conv_transpose_weight_grad", _backward_weight_grad, setup_context=_setup_gradient_op
 )
+
+
+# --------------------------------------------------------------- function transforms
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform or a forward-mode AD level surrounds this call
+    (then the Functions below must carry it; otherwise the ops do, more cheaply).
+    Never while ``torch.compile`` traces: it traces the ops, with their registered
+    autograd (Dynamo does not trace Functions that define ``jvp``)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def transposed_conv(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation=None, slope=0.01,
+                    residual=None):
+    """``activation(T(x, w) + b) + residual`` of spatial rank ``rank`` through the op,
+    or through ``TransposedConv`` under a function transform (arguments parsed)."""
+    if transforms_active():
+        return TransposedConv.apply(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+                                    residual)
+    return _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual)
+
+
+def _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
+    if activation is None and residual is None:
+        return _transposed(rank)(x, w, b, stride, padding, output_padding, groups, dilation)
+    return ops.conv_transpose2d_fused(x, w, b, stride, padding, output_padding, groups, dilation, activation,
+                                      float(slope), residual)
+
+
+def _input_grad(grad_y, w, input_size, stride, padding, dilation, groups):
+    if transforms_active():
+        return InputGrad.apply(grad_y, w, input_size, stride, padding, dilation, groups)
+    return ops.conv_transpose_input_grad(grad_y, w, input_size, stride, padding, dilation, groups)
+
+
+def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
+    if transforms_active():
+        return WeightGrad.apply(x, grad_y, kernel_size, stride, padding, dilation, groups)
+    return ops.conv_transpose_weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups)
+
+
+def _add(a, b):
+    """``a + b`` where either may be None (a missing tangent)."""
+    return b if a is None else a if b is None else a + b
+
+
+def _batched_by_loop(function, info, in_dims, *args):
+    """A vmap rule: ``function`` on each slice of the batched arguments, stacked.  Used
+    where folding the vmapped axis into the batch is not valid."""
+    size = info.batch_size
+    slices = [[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)] for i in range(size)]
+    return torch.stack([function(*s) for s in slices]), 0
+
+
+def _fold_batch(t, dim):
+    """A tensor with vmapped axis ``dim``, that axis folded into its batch axis."""
+    t = t.movedim(dim, 0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+class TransposedConv(torch.autograd.Function):
+    """``y = activation(T(x, w) + b) + residual`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
+        with tangents_carried():
+            return _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+                                  residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
+        ctx.save_for_backward(x, w, b)
+        ctx.save_for_forward(x, w, b)
+        _save_geometry(ctx, w, b, stride, padding, groups, dilation)
+        ctx.epilogue = (stride, padding, output_padding, groups, dilation, activation, slope)
+        ctx.has_residual = residual is not None
+
+    @staticmethod
+    def _activation_slope(ctx, x, w, b):
+        """act'(z) at z = T(x, w) + b, in at least fp32, or None without an activation."""
+        stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
+        if activation is None:
+            return None
+        z = transposed_conv(2, x, w, b, stride, padding, output_padding, groups, dilation)
+        return _activation_derivative(z.to(torch.promote_types(z.dtype, torch.float32)), activation, slope)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, b = ctx.saved_tensors
+        derivative = TransposedConv._activation_slope(ctx, x, w, b)
+        grad_z = grad_y if derivative is None else (grad_y.to(derivative.dtype) * derivative).to(grad_y.dtype)
+        grad_r = grad_y if ctx.has_residual and ctx.needs_input_grad[-1] else None
+        return None, *_grads(ctx, x, w, grad_z, ctx.needs_input_grad[1:]), None, None, None, None, None, None, None, grad_r
+
+    @staticmethod
+    def jvp(ctx, d_rank, dx, dw, db, d_stride, d_padding, d_output_padding, d_groups, d_dilation, d_activation, d_slope, dr):
+        x, w, b = ctx.saved_tensors
+        stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
+        rank = w.dim() - 2
+        geometry = (stride, padding, output_padding, groups, dilation)
+        dz = None
+        if dx is not None:
+            dz = transposed_conv(rank, dx, w, None, *geometry)
+        if dw is not None:
+            dz = _add(dz, transposed_conv(rank, x, dw, None, *geometry))
+        if db is not None:
+            dz = _add(dz, db.reshape(-1, *(1,) * rank))
+        if dz is None:
+            dz = torch.zeros_like(transposed_conv(rank, x, w, b, *geometry))
+        derivative = TransposedConv._activation_slope(ctx, x, w, b)
+        if derivative is not None:
+            dz = (dz.to(derivative.dtype) * derivative).to(dz.dtype)
+        return _add(dz, dr)
+
+    @staticmethod
+    def vmap(info, in_dims, rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+             residual):
+        _, x_dim, w_dim, b_dim, *_, r_dim = in_dims
+        if x_dim is not None and w_dim is None and b_dim is None:
+            # Only the samples are batched: the vmapped axis joins the batch axis.
+            unbatched = x.dim() == rank + 2  # each sample is [C, *spatial]
+            fold = (lambda t, d: t.movedim(d, 0)) if unbatched else _fold_batch
+            size = info.batch_size
+            r = None if residual is None else fold(residual if r_dim is not None else residual.expand(size, *residual.shape),
+                                                    r_dim if r_dim is not None else 0)
+            y = transposed_conv(rank, fold(x, x_dim), w, b, stride, padding, output_padding, groups, dilation, activation,
+                                slope, r)
+            return (y if unbatched else y.reshape(size, -1, *y.shape[1:])), 0
+
+        def one(x, w, b, residual):
+            return transposed_conv(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+                                   residual)
+
+        return _batched_by_loop(one, info, (x_dim, w_dim, b_dim, r_dim), x, w, b, residual)
+
+
+class InputGrad(torch.autograd.Function):
+    """``I(gy, w)``, the input gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(grad_y, w, input_size, stride, padding, dilation, groups):
+        with tangents_carried():
+            return ops.conv_transpose_input_grad(grad_y, w, input_size, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.geometry = tuple(inputs[2:])
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_y, w = ctx.saved_tensors
+        input_size, stride, padding, dilation, groups = ctx.geometry
+        d_grad_y = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_grad_y = _T(g, w, grad_y.shape[2:], stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            d_w = _weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
+        return d_grad_y, d_w, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad_y, d_w, *_):
+        grad_y, w = ctx.saved_tensors
+        input_size, stride, padding, dilation, groups = ctx.geometry
+        out = None
+        if d_grad_y is not None:
+            out = _input_grad(d_grad_y, w, input_size, stride, padding, dilation, groups)
+        if d_w is not None:
+            out = _add(out, _input_grad(grad_y, d_w, input_size, stride, padding, dilation, groups))
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y, w, input_size, stride, padding, dilation, groups):
+        if in_dims[0] is not None and in_dims[1] is None:  # per-sample gradients: fold into the batch
+            out = _input_grad(_fold_batch(grad_y, in_dims[0]), w, input_size, stride, padding, dilation, groups)
+            return out.reshape(info.batch_size, -1, *out.shape[1:]), 0
+        return _batched_by_loop(lambda gy, w: _input_grad(gy, w, input_size, stride, padding, dilation, groups),
+                                info, in_dims[:2], grad_y, w)
+
+
+class WeightGrad(torch.autograd.Function):
+    """``W(x, gy)``, the weight gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(x, grad_y, kernel_size, stride, padding, dilation, groups):
+        with tangents_carried():
+            return ops.conv_transpose_weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.geometry = tuple(inputs[2:])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, grad_y = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, groups = ctx.geometry
+        d_x = d_grad_y = None
+        if ctx.needs_input_grad[0]:
+            d_x = _input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            d_grad_y = _T(x, g, grad_y.shape[2:], stride, padding, dilation, groups)
+        return d_x, d_grad_y, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_x, d_grad_y, *_):
+        x, grad_y = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, groups = ctx.geometry
+        out = None
+        if d_x is not None:
+            out = _weight_grad(d_x, grad_y, kernel_size, stride, padding, dilation, groups)
+        if d_grad_y is not None:
+            out = _add(out, _weight_grad(x, d_grad_y, kernel_size, stride, padding, dilation, groups))
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, x, grad_y, kernel_size, stride, padding, dilation, groups):
+        # The weight gradient sums over the batch, so a vmapped axis cannot join it.
+        return _batched_by_loop(lambda x, gy: _weight_grad(x, gy, kernel_size, stride, padding, dilation, groups),
+                                info, in_dims[:2], x, grad_y)

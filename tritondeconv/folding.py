@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import ntuple
-from .ops import conv_transpose2d
+from .functional import conv_transpose2d
 
 
 def box_convolve(weight: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:

@@ -6,7 +6,8 @@ import weakref
 import torch
 
 from .folding import upsample_conv2d
-from .ops import conv_transpose1d, conv_transpose2d, conv_transpose3d, pack_weight, runs_triton
+from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
+from .ops import pack_weight, runs_triton
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
 

@@ -24,9 +24,12 @@ Where the work runs:
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from .arguments import (
@@ -76,19 +79,73 @@ def pack_weight(weight: torch.Tensor, columns: int = 1) -> torch.Tensor:
 
 
 def _allow_tf32() -> bool:
-    return torch.backends.cudnn.allow_tf32
+    """Whether fp32 products may round to TF32, decided as aten's convolution decides it:
+    the precision set for cuDNN convolutions (``torch.backends.cudnn.conv.fp32_precision``),
+    where that is "none" the one set for cuDNN as a whole, then the global one
+    (``torch.backends.fp32_precision``); TF32 only where the first that is set says
+    "tf32".  The legacy ``torch.backends.cudnn.allow_tf32`` writes the convolution's
+    setting, so it is honoured too; its getter is never called (it raises once the two
+    APIs have been mixed)."""
+    for backend, op in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
+        precision = torch._C._get_fp32_precision_getter(backend, op)
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """A new tensor of ``shape`` in ``like``'s dtype, device and memory format."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=output_memory_format(like))
+def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """A new tensor of ``shape`` in ``like``'s dtype and device and in ``memory_format``
+    (every tensor the ops return is allocated here; ``channels_last`` for a 3-D shape
+    puts its channels innermost)."""
+    if len(shape) == 3 and memory_format == torch.channels_last:
+        n, c, w = shape
+        return torch.empty((n, w, c), dtype=like.dtype, device=like.device).permute(0, 2, 1)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
 
 
-def _empty_output(x: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
-    return _empty(args.output_shape, x)
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
+    """The output of a transposed convolution of batched ``x`` by ``weight``, laid out as
+    aten lays out its output (``arguments.output_memory_format``)."""
+    return _empty(args.output_shape, x, output_memory_format(x, weight))
+
+
+def _as_aten_would(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """aten's own result, in the memory format our fake implementation promises (aten's
+    CPU backends sometimes pick another layout by heuristics of their own)."""
+    expected = _empty(out.shape, out, output_memory_format(x, weight))
+    return out if out.stride() == expected.stride() else expected.copy_(out)
 
 
 # ---------------------------------------------------------------- conv_transpose{1,2,3}d
+
+
+_CARRIED = threading.local()  # .depth: how many tritondeconv autograd Functions are running their forward
+
+
+@contextlib.contextmanager
+def tangents_carried():
+    """Marks the ops called in the block as called by a ``torch.autograd.Function`` that
+    carries their forward-mode tangents itself (``autograd.TransposedConv`` and kin)."""
+    _CARRIED.depth = getattr(_CARRIED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _CARRIED.depth -= 1
+
+
+def _refuse_forward_ad(op: str, *tensors) -> None:
+    """A clear error instead of a silently dropped tangent.  A custom op's registered
+    autograd is backward-only: forward-mode AD (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) must come through the public functions, whose
+    Functions carry it.  Called directly inside a forward-AD level, the op cannot tell
+    whether ``torch.func.jvp`` unwrapped a tangent away, so it refuses."""
+    if forward_ad._current_level < 0 or getattr(_CARRIED, "depth", 0):
+        return
+    if torch._C._is_fwd_grad_enabled() or any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            f"torch.ops.tritondeconv.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported "
+            f"on the op itself; call tritondeconv.{op.removesuffix('_fused')} (or the nn modules), which support it")
 
 
 def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, op):
@@ -104,7 +161,7 @@ def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTr
     """Run the phase kernel with the given stride (the naive op passes 1) into a new
     output laid out like ``x``, with an optional fused epilogue.  Every rank runs on the
     kernel's three spatial axes, the missing leading ones of size 1."""
-    out = _empty_output(x, args)
+    out = _empty_output(x, weight, args)
     if out.numel() == 0:
         return out
     stride, padding, dilation = _geometry5d(len(stride), stride, args.padding, args.dilation)
@@ -116,12 +173,14 @@ def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTr
     return out
 
 
-def zero_insert(x: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
+def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
     """``x`` ``[N, C, *spatial]`` with ``s - 1`` zeros between pixels and
     ``output_padding`` zeros after the last one along each axis: size
-    ``(n - 1)*s + 1 + output_padding`` per axis."""
+    ``(n - 1)*s + 1 + output_padding`` per axis, laid out as the output of a convolution
+    of ``x`` by ``weight``."""
     spatial = x.shape[2:]
-    up = _empty((*x.shape[:2], *((n - 1) * s + 1 + op for n, s, op in zip(spatial, stride, output_padding))), x)
+    shape = (*x.shape[:2], *((n - 1) * s + 1 + op for n, s, op in zip(spatial, stride, output_padding)))
+    up = _empty(shape, x, output_memory_format(x, weight))
     up.zero_()[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(spatial, stride)))] = x
     return up
 
@@ -141,20 +200,22 @@ def _define_conv_transpose(name: str, rank: int, naive: bool):
     )
 
     def impl(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        _refuse_forward_ad(name, input, weight, bias)
         x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
         run_stride, run_output_padding = args.stride, args.output_padding
         if naive:
-            x = zero_insert(x, args.stride, args.output_padding)
+            x = zero_insert(x, weight, args.stride, args.output_padding)
             run_stride, run_output_padding = (1,) * rank, (0,) * rank
         if runs_triton(x.device):
             out = _launch_transposed(x, weight, bias, args, run_stride)
         else:
             out = _FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation)
+            out = _as_aten_would(out, x, weight)
         return out.squeeze(0) if unbatched else out
 
     def fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
         x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
-        out = _empty_output(x, args)
+        out = _empty_output(x, weight, args)
         return out.squeeze(0) if unbatched else out
 
     op = torch.library.custom_op(f"tritondeconv::{name}", impl, mutates_args=(), schema=schema)
@@ -206,6 +267,7 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
     """``activation(conv_transpose2d(...)) + residual``, the activation and the residual
     applied in the kernel's epilogue (one pass over the output)."""
     op = "conv_transpose2d"
+    _refuse_forward_ad("conv_transpose2d_fused", input, weight, bias, residual)
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
     _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
     r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
@@ -213,6 +275,7 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
         out = _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r)
     else:
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
+        out = _as_aten_would(out, x, weight)
         out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
         out = out if r is None else out + r
     return out.squeeze(0) if unbatched else out
@@ -223,7 +286,7 @@ def _(input, weight, bias, stride, padding, output_padding, groups, dilation, ac
     op = "conv_transpose2d"
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
     _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
-    out = _empty_output(x, args)
+    out = _empty_output(x, weight, args)
     return out.squeeze(0) if unbatched else out
 
 
@@ -239,6 +302,12 @@ def transposed_output_padding(input_size, output_size_, kernel_size, stride, pad
     ]
 
 
+def _input_grad_empty(grad_output: torch.Tensor, weight: torch.Tensor, input_size) -> torch.Tensor:
+    """grad_input, laid out as aten lays out the convolution of grad_output by weight."""
+    shape = (grad_output.shape[0], weight.shape[0], *input_size)
+    return _empty(shape, grad_output, output_memory_format(grad_output, weight))
+
+
 @torch.library.custom_op(
     "tritondeconv::conv_transpose_input_grad",
     mutates_args=(),
@@ -249,7 +318,8 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
     ``input_size``: the strided convolution ``conv(grad_output, weight)`` (the weight,
     ``[C_in, C_out/g, *k]``, is already a convolution weight mapping C_out to C_in
     channels), computed without any inserted zero."""
-    out = _empty((grad_output.shape[0], weight.shape[0], *input_size), grad_output)
+    _refuse_forward_ad("conv_transpose_input_grad", grad_output, weight)
+    out = _input_grad_empty(grad_output, weight, input_size)
     if out.numel() == 0:
         return out
     if not runs_triton(grad_output.device):
@@ -265,7 +335,7 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
 
 @_input_grad_op.register_fake
 def _(grad_output, weight, input_size, stride, padding, dilation, groups):
-    return _empty((grad_output.shape[0], weight.shape[0], *input_size), grad_output)
+    return _input_grad_empty(grad_output, weight, input_size)
 
 
 @torch.library.custom_op(
@@ -276,13 +346,14 @@ def _(grad_output, weight, input_size, stride, padding, dilation, groups):
 def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, groups):
     """grad_weight ``[C_in, C_out/g, *kernel_size]`` of a transposed convolution of the
     (batched) ``input`` that produced ``grad_output``'s shape."""
+    _refuse_forward_ad("conv_transpose_weight_grad", input, grad_output)
     c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
     if not runs_triton(input.device):
         output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding, dilation)
         weight = input.new_empty((c_in, c_out_g, *kernel_size))
         return torch.ops.aten.convolution_backward(
             grad_output, input, weight, None, stride, padding, dilation, True, output_padding, groups, [False, True, False]
-        )[1]
+        )[1].contiguous()
     stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
     kernel5 = (1,) * (3 - len(kernel_size)) + tuple(kernel_size)
     grad = weight_grad(
@@ -296,43 +367,30 @@ def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
     return input.new_empty((input.shape[1], grad_output.shape[1] // groups, *kernel_size))
 
 
-# ---------------------------------------------------------------- friendly functions
-# Drop-ins for torch.nn.functional's, computed by stride-phase decomposition in Triton
-# (see the module docstring for where they run).
+# ---------------------------------------------------------------- autocast
+# Under torch.autocast the forward ops behave as aten's convolutions do: their
+# floating-point tensors on the autocast device, float64 excepted, are cast to the
+# autocast dtype of the region (not to a fixed one), then the op runs with autocast off.
+
+_AUTOCAST = torch.library.Library("tritondeconv", "IMPL")
 
 
-def _functional(name: str, doc: str):
-    """The friendly function of op ``tritondeconv::{name}``: PyTorch's functional signature
-    and defaults, and PyTorch's TypeError for a non-tensor argument."""
-    op = getattr(torch.ops.tritondeconv, name)
+def _register_autocast(name: str) -> None:
+    op = getattr(torch.ops.tritondeconv, name).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def function(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-        check_tensor_types(input, weight, bias, name)
-        return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        def autocast(_keyset, *args, device_type=device_type, excluded=excluded):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                    and a.device.type == device_type else a for a in args]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*args)
 
-    function.__name__ = function.__qualname__ = name
-    function.__doc__ = doc
-    return function
-
-
-conv_transpose1d = _functional("conv_transpose1d", "Drop-in for ``torch.nn.functional.conv_transpose1d``.")
-conv_transpose3d = _functional("conv_transpose3d", "Drop-in for ``torch.nn.functional.conv_transpose3d``.")
-naive_conv_transpose2d = _functional(
-    "naive_conv_transpose2d", "The zero-insertion baseline, same signature as ``conv_transpose2d``."
-)
+        _AUTOCAST.impl(name, autocast, key, with_keyset=True)
 
 
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                     activation=None, negative_slope=0.01, residual=None):
-    """Drop-in for ``torch.nn.functional.conv_transpose2d``.
-
-    Optionally fused into the kernel's epilogue: ``activation`` (``"relu"``,
-    ``"leaky_relu"`` with ``negative_slope``, ``"silu"``, ``"gelu"``, ``"tanh"``,
-    ``"sigmoid"``) applied after the bias, then ``residual`` (the output's shape) added.
-    """
-    check_tensor_types(input, weight, bias, "conv_transpose2d")
-    if activation is None and residual is None:
-        return torch.ops.tritondeconv.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return torch.ops.tritondeconv.conv_transpose2d_fused(
-        input, weight, bias, stride, padding, output_padding, groups, dilation, activation, float(negative_slope), residual
-    )
+for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d",
+              "conv_transpose2d_fused"):
+    _register_autocast(_name)
