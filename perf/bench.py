@@ -1,13 +1,18 @@
 """Benchmark tritondeconv against the naive zero-insertion op, cuDNN and a torch-level
-sub-pixel rewrite, over suites of real layers: 2-D (issue 3), and 1-D (a HiFi-GAN
-vocoder's upsamplers) and 3-D (a 3-D U-Net decoder) against cuDNN (issue 6).
+sub-pixel rewrite, over suites of real layers: 2-D, and 1-D (a HiFi-GAN vocoder's
+upsamplers) and 3-D (a 3-D U-Net decoder) against cuDNN.
 
     python perf/bench.py                      # on a GPU: every suite
     python perf/bench.py --suites 2d          # one suite
     python perf/bench.py --quick              # a smoke run of the harness (tiny shapes; CPU ok)
 
-Every method's result is checked against float64 before it is timed; times are the
-median of ``triton.testing.do_bench`` (on CPU, in ``--quick``, a wall-clock median).
+Every method's result is checked against float64 before it is timed, and each of
+tritondeconv's methods must have launched a Triton kernel (an aten fallback is never
+timed under its name); times are the median of ``triton.testing.do_bench`` (on CPU, in
+``--quick``, a wall-clock median).  Without a GPU the kernels run in the Triton
+interpreter (``TRITON_INTERPRET=1``, set here unless the environment sets it), and the
+``cudnn`` method is PyTorch's own CPU convolution; with ``TRITON_INTERPRET=1`` on a GPU
+machine the run is the same CPU one.
 The same run measures the matmul peak per dtype and the copy bandwidth, which give each
 cell its roofline.  Tuning starts from an empty cache (a temporary
 ``TRITONDECONV_CACHE_DIR`` unless one is set), so the ``tuning_s`` column is the
@@ -41,6 +46,11 @@ import triton  # noqa: E402
 
 import tritondeconv  # noqa: E402
 from tritondeconv.kernels import tuning  # noqa: E402
+from tritondeconv.kernels.common import INTERPRETING, observe_launches  # noqa: E402
+
+# Where the kernels run: compiled, on the GPU; or in the interpreter, on CPU tensors (also
+# on a GPU machine with TRITON_INTERPRET=1, where CUDA tensors would be copied to the host).
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative error against float64 a result must meet before it is timed (TF32 for fp32).
@@ -109,6 +119,8 @@ FUNCTIONS = {  # rank -> (ours, PyTorch's)
     2: (tritondeconv.conv_transpose2d, F.conv_transpose2d),
     3: (tritondeconv.conv_transpose3d, F.conv_transpose3d),
 }
+# The methods that are tritondeconv's own: each must launch a Triton kernel.
+OURS = ("tritondeconv", "naive")
 # The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
 LAYOUTS = {1: ["nchw"], 2: ["nchw", "channels_last"], 3: ["nchw", "channels_last"]}
 
@@ -136,7 +148,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def timer(fn) -> float:
     """Median milliseconds of ``fn``: do_bench on a GPU, a wall clock on the CPU."""
-    if torch.cuda.is_available():
+    if DEVICE == "cuda":
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     times = []
     for _ in range(3):
@@ -197,8 +209,12 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) 
             def run():
                 return torch.autograd.grad(fn(xg, wg), (xg, wg), grad_y)
         tuned_before = len(tuning.TUNING_LOG)
-        result = run()  # the first call: tunes every new shape key
+        with observe_launches() as launches:
+            result = run()  # the first call: tunes every new shape key
         tuning_s = sum(t.seconds for t in tuning.TUNING_LOG[tuned_before:])
+        if method in OURS and not launches:
+            raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} launched no Triton kernel "
+                               "(it fell back to aten), so its time would not be tritondeconv's")
         out = result if pass_ == "fwd" else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
@@ -221,13 +237,27 @@ def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
 
 
 def gpu_name(device: str) -> str:
+    """The GPU's name, or ``cpu-interpreter-<machine>`` for the interpreter on CPU."""
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu-interpreter-{platform.machine()}"
 
 
-def setup(out: Path | None) -> tuple[str, str, Path]:
+def where_kernels_run(device: str, name: str) -> str:
+    """Where this run's Triton kernels run, as the progress output says it."""
+    if device == "cuda":
+        return f"tritondeconv's kernels compiled for {name}; cudnn is cuDNN"
+    return "tritondeconv's kernels in the Triton interpreter on CPU tensors; cudnn is PyTorch's CPU convolution"
+
+
+def setup(out: Path | None, measuring: bool = True) -> tuple[str, str, Path]:
     """The device, its name and the results folder (``out``, default
-    ``perf/results/<gpu-name>``, created); cuDNN set to pick its fastest algorithm."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ``perf/results/<gpu-name>``, created); cuDNN set to pick its fastest algorithm.
+    When ``measuring``, exits if the kernels cannot run here: on CPU they run only in the
+    interpreter, and ``TRITON_INTERPRET`` set to anything but 1 leaves CPU tensors to aten."""
+    device = DEVICE
+    if measuring and device == "cpu" and not INTERPRETING:
+        sys.exit(f"no GPU, and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} defined the kernels for "
+                 "the compiler: CPU tensors would fall back to aten and nothing of tritondeconv's would be timed; "
+                 "unset it or set it to 1")
     torch.backends.cudnn.benchmark = True
     name = gpu_name(device)
     out_dir = out or Path(__file__).parent / "results" / name.replace(" ", "_")
@@ -299,6 +329,9 @@ def write_results(out_dir: Path, rows: list[dict]) -> None:
         roofs = ", ".join(f"{d} {p:.0f} TFLOP/s" for (b, d), p in peaks.items() if b == bandwidth)
         lines.append(f"- run on {gpu}, {versions}: matmul peak {roofs}; copy bandwidth {bandwidth:.0f} GB/s "
                      "(measured in the run, as was every baseline beside our time)")
+        if gpu.startswith("cpu-interpreter"):
+            lines.append(f"  (on {gpu}, tritondeconv's kernels ran in the Triton interpreter and the cuDNN "
+                         "columns are PyTorch's CPU convolution)")
     write_markdown(out_dir / "bench.md", rows, "\n".join(lines))
     print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.md'}")
 
@@ -315,6 +348,7 @@ def measure(a: argparse.Namespace, device: str, name: str) -> list[dict]:
         versions += f", cuDNN {torch.backends.cudnn.version()}"
     print(f"{name}: {versions}; matmul peak " + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items())
           + f"; copy {bandwidth:.0f} GB/s", flush=True)
+    print(f"running {where_kernels_run(device, name)}", flush=True)
 
     jobs = [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts if l in LAYOUTS[c.rank]]
     rows = []
@@ -347,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: merge these bench.csv files (later ones win) into --out")
     a = ap.parse_args(argv)
 
-    device, name, out_dir = setup(a.out)
+    device, name, out_dir = setup(a.out, measuring=not a.merge)
     if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it
         os.environ["TRITONDECONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritondeconv-tuning-")
 

@@ -1,11 +1,83 @@
-"""The README's demo command runs and checks itself against PyTorch."""
+"""The README's demo command runs, checks itself against PyTorch, and says what ran: the
+Triton kernel (where, and how many launches it observed) or aten's fallback, never a
+path it did not take."""
+import os
 import re
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.nn.functional as F
 
-def test_demo_runs():
-    proc = subprocess.run([sys.executable, "-m", "tritondeconv.demo"], capture_output=True, text=True, check=True)
-    err = float(re.search(r"relative error against PyTorch in float64: (\S+)", proc.stdout).group(1))
+import tritondeconv
+import tritondeconv.demo
+
+HAS_CUDA = torch.cuda.is_available()
+RAN_KERNEL = re.compile(r"^ran: Triton kernel phase_gemm \((\d+) launch(?:es)?\) (.+)$", re.MULTILINE)
+RERUN_NOTICE = "running the demo again in a fresh process with TRITON_INTERPRET=1"
+
+
+def run_demo(**env_overrides: str | None) -> subprocess.CompletedProcess:
+    """``python -m tritondeconv.demo`` in a fresh process, its environment without
+    ``TRITON_INTERPRET`` or the demo's rerun marker except as ``env_overrides`` set them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", tritondeconv.demo.RERUN_MARKER)}
+    env.update({k: v for k, v in env_overrides.items() if v is not None})
+    return subprocess.run([sys.executable, "-m", "tritondeconv.demo"], capture_output=True, text=True, env=env)
+
+
+def check_layer(stdout: str) -> None:
+    """The demo's account of the layer: its error against float64 and its multiply-adds."""
+    err = float(re.search(r"relative error against PyTorch in float64: (\S+)", stdout).group(1))
     assert err < 1e-3
-    assert "4.00x fewer" in proc.stdout
+    assert "4.00x fewer" in stdout
+
+
+@pytest.mark.parametrize("interpret", [None, "1"], ids=["TRITON_INTERPRET-unset", "TRITON_INTERPRET=1"])
+def test_demo_runs_the_kernel_and_says_where(interpret):
+    """Without a GPU the kernel runs in the Triton interpreter whether or not the variable
+    was set (unset, the demo reruns itself with it); the demo reports the launches it saw."""
+    proc = run_demo(TRITON_INTERPRET=interpret)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_layer(proc.stdout)
+    ran = RAN_KERNEL.search(proc.stdout)
+    assert ran, proc.stdout
+    assert int(ran.group(1)) > 0
+    compiled = HAS_CUDA and interpret is None
+    assert ran.group(2) == ("compiled for " + torch.cuda.get_device_name() if compiled else "in the Triton interpreter")
+    assert "aten fallback" not in proc.stdout
+    assert (RERUN_NOTICE in proc.stdout) == (not HAS_CUDA and interpret is None)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernel runs compiled, whatever TRITON_INTERPRET says to the CPU")
+def test_demo_with_the_interpreter_turned_off_reports_the_fallback():
+    """An explicit TRITON_INTERPRET=0 is kept: on CPU, aten computes the layer, and the
+    demo says so instead of claiming the kernel."""
+    proc = run_demo(TRITON_INTERPRET="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_layer(proc.stdout)
+    assert "ran: aten fallback (no Triton kernel launched)" in proc.stdout
+    assert not RAN_KERNEL.search(proc.stdout)
+    assert RERUN_NOTICE not in proc.stdout
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the demo reruns itself only without a GPU")
+def test_demo_reruns_itself_at_most_once():
+    """A process started by the demo's rerun never starts another: if its kernels were
+    still defined for the compiler, it reports aten's fallback rather than looping."""
+    proc = run_demo(**{tritondeconv.demo.RERUN_MARKER: "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert RERUN_NOTICE not in proc.stdout
+    assert "ran: aten fallback (no Triton kernel launched)" in proc.stdout
+
+
+def test_demo_does_not_claim_a_kernel_that_did_not_launch(monkeypatch, capsys):
+    """Where the kernel should run but the op launched none, the demo says the result came
+    from aten and fails, rather than describing a kernel run."""
+    monkeypatch.setattr(tritondeconv.demo, "runs_triton", lambda device: True)
+    monkeypatch.setattr(tritondeconv, "conv_transpose2d", F.conv_transpose2d)
+    monkeypatch.setattr(tritondeconv.demo, "HAS_GPU", False)
+    assert tritondeconv.demo.main() == 1
+    out = capsys.readouterr().out
+    assert "ran: aten fallback: no Triton kernel launched" in out
+    assert not RAN_KERNEL.search(out)

@@ -1,19 +1,28 @@
 """The benchmark harness runs end to end (tiny shapes; on CPU through the interpreter):
-it checks every method against float64, writes the CSV and table, and plots them."""
+it checks every method against float64, writes the CSV and table, and plots them, and
+says where the kernels ran."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PERF = Path(__file__).parent.parent / "perf"
+# Where bench.py runs the kernels: on a GPU unless TRITON_INTERPRET=1 asks for the interpreter.
+COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def test_bench_quick_and_plot(tmp_path):
     pytest.importorskip("matplotlib", reason="perf/plot.py needs matplotlib")
-    subprocess.run([sys.executable, str(PERF / "bench.py"), "--quick", "--layouts", "nchw", "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(PERF / "bench.py"), "--quick", "--layouts", "nchw", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )
+    where = "compiled for" if COMPILED else "in the Triton interpreter on CPU tensors"
+    assert f"running tritondeconv's kernels {where}" in run.stdout
     with open(tmp_path / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for column in ("gpu", "rank", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "pct_roofline",
@@ -24,7 +33,9 @@ def test_bench_quick_and_plot(tmp_path):
     assert methods == {("fwd", "tritondeconv"), ("fwd", "cudnn"), ("fwd", "naive"), ("fwd", "subpixel_torch"),
                        ("fwd+bwd", "tritondeconv"), ("fwd+bwd", "cudnn")}
     assert all(float(r["median_ms"]) > 0 and float(r["rel_error"]) < 2e-3 for r in rows)
+    assert all(r["gpu"].startswith("cpu-interpreter-") != COMPILED for r in rows)
     table = (tmp_path / "bench.md").read_text()
+    assert ("tritondeconv's kernels ran in the Triton interpreter" in table) != COMPILED
     assert "Geometric-mean speedup" in table
     assert all(f"{rank}, fwd, over cudnn" in table for rank in ("1-D", "2-D", "3-D"))
     # Runs split over several device calls are merged into one table.
@@ -37,6 +48,18 @@ def test_bench_quick_and_plot(tmp_path):
     subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], check=True, capture_output=True)
     for png in ("speedup_cudnn.png", "roofline.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run compiled unless TRITON_INTERPRET=1")
+def test_bench_refuses_to_time_the_aten_fallback(tmp_path):
+    """On CPU with TRITON_INTERPRET=0, tritondeconv's ops would fall back to aten: the
+    harness stops before timing anything rather than label aten's times as ours."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, str(PERF / "bench.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "CPU tensors would fall back to aten" in run.stderr
+    assert not (tmp_path / "bench.csv").exists()
 
 
 def test_bench_blocks_quick(tmp_path):

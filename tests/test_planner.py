@@ -82,6 +82,8 @@ def test_explain_prints_the_decomposition(capsys):
     out = capsys.readouterr().out
     assert "phase r=1: 8 outputs [0, 2, 4" in out and "taps [0, 2]" in out
     assert "naive zero-insertion 2,025; decomposed 484" in out
+    assert out.rstrip().endswith("counted from the plan; no kernel was run (python -m tritondeconv.demo runs one)")
+    assert "ran:" not in out
 
 
 def test_explain_module_runs():
