@@ -318,89 +318,55 @@ class TransposedConv(torch.autograd.Function):
         return _batched_by_loop(one, info, (x_dim, w_dim, b_dim, r_dim), x, w, b, residual)
 
 
-class InputGrad(torch.autograd.Function):
-    """``I(gy, w)``, the input gradient (see the module docstring)."""
+def _bilinear_jvp(gradient_op, ctx, d_a, d_b):
+    """The tangent of a bilinear gradient op ``f(a, b)``: ``f(da, b) + f(a, db)``."""
+    a, b = ctx.saved_tensors
+    out = None
+    if d_a is not None:
+        out = gradient_op(d_a, b, ctx.size, *ctx.geometry)
+    if d_b is not None:
+        out = _add(out, gradient_op(a, d_b, ctx.size, *ctx.geometry))
+    return out
 
-    @staticmethod
-    def forward(grad_y, w, input_size, stride, padding, dilation, groups):
+
+def _input_grad_vmap(info, in_dims, grad_y, w, input_size, stride, padding, dilation, groups):
+    if in_dims[0] is not None and in_dims[1] is None:  # per-sample gradients: fold into the batch
+        out = _input_grad(_fold_batch(grad_y, in_dims[0]), w, input_size, stride, padding, dilation, groups)
+        return out.reshape(info.batch_size, -1, *out.shape[1:]), 0
+    return _batched_by_loop(lambda gy, w: _input_grad(gy, w, input_size, stride, padding, dilation, groups),
+                            info, in_dims[:2], grad_y, w)
+
+
+def _weight_grad_vmap(info, in_dims, x, grad_y, kernel_size, stride, padding, dilation, groups):
+    # The weight gradient sums over the batch, so a vmapped axis cannot join it.
+    return _batched_by_loop(lambda x, gy: _weight_grad(x, gy, kernel_size, stride, padding, dilation, groups),
+                            info, in_dims[:2], x, grad_y)
+
+
+def _gradient_function(name: str, op, transform_aware, backward, vmap) -> type:
+    """The ``torch.autograd.Function`` of gradient op ``op`` (``(a, b, size, stride,
+    padding, dilation, groups)``): the op's registered ``backward``, the bilinear
+    tangent, and ``vmap``."""
+
+    def forward(a, b, size, stride, padding, dilation, groups):
         with tangents_carried():
-            return ops.conv_transpose_input_grad(grad_y, w, input_size, stride, padding, dilation, groups)
+            return op(a, b, size, stride, padding, dilation, groups)
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
+        _setup_gradient_op(ctx, inputs, output)
         ctx.save_for_forward(inputs[0], inputs[1])
-        ctx.geometry = tuple(inputs[2:])
+        ctx.size = inputs[2]
 
-    @staticmethod
-    def backward(ctx, g):
-        grad_y, w = ctx.saved_tensors
-        input_size, stride, padding, dilation, groups = ctx.geometry
-        d_grad_y = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_grad_y = _T(g, w, grad_y.shape[2:], stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            d_w = _weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
-        return d_grad_y, d_w, None, None, None, None, None
+    def jvp(ctx, d_a, d_b, *_):
+        return _bilinear_jvp(transform_aware, ctx, d_a, d_b)
 
-    @staticmethod
-    def jvp(ctx, d_grad_y, d_w, *_):
-        grad_y, w = ctx.saved_tensors
-        input_size, stride, padding, dilation, groups = ctx.geometry
-        out = None
-        if d_grad_y is not None:
-            out = _input_grad(d_grad_y, w, input_size, stride, padding, dilation, groups)
-        if d_w is not None:
-            out = _add(out, _input_grad(grad_y, d_w, input_size, stride, padding, dilation, groups))
-        return out
-
-    @staticmethod
-    def vmap(info, in_dims, grad_y, w, input_size, stride, padding, dilation, groups):
-        if in_dims[0] is not None and in_dims[1] is None:  # per-sample gradients: fold into the batch
-            out = _input_grad(_fold_batch(grad_y, in_dims[0]), w, input_size, stride, padding, dilation, groups)
-            return out.reshape(info.batch_size, -1, *out.shape[1:]), 0
-        return _batched_by_loop(lambda gy, w: _input_grad(gy, w, input_size, stride, padding, dilation, groups),
-                                info, in_dims[:2], grad_y, w)
+    methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
+    return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in methods.items()})
 
 
-class WeightGrad(torch.autograd.Function):
-    """``W(x, gy)``, the weight gradient (see the module docstring)."""
-
-    @staticmethod
-    def forward(x, grad_y, kernel_size, stride, padding, dilation, groups):
-        with tangents_carried():
-            return ops.conv_transpose_weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.save_for_forward(inputs[0], inputs[1])
-        ctx.geometry = tuple(inputs[2:])
-
-    @staticmethod
-    def backward(ctx, g):
-        x, grad_y = ctx.saved_tensors
-        kernel_size, stride, padding, dilation, groups = ctx.geometry
-        d_x = d_grad_y = None
-        if ctx.needs_input_grad[0]:
-            d_x = _input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            d_grad_y = _T(x, g, grad_y.shape[2:], stride, padding, dilation, groups)
-        return d_x, d_grad_y, None, None, None, None, None
-
-    @staticmethod
-    def jvp(ctx, d_x, d_grad_y, *_):
-        x, grad_y = ctx.saved_tensors
-        kernel_size, stride, padding, dilation, groups = ctx.geometry
-        out = None
-        if d_x is not None:
-            out = _weight_grad(d_x, grad_y, kernel_size, stride, padding, dilation, groups)
-        if d_grad_y is not None:
-            out = _add(out, _weight_grad(x, d_grad_y, kernel_size, stride, padding, dilation, groups))
-        return out
-
-    @staticmethod
-    def vmap(info, in_dims, x, grad_y, kernel_size, stride, padding, dilation, groups):
-        # The weight gradient sums over the batch, so a vmapped axis cannot join it.
-        return _batched_by_loop(lambda x, gy: _weight_grad(x, gy, kernel_size, stride, padding, dilation, groups),
-                                info, in_dims[:2], x, grad_y)
+InputGrad = _gradient_function("InputGrad", ops.conv_transpose_input_grad, _input_grad, _backward_input_grad,
+                               _input_grad_vmap)
+InputGrad.__doc__ = "``I(gy, w)``, the input gradient (see the module docstring)."
+WeightGrad = _gradient_function("WeightGrad", ops.conv_transpose_weight_grad, _weight_grad, _backward_weight_grad,
+                                _weight_grad_vmap)
+WeightGrad.__doc__ = "``W(x, gy)``, the weight gradient (see the module docstring)."
