@@ -1,4 +1,4 @@
-"""Benchmark the decoder blocks (issue 5): nearest-upsample + conv folded into one
+"""Benchmark the decoder blocks: nearest-upsample + conv folded into one
 transposed convolution against ``F.interpolate`` + ``F.conv2d`` (time and peak memory),
 and fused epilogues against the op followed by PyTorch's activation.
 

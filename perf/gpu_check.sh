@@ -6,9 +6,9 @@
 # Stages:
 #   tests         the cuda tests (one fixed config: tuning every small test shape would
 #                 take longer than the tests), and the demo (which tunes its layer)
-#   bench-2d-fwd  perf/bench.py's 2-D suite (issue 3), forward
-#   bench-2d-bwd  the same, forward+backward (issue 4)
-#   bench-1d3d    the 1-D and 3-D suites (issue 6), both passes
+#   bench-2d-fwd  perf/bench.py's 2-D suite, forward
+#   bench-2d-bwd  the same, forward+backward
+#   bench-1d3d    the 1-D and 3-D suites, both passes
 #   blocks        perf/bench_blocks.py (folded upsample+conv, fused epilogues)
 #   sanitize      the cuda forward and backward tests under compute-sanitizer's memcheck
 #                 (not in the default list: slow; needs a runtime where the sanitizer

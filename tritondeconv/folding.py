@@ -1,5 +1,5 @@
 """Nearest-neighbour upsampling followed by a convolution, folded into one transposed
-convolution (DESIGN.md, "A folding that none of the usual libraries do").
+convolution (``docs/design.md``, "Folding an upsampling into the convolution").
 
 Along one axis, with ``up(x)[j] = x[j // s]`` and a cross-correlation of kernel ``k`` and
 zero padding ``p``:

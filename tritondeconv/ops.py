@@ -13,8 +13,8 @@ themselves so that double backward works; see ``autograd.py``):
 
 All are ``torch.library.custom_op``s with a fake implementation, so meta tensors work
 and ``torch.compile(fullgraph=True)`` traces through them as opaque nodes; being
-opaque, each shape keeps its own autotuning under compile (DESIGN.md on
-pytorch/pytorch#164124).
+opaque, each shape keeps its own autotuning under compile (``docs/design.md`` says why
+not a ``triton_op``).
 
 Where the work runs:
   * CUDA tensors: always the Triton kernels.
