@@ -36,10 +36,25 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
 
 
+_FORCED_INT64: list[bool] = []
+
+
+@contextlib.contextmanager
+def force_int64_index() -> Iterator[None]:
+    """Make every launch in the block index in 64 bits, as it does for tensors past 2**31
+    elements (so that path can be tested, and compiled, on small tensors)."""
+    _FORCED_INT64.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_INT64.pop()
+
+
 def needs_int64(*tensors) -> bool:
     """Whether some element of these tensors lies 2**31 or more elements from its base, so
-    that the kernels must index in 64 bits (otherwise they keep 32-bit index arithmetic)."""
-    return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1
+    that the kernels must index in 64 bits (otherwise they keep 32-bit index arithmetic),
+    or ``force_int64_index`` is in force."""
+    return bool(_FORCED_INT64) or any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1
                for t in tensors if t is not None and t.numel() > 0)
 
 

@@ -38,7 +38,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -51,6 +51,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
 from tritondeconv.kernels import phase_gemm, weight_grad  # noqa: E402
+from tritondeconv.kernels.common import force_int64_index  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
@@ -150,10 +151,9 @@ def recording(launches: set, int64: bool = False):
         patch(module, name, _Recorder(getattr(module, name), launches))
         patch(module, "device_limits", lambda device: H100)
         patch(module._TUNER, "pick", _offer_every_candidate)
-        if int64:
-            patch(module, "needs_int64", lambda *tensors: True)
     try:
-        yield
+        with force_int64_index() if int64 else nullcontext():
+            yield
     finally:
         for owner, name, value in reversed(saved):
             setattr(owner, name, value)

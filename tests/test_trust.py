@@ -13,7 +13,7 @@ import tritondeconv.kernels.phase_gemm
 import tritondeconv.ops
 import tritondeconv.kernels.weight_grad
 from reference import TOLERANCES, fresh_seed, layout, reference, relative_error
-from tritondeconv.kernels.common import needs_int64
+from tritondeconv.kernels.common import force_int64_index, needs_int64
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -27,12 +27,17 @@ def test_int64_indexing_is_chosen_per_launch():
     assert not needs_int64(torch.empty(0, 2**20, 2**20, device="meta"))
 
 
+@pytest.fixture
+def int64_index():
+    with force_int64_index():
+        yield
+
+
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 @pytest.mark.parametrize("k, s, p, op, g", [(3, 2, 1, 1, 1), (4, 2, 1, 0, 2), (2, 3, 0, 2, 1)])
-def test_the_int64_path_computes_the_same(device, monkeypatch, kind, k, s, p, op, g):
+@pytest.mark.usefixtures("int64_index")
+def test_the_int64_path_computes_the_same(device, kind, k, s, p, op, g):
     """The 64-bit index path (taken for tensors past 2**31 elements) forced on small ones."""
-    for module in (tritondeconv.kernels.phase_gemm, tritondeconv.kernels.weight_grad):
-        monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
     seed = fresh_seed()
     x = layout(torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64), kind).requires_grad_()
     w = torch.randn(4, 6 // g, k, k, device=device, dtype=torch.float64, requires_grad=True)

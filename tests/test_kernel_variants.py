@@ -1,0 +1,80 @@
+"""Every kernel variant once: each compile-time specialisation the API can launch
+(direction, tensor-core or FMA tiles, dtype, bias, activation, residual, index width),
+checked against PyTorch in float64 and proven to have run through the launch observer.
+
+This file is also the smoke run for a second Triton version (CI runs it with the GPU's
+Triton as well as its own), so it stays small: one geometry per variant.  The
+interpreter's ``tl.dot`` is a NumPy matmul: it proves the indexing and masking of the
+tensor-core path, not MMA numerics or pipelining.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritondeconv
+from tritondeconv.kernels.common import force_int64_index, observe_launches
+from tritondeconv.kernels.phase_gemm import ACTIVATIONS
+from reference import DTYPES, assert_close, fresh_seed, reference
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+# Channels per side that select each path: tl.dot needs tiles of at least 16 a side.
+PATH_CHANNELS = {"tensor-core": 16, "fma": 4}
+TORCH_ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2), "silu": F.silu,
+                     "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def _path(launch) -> str:
+    """The path a launch took, from its tile."""
+    sides = ("BLOCK_N", "BLOCK_K") if launch.kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
+    return "tensor-core" if min(launch.constants[s] for s in sides) >= 16 else "fma"
+
+
+def _variants(launches) -> set:
+    return {(launch.kernel, launch.constants.get("TRANSPOSED"), _path(launch)) for launch in launches}
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_forward_and_both_gradients(device, precision, path, int64):
+    """The forward (transposed), the input gradient (direct) and the weight gradient, on
+    the path the channels select, in every dtype and both index widths."""
+    seed = fresh_seed()
+    dtype, c = DTYPES[precision], PATH_CHANNELS[path]
+    x = torch.randn(2, c, 3, 4, device=device).to(dtype).requires_grad_()
+    w = torch.randn(c, c, 3, 3, device=device).to(dtype).requires_grad_()
+    b = torch.randn(c, device=device).to(dtype).requires_grad_()
+    with observe_launches() as launches, force_int64_index() if int64 else contextlib.nullcontext():
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1)
+        gy = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, w, b), gy)
+    assert _variants(launches) == {("phase_gemm", True, path), ("phase_gemm", False, path), ("weight_grad", None, path)}
+    assert {launch.constants["INT64_INDEX"] for launch in launches} == {int64}
+    assert {launch.constants["HAS_BIAS"] for launch in launches if launch.kernel == "phase_gemm"} == {True, False}
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = reference(x64, w64, b64, 2, 1, 1, 1, 1)
+    assert_close(out, ref.detach(), precision, seed)
+    for ours, theirs in zip(got, torch.autograd.grad(ref, (x64, w64, b64), gy.double())):
+        assert_close(ours, theirs, precision, seed)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_epilogue(device, activation, residual):
+    """Each activation, with and without the residual, in the tensor-core tile's epilogue."""
+    seed = fresh_seed()
+    x = torch.randn(2, 16, 3, 3, device=device, dtype=torch.float32)
+    w = torch.randn(16, 16, 2, 2, device=device, dtype=torch.float32)
+    b = torch.randn(16, device=device, dtype=torch.float32)
+    ref = reference(x, w, b, 2, 0, 0, 1, 1)
+    r = torch.randn(ref.shape, device=device) if residual else None
+    with observe_launches() as launches:
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, activation=activation, negative_slope=0.2, residual=r)
+    (launch,) = launches
+    assert (launch.constants["ACTIVATION"], launch.constants["HAS_RESIDUAL"], _path(launch)) == (
+        activation, residual, "tensor-core")
+    expected = TORCH_ACTIVATIONS[activation](ref) + (0 if r is None else r.double())
+    assert_close(out, expected, "float32", seed)
