@@ -1,5 +1,6 @@
-"""tritondeconv.nn.ConvTranspose2d as a drop-in, convert(model), and torch.compile of
-a model built from it (forward and backward)."""
+"""tritondeconv.nn.ConvTranspose2d as a drop-in, convert(model), and the module in every
+state: frozen and first called under inference mode, traced by torch.jit.trace, refused
+by torch.jit.script, compiled by torch.compile (forward and backward)."""
 import pytest
 import torch
 
@@ -83,12 +84,74 @@ def test_convert_swaps_in_place(device):
     before = model(z)
     weight = model.net[0].weight
     with pytest.warns(UserWarning, match=r"left 1 module\(s\) unchanged: extra \(its parameters are not initialised yet\)"):
-        assert tritondeconv.convert(model) == 3
+        assert tritondeconv.convert(model, return_count=True) == (model, 3)
     assert all(type(m) is tritondeconv.nn.ConvTranspose2d for m in (model.net[0], model.net[3][0], model.net[4]))
     assert model.net[0].weight is weight and weight.device.type == device and weight.dtype == torch.float64
     assert relative_error(model(z), before) <= TOLERANCES["float64"]
     with pytest.warns(UserWarning, match="extra"):  # nothing left to swap; the lazy one is named again
-        assert tritondeconv.convert(model) == 0
+        assert tritondeconv.convert(model, return_count=True) == (model, 0)
+
+
+def test_frozen_module_first_called_in_inference_mode_then_with_an_input_gradient(device):
+    """The packed weight cached under inference mode serves later calls outside it,
+    autograd included."""
+    seed = fresh_seed()
+    ours = tritondeconv.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, device=device, dtype=torch.float64)
+    theirs = torch.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, device=device, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    ours.requires_grad_(False)
+    theirs.requires_grad_(False)
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 3, 3, device=device, dtype=torch.float64)
+        assert relative_error(ours(x), theirs(x)) <= TOLERANCES["float64"], f"seed {seed}"
+    x = torch.randn(2, 3, 3, 3, device=device, dtype=torch.float64)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = ours(x_ours), theirs(x_theirs)
+    assert relative_error(out, ref) <= TOLERANCES["float64"], f"seed {seed}"
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert relative_error(x_ours.grad, x_theirs.grad) <= TOLERANCES["float64"], f"seed {seed}"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad"])
+def test_jit_trace_of_a_converted_model(device, grad_mode):
+    """``torch.jit.trace`` with its default checks (which retrace under ``no_grad``, where
+    the module would otherwise use its cached packed weight): the trace records the
+    parameters, so it follows their updates, and computes what the eager model does on
+    a new input."""
+    seed = fresh_seed()
+    model = _Generator(device=device).eval()
+    tritondeconv.convert(model)
+    z = torch.randn(2, 8, 1, 1, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        model(z)  # (caches the packed weights)
+    with torch.set_grad_enabled(grad_mode == "grad"):
+        traced = torch.jit.trace(model, z)
+    z = torch.randn(2, 8, 1, 1, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(traced(z), model(z)) <= TOLERANCES["float64"], f"seed {seed}"
+        for p in model.parameters():
+            p.mul_(0.5)
+        assert relative_error(traced(z), model(z)) <= TOLERANCES["float64"], f"after an update (seed {seed})"
+
+
+SCRIPTED = {
+    "ConvTranspose1d": lambda: tritondeconv.nn.ConvTranspose1d(2, 2, 3),
+    "ConvTranspose2d": lambda: tritondeconv.nn.ConvTranspose2d(2, 2, 3),
+    "ConvTranspose3d": lambda: tritondeconv.nn.ConvTranspose3d(2, 2, 3),
+    "UpsampleConv2d": lambda: tritondeconv.nn.UpsampleConv2d(2, 2, 3),
+    "inside-a-model": lambda: torch.nn.Sequential(torch.nn.ReLU(), tritondeconv.nn.ConvTranspose2d(2, 2, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("module", SCRIPTED)
+def test_jit_script_is_refused_with_what_to_use_instead(module):
+    with pytest.raises(RuntimeError, match=r"scripting is not supported for tritondeconv\.nn\..*torch\.jit\.trace.*"
+                                           r"torch\.compile"):
+        torch.jit.script(SCRIPTED[module]())
 
 
 def test_compile_fullgraph_forward_and_backward(device):

@@ -128,7 +128,7 @@ def test_modules_and_convert(device, rank):
     assert relative_error(ours(x, output_size=target), theirs(x, output_size=target)) <= TOLERANCES["float64"]
 
     model = torch.nn.Sequential(theirs, torch.nn.ReLU(), torch.nn.ConvTranspose2d(2, 2, 1))
-    assert tritondeconv.convert(model) == 2
+    assert tritondeconv.convert(model, return_count=True) == (model, 2)
     assert type(model[0]) is ours_cls and type(model[2]) is tritondeconv.nn.ConvTranspose2d
 
 

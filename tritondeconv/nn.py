@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import NoReturn
 
 import torch
 
@@ -10,6 +11,17 @@ from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .ops import pack_weight, runs_triton
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
+
+
+def _refuse_scripting(module: torch.nn.Module) -> NoReturn:
+    """What ``torch.jit.script`` meets first on one of these modules (its
+    ``__prepare_scriptable__``): a clear refusal instead of an error from deep inside
+    the TorchScript compiler."""
+    raise RuntimeError(
+        f"torch.jit.script: scripting is not supported for tritondeconv.nn.{type(module).__name__} (its forward is "
+        f"Python that TorchScript cannot compile); use torch.jit.trace(model, example_inputs) or torch.compile(model) "
+        f"instead"
+    )
 
 
 def clear_weight_cache(model: torch.nn.Module) -> int:
@@ -29,7 +41,13 @@ class _TritonForward:
     computed by tritondeconv.  Mixed into subclasses of PyTorch's modules, which keep
     their constructor (arguments, defaults, initialisation), parameter names and shapes,
     so state dicts load both ways; like PyTorch's, they refuse a ``padding_mode`` other
-    than ``"zeros"``."""
+    than ``"zeros"``.
+
+    Everything these subclasses add lives on the class (attributes set in their
+    ``__init__`` have class-level defaults), so that an instance of PyTorch's module
+    becomes one of them by a change of class (``tritondeconv.convert``), keeping its
+    identity, parameters, buffers and hooks.
+    """
 
     _rank: int  # spatial axes
     _function: staticmethod  # the functional form
@@ -44,21 +62,27 @@ class _TritonForward:
         kernel reads it (``ops.pack_weight``), kept while the weight is unchanged: the
         same tensor, storage, shape, strides and version counter. Every in-place update
         through the tensor (``copy_`` or an optimizer step under ``no_grad``,
-        ``load_state_dict``) bumps the version, and the next call repacks. Otherwise the
-        parameter itself (the op packs it per call): when autograd needs it, while
-        ``torch.compile`` traces, during CUDA-graph capture (the graph then contains
-        the packing, so replaying it after an in-place update reads the new weight),
-        for inference tensors (no version counter) and where the kernels do not run.
-        A change made through ``weight.data`` bypasses the version counter: call
+        ``load_state_dict``) bumps the version, and the next call repacks. The copy is
+        made outside inference mode even when the call is inside it, so that it is an
+        ordinary tensor that later calls outside inference mode can use (and autograd
+        save, for an input's gradient). Otherwise the parameter itself (the op packs it
+        per call): when autograd needs it, while ``torch.compile`` or ``torch.jit.trace``
+        traces (a trace records the parameter, not a copy of it that the next call
+        would not make), during CUDA-graph capture (the graph then contains the
+        packing, so replaying it after an in-place update reads the new weight), for
+        inference tensors (no version counter) and where the kernels do not run. A
+        change made through ``weight.data`` bypasses the version counter: call
         ``tritondeconv.clear_weight_cache(model)`` after one.
         """
         w = self.weight
-        if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or w.is_inference()
-                or (w.is_cuda and torch.cuda.is_current_stream_capturing()) or not runs_triton(w.device)):
+        if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing())
+                or not runs_triton(w.device)):
             return w
         state = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
         if self._packed_from is None or self._packed_from[0]() is not w or self._packed_from[1] != state:
-            self._packed = pack_weight(w.detach())
+            with torch.inference_mode(False):
+                self._packed = pack_weight(w.detach())
             self._packed_from = (weakref.ref(w), state)
         return self._packed
 
@@ -72,6 +96,10 @@ class _TritonForward:
         state.pop("_packed", None)
         state.pop("_packed_from", None)
         return state
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` first: refuses, saying what to use instead."""
+        _refuse_scripting(self)
 
     def _conv(self, input: torch.Tensor, output_size, **epilogue) -> torch.Tensor:
         output_padding = self._output_padding(
@@ -98,6 +126,8 @@ class ConvTranspose2d(_TritonForward, torch.nn.ConvTranspose2d):
     adding a residual there too (see ``tritondeconv.conv_transpose2d``)."""
 
     _rank, _function = 2, staticmethod(conv_transpose2d)
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     def __init__(self, *args, activation: str | None = None, negative_slope: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
@@ -124,8 +154,14 @@ class UpsampleConv2d(torch.nn.Conv2d):
     (``tritondeconv.upsample_conv2d``).
 
     It is a ``Conv2d``: the same weight and bias (names, shapes, initialisation), so a
-    checkpoint of the original block's convolution loads into it.
+    checkpoint of the original block's convolution loads into it.  Like the transposed
+    convolutions, it adds only class-level behaviour besides ``scale_factor``, so that
+    ``convert(model, fold_upsample=True)`` turns a ``Conv2d`` into one by a change of
+    class and setting its ``scale_factor``.
     """
+
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     def __init__(self, in_channels, out_channels, kernel_size, scale_factor=2, padding=0, groups=1, bias=True,
                  device=None, dtype=None, *, activation=None, negative_slope=0.01):
@@ -143,3 +179,7 @@ class UpsampleConv2d(torch.nn.Conv2d):
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation else ""
         return f"{super().extra_repr()}, scale_factor={self.scale_factor}{extra}"
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` first: refuses, saying what to use instead."""
+        _refuse_scripting(self)
