@@ -12,6 +12,10 @@ OPS = {
 }
 
 
+def _layout(t, channels_last):
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
+
+
 def _sample(device, dtype=torch.float64, channels_last=False):
     x = torch.randn(2, 4, 3, 5, device=device, dtype=dtype)
     if channels_last:
@@ -37,12 +41,15 @@ def test_opcheck(device, op):
             torch.library.opcheck(OPS[op], grads)
 
 
-def test_opcheck_gradient_ops(device):
-    """The internal gradient ops, with their own autograd (double backward)."""
-    x = torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn(2, 6, 6, 9, device=device, dtype=torch.float64, requires_grad=True)  # k3x2 s2 p1 op1, groups 2
-    geometry = ([2, 2], [1, 1], [1, 1], 2)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_opcheck_gradient_ops(device, groups, channels_last):
+    """The internal gradient ops, with their own autograd (double backward), over groups
+    and both layouts."""
+    x = _layout(torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64), channels_last).requires_grad_()
+    w = torch.randn(4, 6 // groups, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    gy = _layout(torch.randn(2, 6, 6, 9, device=device, dtype=torch.float64), channels_last).requires_grad_()  # k3x2 s2 p1 op1
+    geometry = ([2, 2], [1, 1], [1, 1], groups)
     torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_input_grad, (gy, w, [3, 5], *geometry))
     torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_weight_grad, (x, gy, [3, 2], *geometry))
 
@@ -87,10 +94,6 @@ def test_compile_fullgraph(device):
     out = compiled(x)
     h = torch.relu(reference(x, model.w1, None, 2, 1, 0, 1, 1))
     assert_close(out, reference(h, model.w2, None, 2, 1, 1, 1, 1), "float64", seed)
-
-
-def _layout(t, channels_last):
-    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
 
 
 EVERY_OP = {
