@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import tritondeconv
 from tritondeconv.kernels.common import force_int64_index, observe_launches
 from tritondeconv.kernels.phase_gemm import ACTIVATIONS
-from reference import DTYPES, assert_close, fresh_seed, reference
+from reference import DTYPES, assert_close, fresh_seed, layout, reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -36,15 +36,16 @@ def _variants(launches) -> set:
     return {(launch.kernel, launch.constants.get("TRANSPOSED"), _path(launch)) for launch in launches}
 
 
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 @pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("path", list(PATH_CHANNELS))
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
-def test_forward_and_both_gradients(device, precision, path, int64):
+def test_forward_and_both_gradients(device, precision, path, int64, kind):
     """The forward (transposed), the input gradient (direct) and the weight gradient, on
-    the path the channels select, in every dtype and both index widths."""
+    the path the channels select, in every dtype, both index widths and both layouts."""
     seed = fresh_seed()
     dtype, c = DTYPES[precision], PATH_CHANNELS[path]
-    x = torch.randn(2, c, 3, 4, device=device).to(dtype).requires_grad_()
+    x = layout(torch.randn(2, c, 3, 4, device=device).to(dtype), kind).requires_grad_()
     w = torch.randn(c, c, 3, 3, device=device).to(dtype).requires_grad_()
     b = torch.randn(c, device=device).to(dtype).requires_grad_()
     with observe_launches() as launches, force_int64_index() if int64 else contextlib.nullcontext():
@@ -78,3 +79,21 @@ def test_every_epilogue(device, activation, residual):
         activation, residual, "tensor-core")
     expected = TORCH_ACTIVATIONS[activation](ref) + (0 if r is None else r.double())
     assert_close(out, expected, "float32", seed)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_folded_upsample_conv_on_tensor_cores(device, kind):
+    """The folded nearest-upsample + convolution, on the tensor-core tiles, forward and
+    backward, against the unfused pair."""
+    seed = fresh_seed()
+    x = layout(torch.randn(2, 16, 3, 3, device=device, dtype=torch.float64), kind).requires_grad_()
+    w = torch.randn(16, 16, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    with observe_launches() as launches:
+        out = tritondeconv.upsample_conv2d(x, w, None, 2, 1)
+        gy = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, w), gy)
+    assert {_path(launch) for launch in launches} == {"tensor-core"} and len(launches) == 3
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, None, padding=1)
+    assert_close(out, ref.detach(), "float64", seed)
+    for ours, theirs in zip(got, torch.autograd.grad(ref, (x, w), gy)):
+        assert_close(ours, theirs, "float64", seed)
