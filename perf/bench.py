@@ -4,7 +4,13 @@ upsamplers) and 3-D (a 3-D U-Net decoder) against cuDNN.
 
     python perf/bench.py                      # on a GPU: every suite
     python perf/bench.py --suites 2d          # one suite
+    python perf/bench.py --cells U-Net --methods tritondeconv,cudnn --budget 480
     python perf/bench.py --quick              # a smoke run of the harness (tiny shapes; CPU ok)
+
+Each row of ``bench.csv`` is written and flushed as soon as its (cell, method) is
+measured, so the file is valid whenever the run stops; ``--budget SECONDS`` stops after
+the cell in progress once that much time has passed.  Without a GPU only ``--quick``
+runs (the interpreter is no place to time the suites).
 
 Every method's result is checked against float64 before it is timed, and each of
 tritondeconv's methods must have launched a Triton kernel (an aten fallback is never
@@ -15,9 +21,9 @@ interpreter (``TRITON_INTERPRET=1``, set here unless the environment sets it), a
 machine the run is the same CPU one.
 The same run measures the matmul peak per dtype and the copy bandwidth, which give each
 cell its roofline.  Tuning starts from an empty cache (a temporary
-``TRITONDECONV_CACHE_DIR`` unless one is set), so the ``tuning_s`` column is the
-first-call tuning time of each cell's new shape keys; the tuned cache is copied beside
-the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
+``TRITONDECONV_CACHE_DIR``, removed at the end, unless one is set), so the
+``tuning_s`` column is the first-call tuning time of each cell's new shape keys; the
+tuned cache is copied beside the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
 (or ``--out``); ``perf/plot.py`` draws them.
 """
 from __future__ import annotations
@@ -119,6 +125,8 @@ FUNCTIONS = {  # rank -> (ours, PyTorch's)
     2: (tritondeconv.conv_transpose2d, F.conv_transpose2d),
     3: (tritondeconv.conv_transpose3d, F.conv_transpose3d),
 }
+# Every method a cell can be timed with (naive and subpixel_torch: 2-D forward only).
+METHODS = ("tritondeconv", "cudnn", "naive", "subpixel_torch")
 # The methods that are tritondeconv's own: each must launch a Triton kernel.
 OURS = ("tritondeconv", "naive")
 # The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
@@ -172,9 +180,10 @@ def measure_peaks(device: str, quick: bool) -> tuple[dict[str, float], float]:
     return peaks, bandwidth
 
 
-def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) -> list[dict]:
-    """Check, then time, every applicable method on one cell; returns one row per method
-    (ours with ``tuning_s``: the tuning its first call did)."""
+def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, selected=METHODS):
+    """Check, then time, every applicable method of ``selected`` on one cell; yields one
+    row per method as soon as it is measured (ours with ``tuning_s``: the tuning its
+    first call did)."""
     dtype = DTYPES[dtype_name]
     ours, torch_fn = FUNCTIONS[cell.rank]
     x = torch.randn(cell.n, cell.c_in, *cell.spatial, device=device, dtype=dtype)
@@ -198,8 +207,9 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) 
             methods["subpixel_torch"] = lambda x, w: subpixel_conv_transpose2d(x, v, b, cell, h_out, w_out)
 
     grad_y = torch.randn_like(ref).to(dtype)
-    rows = []
     for method, fn in methods.items():
+        if method not in selected:
+            continue
         if pass_ == "fwd":
             def run():
                 return fn(x, w)
@@ -219,9 +229,8 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str) 
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
-        rows.append(dict(method=method, median_ms=timer(run), rel_error=err,
-                         tuning_s=tuning_s if method == "tritondeconv" else ""))
-    return rows
+        yield dict(method=method, median_ms=timer(run), rel_error=err,
+                   tuning_s=tuning_s if method == "tritondeconv" else "")
 
 
 def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
@@ -248,12 +257,16 @@ def where_kernels_run(device: str, name: str) -> str:
     return "tritondeconv's kernels in the Triton interpreter on CPU tensors; cudnn is PyTorch's CPU convolution"
 
 
-def setup(out: Path | None, measuring: bool = True) -> tuple[str, str, Path]:
+def setup(out: Path | None, measuring: bool = True, quick: bool = True) -> tuple[str, str, Path]:
     """The device, its name and the results folder (``out``, default
-    ``perf/results/<gpu-name>``, created); cuDNN set to pick its fastest algorithm.
-    When ``measuring``, exits if the kernels cannot run here: on CPU they run only in the
-    interpreter, and ``TRITON_INTERPRET`` set to anything but 1 leaves CPU tensors to aten."""
+    ``perf/results/<gpu-name>``; created by whatever first writes into it); cuDNN set to
+    pick its fastest algorithm.  When ``measuring``, exits with one line if there is
+    nothing to time here: without a GPU, anything but a ``quick`` smoke run, or any run
+    with ``TRITON_INTERPRET`` set to anything but 1 (CPU tensors would go to aten)."""
     device = DEVICE
+    if measuring and device == "cpu" and not quick:
+        sys.exit("no GPU here: the suites are timed on a GPU; for a smoke run of the harness on the CPU, "
+                 "run python perf/bench.py --quick")
     if measuring and device == "cpu" and not INTERPRETING:
         sys.exit(f"no GPU, and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} defined the kernels for "
                  "the compiler: CPU tensors would fall back to aten and nothing of tritondeconv's would be timed; "
@@ -261,7 +274,6 @@ def setup(out: Path | None, measuring: bool = True) -> tuple[str, str, Path]:
     torch.backends.cudnn.benchmark = True
     name = gpu_name(device)
     out_dir = out or Path(__file__).parent / "results" / name.replace(" ", "_")
-    out_dir.mkdir(parents=True, exist_ok=True)
     return device, name, out_dir
 
 
@@ -274,6 +286,8 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
              "| × cuDNN | × naive | × subpixel | % roofline | tuning s |", "|" + " --- |" * 13]
     speedups: dict[tuple[str, str, str], list[float]] = {}
     for (rank, shape, dtype, layout, pass_), m in keyed.items():
+        if "tritondeconv" not in m:  # (a run with --methods that left ours out)
+            continue
         ours = m["tritondeconv"]["median_ms"]
 
         def cell(method):
@@ -316,12 +330,42 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in old if (r["shape"], r["dtype"], r["layout"], r["pass"]) not in measured] + new
 
 
+class CsvSink:
+    """``bench.csv``, written as the run goes: on the first row, the folder, the header and
+    the earlier rows kept (``kept``); then every row, flushed as soon as it is measured,
+    so the file is valid whatever moment the run stops.  Nothing is created if nothing
+    is written.  ``rows``: every row in the file."""
+
+    def __init__(self, path: Path, kept: list[dict]):
+        self.path, self.rows, self._kept, self._file = path, [], kept, None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer.writeheader()
+        for row in self._kept:
+            self._writer.writerow({k: row[k] for k in COLUMNS})
+        self.rows += self._kept
+        self._file.flush()
+
+    def write(self, row: dict) -> None:
+        if self._file is None:
+            self._open()
+        self._writer.writerow({k: row[k] for k in COLUMNS})
+        self._file.flush()
+        self.rows.append(row)
+
+    def close(self) -> None:
+        if self._file is None and self._kept:
+            self._open()
+        if self._file is not None:
+            self._file.close()
+
+
 def write_results(out_dir: Path, rows: list[dict]) -> None:
-    """bench.csv and bench.md; the header names each run's GPU, versions and measured roofs."""
-    with open(out_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    """bench.md (the header names each run's GPU, versions and measured roofs) beside the
+    bench.csv the run wrote."""
     runs = dict.fromkeys((r["gpu"], r["versions"], r["copy_gbps"]) for r in rows)
     peaks = {(r["copy_gbps"], r["dtype"]): r["peak_tflops"] for r in rows}
     lines = [f"# tritondeconv benchmark on {rows[0]['gpu']}", ""]
@@ -333,15 +377,23 @@ def write_results(out_dir: Path, rows: list[dict]) -> None:
             lines.append(f"  (on {gpu}, tritondeconv's kernels ran in the Triton interpreter and the cuDNN "
                          "columns are PyTorch's CPU convolution)")
     write_markdown(out_dir / "bench.md", rows, "\n".join(lines))
-    print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.md'}")
 
 
-def measure(a: argparse.Namespace, device: str, name: str) -> list[dict]:
-    """Measure the roofs, then every (cell, dtype, layout, pass) asked for, with progress."""
+def jobs_of(a: argparse.Namespace) -> list[tuple]:
+    """The (cell, dtype, layout, pass) asked for, in the order they are measured."""
     suites = QUICK_SUITES if a.quick else SUITES
-    suite = [cell for suite_name in a.suites.split(",") for cell in suites[suite_name]]
+    suite = [cell for suite_name in a.suites.split(",") for cell in suites[suite_name]
+             if not a.cells or any(part in cell.label for part in a.cells.split(","))]
     dtypes = ["fp32"] if a.quick else a.dtypes.split(",")
     layouts, passes = a.layouts.split(","), a.passes.split(",")
+    return [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts if l in LAYOUTS[c.rank]]
+
+
+def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int:
+    """Measure the roofs, then every job asked for, with progress, each row into
+    ``sink`` as it is measured, until the jobs or ``a.budget`` run out.  Returns how
+    many jobs were measured."""
+    start = time.monotonic()
     peaks, bandwidth = measure_peaks(device, a.quick)
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device == "cuda":
@@ -350,21 +402,24 @@ def measure(a: argparse.Namespace, device: str, name: str) -> list[dict]:
           + f"; copy {bandwidth:.0f} GB/s", flush=True)
     print(f"running {where_kernels_run(device, name)}", flush=True)
 
-    jobs = [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts if l in LAYOUTS[c.rank]]
-    rows = []
+    jobs = jobs_of(a)
+    methods = a.methods.split(",")
     for i, (cell, dtype_name, layout, pass_) in enumerate(jobs, 1):
+        if a.budget is not None and time.monotonic() - start > a.budget:
+            print(f"budget of {a.budget:g} s spent: stopped after {i - 1} of {len(jobs)} cells", flush=True)
+            return i - 1
         flops, nbytes = roofline(cell, dtype_name, pass_)
         bound_ms = max(flops / (peaks[dtype_name] * 1e12), nbytes / (bandwidth * 1e9)) * 1e3
-        cell_rows = run_cell(cell, dtype_name, layout, pass_, device)
-        for r in cell_rows:
+        summary = []
+        for r in run_cell(cell, dtype_name, layout, pass_, device, methods):
             r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
                      tflops=flops / (r["median_ms"] * 1e-3) / 1e12, gbps=nbytes / (r["median_ms"] * 1e-3) / 1e9,
                      pct_roofline=100 * bound_ms / r["median_ms"], versions=versions,
                      peak_tflops=peaks[dtype_name], copy_gbps=bandwidth)
-        rows += cell_rows
-        summary = ", ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in cell_rows)
-        print(f"[{i}/{len(jobs)}] {cell.label} {dtype_name} {layout} {pass_}: {summary}", flush=True)
-    return rows
+            sink.write(r)
+            summary.append(f"{r['method']} {r['median_ms']:.3f} ms")
+        print(f"[{i}/{len(jobs)}] {cell.label} {dtype_name} {layout} {pass_}: {', '.join(summary)}", flush=True)
+    return len(jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--layouts", default="nchw,channels_last", help="(1-D inputs have only nchw)")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--cells", default="", help="only the cells whose label contains one of these (comma-separated)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="which methods to time (comma-separated)")
+    ap.add_argument("--budget", type=float, metavar="SECONDS",
+                    help="stop after the cell in progress once this many seconds have passed")
     ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of the bench.csv already there that this run does not re-measure")
@@ -381,21 +440,43 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: merge these bench.csv files (later ones win) into --out")
     a = ap.parse_args(argv)
 
-    device, name, out_dir = setup(a.out, measuring=not a.merge)
-    if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it
-        os.environ["TRITONDECONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritondeconv-tuning-")
+    unknown = set(a.methods.split(",")) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    device, name, out_dir = setup(a.out, measuring=not a.merge, quick=a.quick)
+    csv_path = out_dir / "bench.csv"
+    earlier = read_csv(csv_path) if a.append and csv_path.exists() else []
 
     if a.merge:
         rows = []
         for path in a.merge:
             rows = merge(rows, read_csv(path))
+        sink = CsvSink(csv_path, merge(earlier, rows))
+        sink.close()
     else:
-        rows = measure(a, device, name)
-        for cache_file in Path(tuning.cache_dir()).glob("*.json"):  # the configurations chosen, for the record
-            shutil.copy(cache_file, out_dir / cache_file.name)
-    if a.append and (out_dir / "bench.csv").exists():
-        rows = merge(read_csv(out_dir / "bench.csv"), rows)
-    write_results(out_dir, rows)
+        # Earlier rows stay unless this run re-measures their (shape, dtype, layout, pass):
+        # those of jobs the budget leaves unreached are written back at the end.
+        asked = {(c.label, d, l, p) for c, d, l, p in jobs_of(a)}
+        sink = CsvSink(csv_path, [r for r in earlier if (r["shape"], r["dtype"], r["layout"], r["pass"]) not in asked])
+        with tempfile.TemporaryDirectory(prefix="tritondeconv-tuning-") as fresh_cache:
+            if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it
+                os.environ["TRITONDECONV_CACHE_DIR"] = fresh_cache
+            try:
+                measure(a, device, name, sink)
+            finally:
+                measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in sink.rows}
+                for r in earlier:
+                    if (r["shape"], r["dtype"], r["layout"], r["pass"]) in asked - measured:
+                        sink.write(r)
+                sink.close()
+                if sink.rows:  # the configurations chosen, for the record
+                    for cache_file in Path(tuning.cache_dir()).glob("*.json"):
+                        shutil.copy(cache_file, out_dir / cache_file.name)
+    if not sink.rows:
+        print("nothing measured, nothing written")
+        return 0
+    write_results(out_dir, sink.rows)
+    print(f"wrote {csv_path} and {out_dir / 'bench.md'}")
     return 0
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32: a smoke run of the harness")
     ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
     a = ap.parse_args(argv)
-    device, name, out_dir = setup(a.out)
+    device, name, out_dir = setup(a.out, quick=a.quick)
     dtypes = ["fp32"] if a.quick else ["bf16", "fp16"]
     layouts = ["nchw", "channels_last"]
     fold_cells = QUICK_FOLD_CELLS if a.quick else FOLD_CELLS
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     columns = ["block", "shape", "dtype", "layout", "method", "median_ms", "peak_mb", "rel_error"]
+    out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "blocks.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["gpu", "versions", *columns])
         writer.writeheader()

@@ -62,6 +62,55 @@ def test_bench_refuses_to_time_the_aten_fallback(tmp_path):
     assert not (tmp_path / "bench.csv").exists()
 
 
+def _bench(tmp_path, *args, **popen):
+    """perf/bench.py with ``args``, its temporary files confined to ``tmp_path/tmp``."""
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    env.pop("TRITONDECONV_CACHE_DIR", None)
+    return [sys.executable, str(PERF / "bench.py"), *args], env
+
+
+def test_bench_writes_each_row_as_it_is_measured(tmp_path):
+    """Killed in the middle of a run, bench.py leaves a valid CSV holding every row
+    measured so far; and it leaves no temporary folder behind."""
+    out = tmp_path / "out"
+    command, env = _bench(tmp_path, "--quick", "--out", str(out))
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as run:
+        for line in run.stdout:
+            if line.startswith("[2/"):  # two cells done
+                run.kill()
+                break
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({(r["shape"], r["layout"]) for r in rows}) >= 2
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    command, env = _bench(tmp_path / "second", "--quick", "--cells", "quick-op", "--out", str(out))
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    assert not [p for p in (tmp_path / "second" / "tmp").iterdir() if p.name.startswith("tritondeconv")]
+
+
+def test_bench_selects_cells_and_methods_and_stops_at_its_budget(tmp_path):
+    command, env = _bench(tmp_path, "--quick", "--cells", "quick-op", "--methods", "tritondeconv,naive",
+                          "--out", str(tmp_path / "out"))
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    with open(tmp_path / "out" / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["shape"].split()[0] for r in rows} == {"quick-op"}
+    assert {r["method"] for r in rows} == {"tritondeconv", "naive"}
+    command, env = _bench(tmp_path, "--quick", "--budget", "0", "--out", str(tmp_path / "none"))
+    run = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    assert "budget of 0 s spent: stopped after 0 of" in run.stdout
+    assert not (tmp_path / "none").exists()  # the results folder is made only to write into
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the suites are timed")
+def test_bench_without_a_gpu_points_to_quick(tmp_path):
+    command, env = _bench(tmp_path, "--out", str(tmp_path / "out"))
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "no GPU here" in run.stderr and "--quick" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_bench_blocks_quick(tmp_path):
     subprocess.run([sys.executable, str(PERF / "bench_blocks.py"), "--quick", "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True)
