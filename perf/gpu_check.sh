@@ -1,60 +1,105 @@
 #!/usr/bin/env bash
-# One command for the lent GPU: install offline, then run the stages named after the
-# output folder (default: all of them, in this order) and leave their output there.
-#   bash perf/gpu_check.sh "$OUT"                    # everything (about 20 minutes)
-#   bash perf/gpu_check.sh "$OUT" tests bench-2d-fwd # split over device calls of 10 minutes
-# Stages:
-#   tests         the cuda tests (one fixed config: tuning every small test shape would
-#                 take longer than the tests), and the demo (which tunes its layer)
-#   bench-2d-fwd  perf/bench.py's 2-D suite, forward
-#   bench-2d-bwd  the same, forward+backward
-#   bench-1d3d    the 1-D and 3-D suites, both passes
-#   blocks        perf/bench_blocks.py (folded upsample+conv, fused epilogues)
-#   sanitize      the cuda forward and backward tests under compute-sanitizer's memcheck
-#                 (not in the default list: slow; needs a runtime where the sanitizer
-#                 works, see the device tool's KINDS.md)
-# The bench stages add their rows to OUTPUT_DIR/bench.csv (and redraw the plots); the
-# CSVs of stages run in separate device calls merge with
-#   python perf/bench.py --merge A/bench.csv B/bench.csv --out perf/results/<gpu>
-# BENCH_ARGS passes options to perf/bench.py (e.g. "--passes fwd").
+# The GPU run, in stages ordered by what they decide, each fitting one device command:
+#   bash perf/gpu_check.sh OUT_DIR [STAGE ...]     # the stages named (default: all, in order)
+#   bash perf/gpu_check.sh OUT_DIR --list          # the stages and what each measures
+# Each stage stops itself at its budget (STAGE_BUDGET seconds, default 480) with what it
+# measured so far written. Everything a call produced (logs, bench.csv, plots) is gathered
+# into OUT_DIR/results.tar.gz beside OUT_DIR/summary.txt (one line per stage): a call
+# leaves two files. A later call with the same OUT_DIR continues the archive (its bench
+# stages append to the same bench.csv); archives of separate device calls merge with
+#   python3 perf/bench.py --merge A/bench.csv B/bench.csv --out perf/results/<gpu>
+# Only python3 is assumed (the GPU image has no `python` or `pip` command). BENCH_ARGS adds
+# options to the bench stages (BENCH_ARGS=--quick: a CPU rehearsal of the harness).
 set -uo pipefail
-out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...]}"
+out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
-[ $# -gt 0 ] || set -- tests bench-2d-fwd bench-2d-bwd bench-1d3d blocks
+
+STAGES=(smoke fwd-bf16-cl fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
+describe() {
+  case "$1" in
+    smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo" ;;
+    fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
+    fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
+    train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
+    nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
+    blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
+    fwd-fp16-fp32) echo "2-D suite forward, fp16 and fp32 (TF32), both layouts" ;;
+    tests)         echo "every cuda test, over the machine's cores when pytest-xdist is there (TRITONDECONV_FUZZ_CASES fuzz cases, default 300)" ;;
+    sanitize)      echo "the cuda forward and backward tests under compute-sanitizer memcheck, caching allocator off" ;;
+    *)             return 1 ;;
+  esac
+}
+if [ "$out" = "--list" ] || [ "${1:-}" = "--list" ]; then
+  for stage in "${STAGES[@]}"; do printf '%-14s %s\n' "$stage" "$(describe "$stage")"; done
+  exit 0
+fi
+[ $# -gt 0 ] || set -- "${STAGES[@]}"
+for stage in "$@"; do describe "$stage" >/dev/null || { echo "unknown stage $stage (see --list)"; exit 2; }; done
+
+budget="${STAGE_BUDGET:-480}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+work="$(mktemp -d)"  # the stages write here; archived into $out at the end
+trap 'rm -rf "$work"' EXIT
+[ -f "$out/results.tar.gz" ] && tar xzf "$out/results.tar.gz" -C "$work"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || { cat "$work/install.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cudnn', torch.backends.cudnn.version())"
-} | tee "$out/versions.txt"
+  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cudnn', torch.backends.cudnn.version())"
+} | tee "$work/versions.txt"
+
+bench() {  # bench STAGE ARGS...: one bench.py stage within the budget (and a hard stop a minute after it)
+  local stage="$1"; shift
+  timeout $((budget + 60)) python3 perf/bench.py "$@" --budget "$budget" --append --out "$work" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$work/$stage.log"
+  local rc="${PIPESTATUS[0]}"
+  python3 perf/plot.py "$work/bench.csv" >>"$work/$stage.log" 2>&1
+  return "$rc"
+}
+
 status=0
 for stage in "$@"; do
-  echo "=== $stage"
+  echo "=== $stage: $(describe "$stage")"
+  start=$SECONDS
   case "$stage" in
-    tests)
-      TRITONDECONV_AUTOTUNE=0 python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.txt"
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1
-      python -m tritondeconv.demo 2>&1 | tee "$out/demo.txt" ;;
-    bench-2d-fwd|bench-2d-bwd|bench-1d3d)
-      case "$stage" in
-        bench-2d-fwd) args=(--suites 2d --passes fwd) ;;
-        bench-2d-bwd) args=(--suites 2d --passes fwd+bwd) ;;
-        bench-1d3d) args=(--suites 1d,3d) ;;
-      esac
-      python perf/bench.py "${args[@]}" --append --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/$stage.log"
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1
-      python perf/plot.py "$out/bench.csv" ;;
+    smoke)
+      timeout "$budget" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_kernel_variants.py 2>&1 | tee "$work/smoke.log"
+      rc="${PIPESTATUS[0]}"
+      timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt" ;;
+    fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
+    fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
+    train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
+    nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;
+    fwd-fp16-fp32) bench "$stage" --suites 2d --passes fwd --dtypes fp16,fp32; rc=$? ;;
     blocks)
-      python perf/bench_blocks.py --out "$out" 2>&1 | tee "$out/blocks.log" ;;
+      timeout "$budget" python3 perf/bench_blocks.py --out "$work" ${BENCH_ARGS:-} 2>&1 | tee "$work/blocks.log"
+      rc="${PIPESTATUS[0]}" ;;
+    tests)
+      workers=()
+      python3 -c "import xdist" 2>/dev/null && workers=(-n "$(nproc)")
+      TRITONDECONV_FUZZ_CASES="${TRITONDECONV_FUZZ_CASES:-300}" TRITONDECONV_AUTOTUNE=0 timeout "$budget" \
+        python3 -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" 2>&1 | tee "$work/cuda_tests.txt"
+      rc="${PIPESTATUS[0]}" ;;
     sanitize)
       # Without the caching allocator, so that an access past a tensor is past an allocation.
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python -m pytest -q -m cuda -p no:cacheprovider tests/test_forward.py tests/test_backward.py \
-        -k "float16 or float64" 2>&1 | tee "$out/sanitizer.txt"
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
-    *) echo "unknown stage $stage"; status=1 ;;
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 timeout "$budget" \
+        compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_forward.py tests/test_backward.py \
+        -k "float16 or float64" 2>&1 | tee "$work/sanitizer.txt"
+      rc="${PIPESTATUS[0]}" ;;
   esac
+  case "$rc" in
+    0) verdict=ok
+       grep -qs "budget of .* spent" "$work/$stage.log" && verdict="stopped at its budget of ${budget} s (partial)" ;;
+    124|137) verdict="stopped at its budget of ${budget} s" ;;
+    *) verdict="failed (exit $rc)"; status=1 ;;
+  esac
+  echo "$stage: $verdict after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 done
+for log in smoke.log cuda_tests.txt sanitizer.txt; do  # the tests' closing lines
+  [ -f "$work/$log" ] && echo "$log: $(grep -E "passed|failed|error" "$work/$log" | tail -n 1)" >>"$out/summary.txt"
+done
+tar czf "$out/results.tar.gz" -C "$work" .
 exit "$status"

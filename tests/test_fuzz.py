@@ -4,6 +4,7 @@ layout, non-contiguous views, bias, dtype), forward and backward, against PyTorc
 float64.  Case ``i`` is drawn from seed ``i``, so a failure names its own reproduction:
 ``pytest tests/test_fuzz.py -k "cpu-17"``; a case that ever fails is copied into
 REGRESSIONS below."""
+import os
 import random
 
 import pytest
@@ -15,7 +16,9 @@ from reference import TOLERANCES, layout, reference, relative_error
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-CASES = {"cpu": 500, "cuda": 2000}
+# Cases per device; TRITONDECONV_FUZZ_CASES sets the CUDA count (the GPU run sets it to
+# what fits its time).
+CASES = {"cpu": 500, "cuda": int(os.environ.get("TRITONDECONV_FUZZ_CASES", "2000"))}
 FUNCTIONS = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Cases that once failed, as (device-independent) seeds; none so far.
