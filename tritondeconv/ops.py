@@ -275,9 +275,8 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
         out = _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r)
     else:
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
-        out = _as_aten_would(out, x, weight)
         out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
-        out = out if r is None else out + r
+        out = _as_aten_would(out if r is None else out + r, x, weight)
     return out.squeeze(0) if unbatched else out
 
 
