@@ -25,7 +25,7 @@ assert torch.allclose(tritondeconv.naive_conv_transpose2d(x, w, b, *args), ref)
 # fake implementations promise, so a compiled graph sees the real strides.
 cl = torch.channels_last
 xc, wc = x.detach().contiguous(memory_format=cl), w.detach().contiguous(memory_format=cl)
-r = torch.randn(2, 6, 6, 13, dtype=torch.float64)
+r = torch.randn(2, 6, 6, 14, dtype=torch.float64)
 torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d_fused, (xc, w.detach(), None, [2, 3], [1, 1], [1, 2], 2, [1, 1], "relu", 0.01, r))
 torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d, (x.detach(), wc, None, [2, 3], [1, 1], [1, 2], 2, [1, 1]))
 for rank in (1, 3):  # (3-D float32 with batch 1: aten's CPU layout depends on its backend choice)
