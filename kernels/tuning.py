@@ -13,17 +13,22 @@ trims to the problem and the GPU.  The tuner answers, in order:
 3. from the cache file of this GPU model and Triton version, when it holds an entry for
    the key whose configuration is still a candidate (otherwise the entry is stale);
 4. with the first candidate, untimed and not remembered, during CUDA-graph capture
-   (nothing can be timed there; warm up before capturing);
+   (nothing can be timed there), with a warning that asks for a warm-up call before
+   capturing;
 5. by timing every candidate (median of ``triton.testing.do_bench``), keeping the fastest
-   and writing it to the cache file.
+   and writing it to the cache file.  A candidate that fails in any way (compile,
+   resources, launch) is skipped and logged; when none runs, ``NoConfigurationRan`` is
+   raised, which the op layer answers with aten's result and one warning.
 
 The cache file lives in ``$TRITONDECONV_CACHE_DIR`` (default ``~/.cache/tritondeconv``),
 one JSON file per (GPU name, Triton version).  A file that cannot be read or parsed is
 ignored (with a warning) and replaced at the next write.  Writes merge with what is on
 disk under an exclusive lock and land through an atomic rename, so processes tuning at
 the same time never leave a torn file or drop each other's entries.  Every tuning done
-by this process is appended to ``TUNING_LOG`` (with the seconds it took), which
-``perf/bench.py`` reports.
+by this process is appended to ``TUNING_LOG`` (with the seconds it took and each
+candidate's time), which ``tuning_report()`` returns and ``perf/bench.py`` reports;
+with ``TRITONDECONV_LOG=1`` (or the ``tritondeconv`` logger at INFO) each tuning is
+logged as it happens, as ``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.
 
 Why not ``triton.autotune``: its key is a list of argument values (it cannot express a
 layout or a bucket without extra kernel arguments), and its on-disk cache raises on a
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -44,9 +50,6 @@ from typing import Callable
 
 import torch
 import triton
-from triton.compiler.errors import CompileTimeAssertionFailure
-from triton.runtime.errors import OutOfResources, PTXASError
-
 from .common import AUTOTUNE, INTERPRETING
 
 try:
@@ -55,6 +58,15 @@ except ImportError:  # not POSIX: writes stay atomic, concurrent merges may drop
     fcntl = None
 
 FORMAT = 1  # bump when the file's layout changes; files of another format are ignored
+
+LOG = logging.getLogger("tritondeconv")
+if os.environ.get("TRITONDECONV_LOG", "0") not in ("", "0") and LOG.level == logging.NOTSET:
+    LOG.setLevel(logging.INFO)
+    LOG.addHandler(logging.StreamHandler())
+
+
+class NoConfigurationRan(RuntimeError):
+    """No candidate configuration of a kernel could run for a shape class."""
 
 
 def config(BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int = 4, num_stages: int = 3, **extra) -> dict:
@@ -114,15 +126,27 @@ def cache_path(device_name: str) -> Path:
 
 @dataclass
 class Tuning:
-    """One tuning done by this process (an entry of ``TUNING_LOG``)."""
+    """One tuning done by this process (an entry of ``TUNING_LOG``): the key, the winner,
+    the seconds the whole tuning took, how many candidates it had, and each candidate's
+    median milliseconds (``inf`` where it could not run)."""
     kernel: str
     key: tuple
     config: dict
     seconds: float
     candidates: int
+    timings: list[tuple[dict, float]]
 
 
 TUNING_LOG: list[Tuning] = []
+
+
+def tuning_report() -> list[Tuning]:
+    """What this process has tuned, in order (a copy of ``TUNING_LOG``)."""
+    return list(TUNING_LOG)
+
+
+def _describe(config: dict) -> str:
+    return f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
 
 
 class CacheFile:
@@ -225,24 +249,30 @@ class Tuner:
             self._memo[memo_key] = cached["config"]
             return cached["config"]
         if _capturing():
+            warnings.warn(
+                f"tritondeconv: {self.name} for shape class {key} is first called during CUDA-graph capture, where "
+                "nothing can be timed: the graph keeps an untuned configuration; call the model once before capturing")
             return candidates[0]
 
         start = time.perf_counter()
-        timings = [(self._time(launch, c), i) for i, c in enumerate(candidates)]
-        best_ms, best = min(timings)
-        chosen = candidates[best]
+        timings = [(c, self._time(launch, c, key)) for c in candidates]
+        chosen, best_ms = min(timings, key=lambda t: t[1])
         seconds = time.perf_counter() - start
         if math.isinf(best_ms):
-            raise RuntimeError(f"tritondeconv: no configuration of {self.name} could run for key {key}")
+            raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
         cache.update({entry_key: {"config": chosen, "ms": best_ms, "tuning_s": round(seconds, 3)}})
-        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates)))
+        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates), timings))
+        LOG.info("tritondeconv: tuned %s for shape class %s in %.2f s: %s; chose %s", self.name, key, seconds,
+                 ", ".join(f"{_describe(c)} {ms:.4f} ms" for c, ms in timings), _describe(chosen))
         self._memo[memo_key] = chosen
         return chosen
 
-    def _time(self, launch: Callable[[dict], None], candidate: dict) -> float:
-        """Median milliseconds of one candidate; infinite if it does not compile or does
-        not fit the GPU (too many registers or too much shared memory)."""
+    def _time(self, launch: Callable[[dict], None], candidate: dict, key: tuple) -> float:
+        """Median milliseconds of one candidate; infinite if it fails in any way (does not
+        compile, does not fit the GPU, raises at launch), which is logged."""
         try:
             return self.time_config(lambda: launch(candidate))
-        except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
+        except Exception as error:  # noqa: BLE001 (any failure only removes this candidate)
+            LOG.warning("tritondeconv: %s candidate %s skipped for shape class %s: %s: %s", self.name,
+                        _describe(candidate), key, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             return math.inf

@@ -2,6 +2,7 @@
 configuration computing the same result, pruning, and the tuning cache on disk
 (persistence, corrupt and stale files, concurrent writers)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,8 @@ import triton
 import tritondeconv
 from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels import phase_gemm, tuning, weight_grad
-from tritondeconv.kernels.tuning import CacheFile, Tuner, cache_path, config, prune
+from tritondeconv.kernels.tuning import CacheFile, NoConfigurationRan, Tuner, cache_path, config, prune
+from triton.runtime.errors import OutOfResources
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -205,9 +207,46 @@ def test_stale_entries_are_retuned(cache_dir):
 def test_unrunnable_configs_are_skipped(cache_dir):
     def time_config(launch):
         if launch()["BLOCK_M"] == 128:
-            raise tuning.OutOfResources(300000, 232448, "shared memory")
+            raise OutOfResources(300000, 232448, "shared memory")
         return SPEED[launch()["BLOCK_M"]]
     assert Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True) == CANDIDATES[0]
+
+
+def test_a_candidate_failing_in_any_way_is_skipped_and_logged(cache_dir, caplog):
+    def time_config(launch):
+        if launch()["BLOCK_M"] == 128:
+            raise ValueError("an error no compiler would raise")
+        return SPEED[launch()["BLOCK_M"]]
+    with caplog.at_level("WARNING", logger="tritondeconv"):
+        chosen = Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
+    assert chosen == CANDIDATES[0]
+    assert "skipped" in caplog.text and "ValueError" in caplog.text and "an error no compiler would raise" in caplog.text
+
+
+def test_no_candidate_running_raises_what_the_op_layer_answers(cache_dir):
+    def time_config(launch):
+        raise RuntimeError("nothing runs")
+    with pytest.raises(NoConfigurationRan, match="no configuration of t could run"):
+        Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
+
+
+def test_tuning_is_logged_and_reported(cache_dir, caplog):
+    before = len(tuning.tuning_report())
+    with caplog.at_level("INFO", logger="tritondeconv"):
+        _pick(_tuner([]), key=("logged", 1))
+    (entry,) = tuning.tuning_report()[before:]
+    assert entry.key == ("logged", 1) and entry.config == CANDIDATES[1]
+    assert [c for c, _ in entry.timings] == CANDIDATES and all(ms > 0 for _, ms in entry.timings)
+    assert "tuned test_kernel for shape class ('logged', 1)" in caplog.text and "chose 128x128x64" in caplog.text
+
+
+def test_tritondeconv_log_switches_the_logger_on():
+    script = "import tritondeconv, logging; print(logging.getLogger('tritondeconv').isEnabledFor(logging.INFO))"
+    on = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITONDECONV_LOG": "1"},
+                        capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", script], env={k: v for k, v in os.environ.items() if k != "TRITONDECONV_LOG"},
+                         capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
 
 
 def test_unwritable_cache_still_tunes(tmp_path, monkeypatch):
@@ -245,7 +284,7 @@ def test_capture_does_not_time(cache_dir):
         raise AssertionError("timed during capture")
     tuner = Tuner("capture", None, no_timing)
     torch.cuda.synchronize()
-    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+    with pytest.warns(UserWarning, match="call the model once before capturing"), torch.cuda.graph(torch.cuda.CUDAGraph()):
         chosen = tuner.pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
     assert chosen == CANDIDATES[0]
     tuner.time_config = lambda launch: SPEED[launch()["BLOCK_M"]]

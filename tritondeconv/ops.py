@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Sequence
 
 import torch
@@ -41,6 +42,7 @@ from .arguments import (
 )
 from .kernels.common import INTERPRETING
 from .kernels.phase_gemm import ACTIVATIONS, phase_gemm
+from .kernels.tuning import NoConfigurationRan
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
 
@@ -50,6 +52,19 @@ _FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose
 def runs_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (see the module docstring)."""
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
+
+
+def _computed(device: torch.device, kernels, aten) -> torch.Tensor:
+    """``kernels()`` where the Triton kernels run, ``aten()`` elsewhere, and ``aten()``
+    with a warning where no configuration of a kernel could run for the shape (a first
+    call never fails for the tuner's sake)."""
+    if not runs_triton(device):
+        return aten()
+    try:
+        return kernels()
+    except NoConfigurationRan as error:
+        warnings.warn(f"{error}; computed by aten's convolution instead")
+        return aten()
 
 
 def _as5d(t: torch.Tensor) -> torch.Tensor:
@@ -206,11 +221,12 @@ def _define_conv_transpose(name: str, rank: int, naive: bool):
         if naive:
             x = zero_insert(x, weight, args.stride, args.output_padding)
             run_stride, run_output_padding = (1,) * rank, (0,) * rank
-        if runs_triton(x.device):
-            out = _launch_transposed(x, weight, bias, args, run_stride)
-        else:
-            out = _FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation)
-            out = _as_aten_would(out, x, weight)
+        out = _computed(
+            x.device,
+            lambda: _launch_transposed(x, weight, bias, args, run_stride),
+            lambda: _as_aten_would(_FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding,
+                                                     args.groups, args.dilation), x, weight),
+        )
         return out.squeeze(0) if unbatched else out
 
     def fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -271,12 +287,13 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
     x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
     _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
     r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
-    if runs_triton(x.device):
-        out = _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r)
-    else:
+    def aten():
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
         out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
-        out = _as_aten_would(out if r is None else out + r, x, weight)
+        return _as_aten_would(out if r is None else out + r, x, weight)
+
+    out = _computed(x.device, lambda: _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r),
+                    aten)
     return out.squeeze(0) if unbatched else out
 
 
@@ -321,15 +338,20 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
     out = _input_grad_empty(grad_output, weight, input_size)
     if out.numel() == 0:
         return out
-    if not runs_triton(grad_output.device):
+
+    def aten():
         full = torch.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
         return out.copy_(full[(..., *(slice(0, i) for i in input_size))])
-    stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
-    phase_gemm(
-        _as5d(out), _as5d(grad_output), _as5d(pack_weight(weight, columns=0)), None, stride5, padding5, dilation5, groups,
-        transposed=False, allow_tf32=_allow_tf32(),
-    )
-    return out
+
+    def kernels():
+        stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
+        phase_gemm(
+            _as5d(out), _as5d(grad_output), _as5d(pack_weight(weight, columns=0)), None, stride5, padding5, dilation5,
+            groups, transposed=False, allow_tf32=_allow_tf32(),
+        )
+        return out
+
+    return _computed(grad_output.device, kernels, aten)
 
 
 @_input_grad_op.register_fake
@@ -347,18 +369,23 @@ def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, 
     (batched) ``input`` that produced ``grad_output``'s shape."""
     _refuse_forward_ad("conv_transpose_weight_grad", input, grad_output)
     c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
-    if not runs_triton(input.device):
+
+    def aten():
         output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding, dilation)
         weight = input.new_empty((c_in, c_out_g, *kernel_size))
         return torch.ops.aten.convolution_backward(
             grad_output, input, weight, None, stride, padding, dilation, True, output_padding, groups, [False, True, False]
         )[1].contiguous()
-    stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
-    kernel5 = (1,) * (3 - len(kernel_size)) + tuple(kernel_size)
-    grad = weight_grad(
-        _as5d(input), _as5d(grad_output), kernel5, stride5, padding5, dilation5, groups, allow_tf32=_allow_tf32()
-    )
-    return grad.reshape(c_in, c_out_g, *kernel_size)
+
+    def kernels():
+        stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
+        kernel5 = (1,) * (3 - len(kernel_size)) + tuple(kernel_size)
+        grad = weight_grad(
+            _as5d(input), _as5d(grad_output), kernel5, stride5, padding5, dilation5, groups, allow_tf32=_allow_tf32()
+        )
+        return grad.reshape(c_in, c_out_g, *kernel_size)
+
+    return _computed(input.device, kernels, aten)
 
 
 @_weight_grad_op.register_fake
