@@ -127,8 +127,10 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, args: ConvTransposeArgs
 def _as_aten_would(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """aten's own result, in the memory format our fake implementation promises (aten's
     CPU backends sometimes pick another layout by heuristics of their own)."""
-    expected = _empty(out.shape, out, output_memory_format(x, weight))
-    return out if out.stride() == expected.stride() else expected.copy_(out)
+    memory_format = output_memory_format(x, weight)
+    if out.stride() == _empty(out.shape, out.to("meta"), memory_format).stride():  # (strides without allocating)
+        return out
+    return _empty(out.shape, out, memory_format).copy_(out)
 
 
 # ---------------------------------------------------------------- conv_transpose{1,2,3}d
