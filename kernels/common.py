@@ -3,7 +3,6 @@ launch observers (the documented seam through which tests and tools see which ke
 ran, with which constants)."""
 import contextlib
 import os
-import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -11,13 +10,6 @@ import torch
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = os.environ.get("TRITONDECONV_AUTOTUNE", "1") != "0"
-
-# Launches are serialised: a first call of a shape times every candidate configuration
-# (``tuning.Tuner``), and a second thread launching meanwhile would both skew those
-# timings and race on the tuner's memo.  Each launch is a few microseconds of host work
-# (the GPU still runs them asynchronously).
-LAUNCH_LOCK = threading.Lock()
 
 _OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -80,7 +72,7 @@ def observe_launches() -> Iterator[list[Launch]]:
     try:
         yield launches
     finally:
-        _OBSERVERS.remove(launches)
+        del _OBSERVERS[next(i for i, o in enumerate(_OBSERVERS) if o is launches)]
 
 
 def notify_launch(kernel: str, constants: dict) -> None:

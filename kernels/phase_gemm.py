@@ -34,14 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, notify_launch, operand_dtype
-from .tuning import Tuner, bucket, config, device_limits, prune
+from . import launcher
+from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
+from .cost import Part, Problem
+from .tuning import FMA_PRODUCTS, bucket, config
 
 
-def configs(c_red: int, c_col: int) -> list[dict]:
-    """Launch configurations to choose from, best first, for a GEMM that reduces over
-    ``c_red`` channels per group and produces ``c_col`` (``tuning.prune`` then trims
-    them to the problem and the GPU; with autotuning off the first survivor is used).
+def configs(c_red: int, c_col: int, interpreter: bool = INTERPRETING) -> list[dict]:
+    """Launch configurations to choose from for a GEMM that reduces over ``c_red``
+    channels per group and produces ``c_col`` (the launcher prunes them to the problem
+    and the GPU and the cost model ranks them; with no GPU to rank for, the order here
+    stands: tensor cores first).
 
     Two paths, chosen by the channels (``tl.dot`` needs tiles of at least 16 a side):
 
@@ -54,25 +57,35 @@ def configs(c_red: int, c_col: int) -> list[dict]:
       gets only FMA tiles; a layer with one narrow side gets both, tensor-core tiles
       first (they waste work on the padding but run about 15× faster per product).
 
-    In the interpreter (nothing can be timed) one small tile per path.
+    ``interpreter``: the list for the Triton interpreter (nothing can be timed there):
+    one small tile per path.
     """
     n_fma, k_fma = min(triton.next_power_of_2(c_col), 16), min(triton.next_power_of_2(c_red), 16)
-    if INTERPRETING:
+    if interpreter:
         fma = [config(32, n_fma, k_fma, GROUP_M=1)]
         dot = [config(32, 16, 16, GROUP_M=1)]
     else:
-        # FMA tiles keep BLOCK_M*BLOCK_N*BLOCK_K products per step within the registers.
         fma = [config(bm, n_fma, k_fma, num_warps=w, num_stages=2, GROUP_M=1)
-               for bm, w in ((256, 4), (512, 8), (128, 4), (1024, 8)) if bm * n_fma * k_fma <= 16384]
-        dot = [config(bm, bn, bk, num_warps=w, num_stages=st, GROUP_M=8) for bm, bn, bk, w, st in (
-            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
-            (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (128, 16, 64, 4, 4), (64, 16, 128, 4, 3),
-            (128, 64, 16, 4, 5), (64, 64, 16, 4, 4), (32, 16, 16, 2, 2),
-        )]
+               for bm, w in ((256, 4), (512, 8), (128, 4), (1024, 8)) if bm * n_fma * k_fma <= FMA_PRODUCTS]
+        dot = [config(bm, bn, bk, num_warps=w, num_stages=st, GROUP_M=8) for bm, bn, bk, w, st in DOT_TILES]
     if c_red == 1 and c_col == 1:
         return fma
     return dot + fma if min(c_red, c_col) < 16 else dot
+
+
+# Tensor-core tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), sized for Hopper (228 KiB
+# of shared memory, 64-row warpgroup MMAs) and valid on Ampere.  Wide ones for ordinary
+# layers; 32- and 16-wide ones, 64 to 256 rows deep, for layers of 17-32 and <= 16
+# channels (an RGB output layer keeps a 16-wide tensor-core tile: 13/16 of it is
+# padding, still faster than FMA); 16- and 32-deep ones for few input channels.
+DOT_TILES = (
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
+    (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (128, 16, 64, 4, 4), (64, 16, 128, 4, 3),
+    (256, 32, 32, 8, 3), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (128, 16, 32, 4, 4), (64, 16, 32, 4, 4),
+    (128, 64, 16, 4, 5), (64, 64, 16, 4, 4), (128, 32, 16, 4, 4), (128, 16, 16, 4, 4), (64, 16, 16, 4, 4),
+    (32, 16, 16, 2, 2),
+)
 
 
 @triton.jit
@@ -275,9 +288,6 @@ def _phase_gemm_kernel(
     tl.store(y_rows[:, None] + cols * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
-_TUNER = Tuner("phase_gemm", _phase_gemm_kernel)
-
-
 def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
     """``gcd(d, s)`` and the inverse of ``d/g`` modulo ``s/g`` for one axis."""
     g = math.gcd(dilation, stride)
@@ -321,53 +331,69 @@ def phase_gemm(
     consts = [_axis_constants(s, d) for s, d in zip(stride, dilation)]
     rows_per_phase = out.shape[2:] if not transposed else [triton.cdiv(o, s) for o, s in zip(out.shape[2:], stride)]
     m_max = n * math.prod(rows_per_phase)
-
     precision = input_precision(x.dtype, allow_tf32)
-    device_name, shared_memory = device_limits(x.device)
-    # The shape class a tuning is kept for: the GEMM's N and K (channels per group), the
-    # taps per phase and their spacing (kernel size, stride, dilation), the access
-    # pattern (direction, channels-last or not), the dtype and dot precision, and M
-    # bucketed, so that every layer of a model tunes once and image sizes within a
-    # factor of two share a tuning.
-    key = (transposed, c_red_g, c_col_g, *weight.shape[2:], *stride, *dilation, str(x.dtype), precision,
-           x.stride(1) == 1 and x.shape[1] > 1, bucket(m_max))
-
-    def candidates() -> list[dict]:
-        return prune(configs(c_red_g, c_col_g), m_max, c_col_g, c_red_g, x.element_size(), shared_memory)
+    kernel_size = weight.shape[2:]
 
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
         return (tiles * n_phases, groups)
 
-    constants = dict(
-        TRANSPOSED=transposed,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=activation or "",
-        HAS_RESIDUAL=residual is not None,
-        INT64_INDEX=needs_int64(x, weight, out, residual),
-        OPERAND_DTYPE=operand_dtype(x.dtype),
-        INPUT_PRECISION=precision,
-    )
+    def problem() -> Problem:
+        """Per phase (one GEMM per group): its rows and its taps."""
+        axes = [_phase_sizes(k, s, p, d, o, transposed) for k, s, p, d, o in zip(kernel_size, stride, padding, dilation, out.shape[2:])]
+        parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
+                 for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
+        dtype = "tf32" if precision == "tf32" else str(x.dtype).removeprefix("torch.")
+        return Problem(tuple(parts), x.element_size(), dtype, ("BLOCK_N", "BLOCK_K"))
 
-    def launch(config: dict) -> None:
-        _phase_gemm_kernel[grid](
-            x, weight, bias if bias is not None else x, out, residual if residual is not None else out,
+    residual_or_out = residual if residual is not None else out
+    launcher.launch(launcher.Request(
+        family="phase_gemm",
+        kernel=_phase_gemm_kernel,
+        args=(
+            x, weight, bias if bias is not None else x, out, residual_or_out,
             n, c_red_g, c_col_g,
             *x.shape[2:], *out.shape[2:],
             *x.stride(),
             sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
             *out.stride(),
-            *(residual if residual is not None else out).stride(),
+            *residual_or_out.stride(),
             bias.stride(0) if bias is not None else 0,
-            *weight.shape[2:], *stride, *padding, *dilation,
+            *kernel_size, *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
             m_max, negative_slope,
-            **constants,
-            **config,
-        )
-
-    with LAUNCH_LOCK:
-        config = _TUNER.pick(device_name, key, candidates, launch)
-        launch(config)
-    notify_launch("phase_gemm", {**constants, **config})
+        ),
+        constants=dict(
+            TRANSPOSED=transposed,
+            HAS_BIAS=bias is not None,
+            ACTIVATION=activation or "",
+            HAS_RESIDUAL=residual is not None,
+            INT64_INDEX=needs_int64(x, weight, out, residual),
+            OPERAND_DTYPE=operand_dtype(x.dtype),
+            INPUT_PRECISION=precision,
+        ),
+        grid=grid,
+        # The shape class a tuning is kept for: the GEMM's N and K (channels per group)
+        # and the groups (they multiply the programs), the taps per phase and their
+        # spacing (kernel size, stride, dilation), the access pattern (direction,
+        # channels-last or not), the dtype and dot precision, and M bucketed, so that
+        # every layer of a model tunes once and image sizes within a factor of two share
+        # a tuning.
+        key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(x.dtype), precision,
+             x.stride(1) == 1 and x.shape[1] > 1, bucket(m_max)),
+        configs=lambda: configs(c_red_g, c_col_g),
+        problem=problem,
+        device=x.device,
+        output=out,
+    ))
     return out
+
+
+def _phase_sizes(k: int, s: int, p: int, d: int, size_out: int, transposed: bool) -> list[tuple[int, int]]:
+    """(outputs, taps) of each phase along one axis: phase ``r`` has the outputs ``o`` with
+    ``(o + p) % s == r`` and the taps ``kk`` with ``kk*d ≡ r (mod s)``; the direct
+    convolution has one phase with every output and tap."""
+    if not transposed:
+        return [(size_out, k)]
+    return [(len(range((r - p) % s, size_out, s)), sum(1 for kk in range(k) if (kk * d - r) % s == 0))
+            for r in range(s)]

@@ -1,24 +1,30 @@
-"""Choosing a kernel's tile configuration: pruning, timing, and a tuning cache on disk.
+"""Choosing a kernel's tile configuration: timing the best candidates, checking the
+winner, and a tuning cache on disk.
 
-Each launcher asks its ``Tuner`` for a configuration under a *shape-class key* it builds
-itself (the things that change which tile is fastest: channels, taps, strides, dtype,
-layout, a bucketed row count), from candidates its kernel family lists and ``prune``
-trims to the problem and the GPU.  The tuner answers, in order:
+Each kernel family's launcher builds a *shape-class key* (the things that change which
+tile is fastest: channels, groups, taps, strides, dtype, layout, a bucketed row count)
+and its candidates, pruned to the problem and the GPU and ranked by the static cost
+model (``cost.py``; ``launcher.py`` does both).  The tuner answers, in order:
 
-1. from memory, if this process has tuned the key already;
-2. with the first candidate, untimed, when there is nothing to time: in the Triton
-   interpreter (it cannot time anything), with ``TRITONDECONV_AUTOTUNE=0`` (the
-   candidates are listed best-first, so the first one that survives pruning is the
-   heuristic choice), or when only one candidate survives;
+1. from memory, if this process has tuned the key already (no lock is taken: a thread
+   launching a tuned key never waits behind another thread's tuning);
+2. with the first candidate (the cost model's pick), untimed, when there is nothing to
+   time: in the Triton interpreter (it cannot time anything), with
+   ``TRITONDECONV_AUTOTUNE=0``, or when only one candidate survives;
 3. from the cache file of this GPU model and Triton version, when it holds an entry for
    the key whose configuration is still a candidate (otherwise the entry is stale);
 4. with the first candidate, untimed and not remembered, during CUDA-graph capture
    (nothing can be timed there), with a warning that asks for a warm-up call before
    capturing;
-5. by timing every candidate (median of ``triton.testing.do_bench``), keeping the fastest
-   and writing it to the cache file.  A candidate that fails in any way (compile,
-   resources, launch) is skipped and logged; when none runs, ``NoConfigurationRan`` is
-   raised, which the op layer answers with aten's result and one warning.
+5. by tuning: the best ``TIMED`` candidates (every one with
+   ``TRITONDECONV_AUTOTUNE=exhaustive``) are compiled all at once on the host's cores,
+   those the compiler reports spilling registers are dropped (unless all spill: then the
+   least spilling stay), the rest are timed (median of ``triton.testing.do_bench``),
+   and the fastest is checked against the cost model's pick: if their outputs disagree
+   beyond summation order (``agree``), the pick is kept and the disagreement logged.
+   A candidate that fails in any way (compile, resources, launch) is skipped and
+   logged; when none runs, ``NoConfigurationRan`` is raised, which the op layer answers
+   with aten's result and one warning.
 
 The cache file lives in ``$TRITONDECONV_CACHE_DIR`` (default ``~/.cache/tritondeconv``),
 one JSON file per (GPU name, Triton version).  A file that cannot be read or parsed is
@@ -26,9 +32,10 @@ ignored (with a warning) and replaced at the next write.  Writes merge with what
 disk under an exclusive lock and land through an atomic rename, so processes tuning at
 the same time never leave a torn file or drop each other's entries.  Every tuning done
 by this process is appended to ``TUNING_LOG`` (with the seconds it took and each
-candidate's time), which ``tuning_report()`` returns and ``perf/bench.py`` reports;
-with ``TRITONDECONV_LOG=1`` (or the ``tritondeconv`` logger at INFO) each tuning is
-logged as it happens, as ``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.
+candidate's compile time, run time or reason for being dropped), which
+``tuning_report()`` returns and ``perf/bench.py`` reports; with ``TRITONDECONV_LOG=1``
+(or the ``tritondeconv`` logger at INFO) each tuning is logged as it happens, as
+``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.
 
 Why not ``triton.autotune``: its key is a list of argument values (it cannot express a
 layout or a bucket without extra kernel arguments), and its on-disk cache raises on a
@@ -36,21 +43,22 @@ corrupt file.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import triton
-from .common import AUTOTUNE, INTERPRETING
+from .common import INTERPRETING
 
 try:
     import fcntl
@@ -75,26 +83,10 @@ def config(BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int = 4, num_sta
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **extra, num_warps=num_warps, num_stages=num_stages)
 
 
-def prune(candidates: list[dict], m: int, n: int, k: int, element_size: int, shared_memory: int | None) -> list[dict]:
-    """The candidates that fit the problem and the GPU, in their given order.
-
-    For a GEMM of ``m`` rows, ``n`` columns and a reduction of ``k`` (per step), drop
-    tiles larger than the problem rounds up to (a 128-wide column tile for 3 output
-    channels is 97% waste), never below the smallest tile on offer; and drop tiles whose
-    pipelined operands (``num_stages`` copies of the A and B tiles) exceed the GPU's
-    shared memory (``None``: unknown, keep).  Never returns an empty list: if nothing
-    fits, the smallest candidate.
-    """
-    def fits(c: dict) -> bool:
-        for block, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k)):
-            smallest = min(d[block] for d in candidates)
-            if c[block] > max(smallest, triton.next_power_of_2(size)):
-                return False
-        tiles = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * element_size
-        return shared_memory is None or c["num_stages"] * tiles <= shared_memory
-
-    kept = [c for c in candidates if fits(c)]
-    return kept or [min(candidates, key=lambda c: c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] * c["num_stages"])]
+# Products per reduction step of an FMA tile (BLOCK_M*BLOCK_N*BLOCK_K): the FMA path
+# holds its whole product cube in registers, and 16384 of them are 128 fp32 registers per
+# thread at 4 warps (64 at 8), about half of what a thread may hold without spilling.
+FMA_PRODUCTS = 16384
 
 
 def bucket(rows: int) -> int:
@@ -103,15 +95,12 @@ def bucket(rows: int) -> int:
     return triton.next_power_of_2(max(rows, 1))
 
 
-@functools.lru_cache(maxsize=None)
-def device_limits(device: torch.device) -> tuple[str, int | None]:
-    """The device's name (the cache file is per GPU model) and its shared memory per
-    block in bytes (``None`` where unknown: on the CPU, under the interpreter)."""
-    if device.type != "cuda":
-        return device.type, None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    properties = triton.runtime.driver.active.utils.get_device_properties(index)
-    return torch.cuda.get_device_name(index), properties["max_shared_mem"]
+def autotune_mode() -> str:
+    """``TRITONDECONV_AUTOTUNE``, read when a key is first tuned: ``"0"`` (time nothing:
+    the cost model's pick), ``"exhaustive"`` (time every candidate), otherwise the
+    default (time the cost model's best ``TIMED``)."""
+    mode = os.environ.get("TRITONDECONV_AUTOTUNE", "1")
+    return mode if mode in ("0", "exhaustive") else "1"
 
 
 def cache_dir() -> Path:
@@ -125,16 +114,36 @@ def cache_path(device_name: str) -> Path:
 
 
 @dataclass
+class Compiled:
+    """What compiling a candidate tells before it runs: registers per thread, registers
+    spilled to local memory, and shared memory in bytes."""
+    n_regs: int
+    n_spills: int
+    shared: int
+
+
+@dataclass
+class Trial:
+    """One candidate of a tuning: seconds its compilation took (``None``: not compiled
+    apart), its median milliseconds (``inf``: it did not run), and why it was dropped
+    or not timed (``""`` when it was timed)."""
+    config: dict
+    compile_s: float | None
+    ms: float
+    note: str = ""
+
+
+@dataclass
 class Tuning:
-    """One tuning done by this process (an entry of ``TUNING_LOG``): the key, the winner,
-    the seconds the whole tuning took, how many candidates it had, and each candidate's
-    median milliseconds (``inf`` where it could not run)."""
+    """One tuning done by this process (an entry of ``TUNING_LOG``): the kernel, the key,
+    the winner, the seconds the whole tuning took, how many candidates were considered,
+    and each timed candidate's trial."""
     kernel: str
     key: tuple
     config: dict
     seconds: float
     candidates: int
-    timings: list[tuple[dict, float]]
+    timings: list[Trial]
 
 
 TUNING_LOG: list[Tuning] = []
@@ -146,7 +155,24 @@ def tuning_report() -> list[Tuning]:
 
 
 def _describe(config: dict) -> str:
+    if "BLOCK_M" not in config:
+        return ",".join(f"{k}={v}" for k, v in config.items())
     return f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+
+
+def agree(reference: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two configurations' outputs are the same result up to summation order:
+    the same NaN and infinity positions, and every finite element within a tolerance of
+    the dtype (fp32 at TF32's) times the reference's largest finite magnitude."""
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}[reference.dtype]
+    a, b = reference.double(), other.double()
+    if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()])):
+        return False
+    finite = a.isfinite()
+    if not finite.any():
+        return True
+    scale = a[finite].abs().max().clamp_min(1e-30)
+    return bool(((a - b)[finite].abs() <= tolerance * scale).all())
 
 
 class CacheFile:
@@ -207,6 +233,9 @@ def _median_ms(launch: Callable[[], None]) -> float:
     return triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median")
 
 
+TIMED = 6  # candidates timed per key (the cost model's best); "exhaustive" times all
+
+
 class Tuner:
     """Picks one kernel's configuration per shape-class key (see the module docstring).
 
@@ -215,38 +244,57 @@ class Tuner:
     ``time_config`` times one launch configuration (default: ``do_bench``'s median).
     """
 
-    def __init__(self, name: str, kernel=None, time_config: Callable[[Callable[[], None]], float] = _median_ms):
+    def __init__(self, name: str, kernel=None, time_config: Callable[[Callable[[], object]], float] = _median_ms):
         self.name = name
         self.kernel = kernel
         self.time_config = time_config
         self._memo: dict[tuple, dict] = {}
+        self._tuning = threading.Lock()
 
     @property
     def version(self) -> str:
-        return self.kernel.cache_key if self.kernel is not None else ""
+        return getattr(self.kernel, "cache_key", "")  # the interpreter's kernels have none
+
+    def forget(self) -> None:
+        """Forget what this process has tuned (the cache file stays)."""
+        self._memo.clear()
 
     def pick(self, device_name: str, key: tuple, candidates: Callable[[], list[dict]],
-             launch: Callable[[dict], None], tune: bool | None = None) -> dict:
-        """The configuration for ``key`` among ``candidates()`` (pruned, best first; the
-        same list for the same device and key, and built only on a key's first call, so
-        that later calls cost one dictionary lookup).  ``launch(config)`` runs the
-        kernel with one configuration (it must be safe to repeat: it is timed several
-        times).  ``tune`` defaults to "not in the interpreter and TRITONDECONV_AUTOTUNE
-        is not 0"."""
-        if tune is None:
-            tune = AUTOTUNE and not INTERPRETING
+             launch: Callable[[dict], torch.Tensor | None], tune: bool | None = None,
+             compile: Callable[[dict], Compiled | None] | None = None,
+             clock: Callable[[Callable[[], object]], float] | None = None) -> dict:
+        """The configuration for ``key`` among ``candidates()`` (pruned and ranked best
+        first; built only on a key's first call, so that later calls cost one dictionary
+        lookup).  ``launch(config)`` runs the kernel with one configuration and returns
+        the tensor it wrote (or ``None``); it must be safe to repeat.  ``compile(config)``
+        compiles one without running it (``None``: compiling happens at the first
+        launch); ``clock`` times a launch (default ``time_config``).  ``tune`` defaults
+        to "not in the interpreter and ``TRITONDECONV_AUTOTUNE`` is not 0".
+
+        Only the first call of a key takes the tuner's lock: a thread launching a tuned
+        key never waits behind another thread's tuning."""
         memo_key = (device_name, key)
-        if memo_key in self._memo:
-            return self._memo[memo_key]
-        candidates = candidates()
+        chosen = self._memo.get(memo_key)
+        if chosen is not None:
+            return chosen
+        with self._tuning:
+            chosen = self._memo.get(memo_key)
+            if chosen is None:
+                chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config)
+        return chosen
+
+    def _choose(self, device_name, key, candidates, launch, tune, compile, clock) -> dict:
+        mode = autotune_mode()
+        if tune is None:
+            tune = mode != "0" and not INTERPRETING
         if not tune or len(candidates) == 1:
-            self._memo[memo_key] = candidates[0]
+            self._memo[(device_name, key)] = candidates[0]
             return candidates[0]
         cache = CacheFile(cache_path(device_name))
         entry_key = json.dumps([self.name, self.version, *key])
         cached = cache.read().get(entry_key)
         if isinstance(cached, dict) and cached.get("config") in candidates:
-            self._memo[memo_key] = cached["config"]
+            self._memo[(device_name, key)] = cached["config"]
             return cached["config"]
         if _capturing():
             warnings.warn(
@@ -255,24 +303,91 @@ class Tuner:
             return candidates[0]
 
         start = time.perf_counter()
-        timings = [(c, self._time(launch, c, key)) for c in candidates]
-        chosen, best_ms = min(timings, key=lambda t: t[1])
-        seconds = time.perf_counter() - start
-        if math.isinf(best_ms):
+        timed = candidates if mode == "exhaustive" else candidates[:TIMED]
+        trials = self._compile_all(timed, compile, key)
+        for trial in trials:
+            if not trial.note:
+                trial.ms = self._time(launch, trial, key, clock)
+        ran = [t for t in trials if not math.isinf(t.ms)]
+        if not ran:
             raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
+        chosen = min(ran, key=lambda t: t.ms).config
+        # The first tuning of a key checks the winner against the cost model's pick that ran.
+        if chosen != ran[0].config and not self._agrees(launch, ran[0].config, chosen):
+            LOG.warning("tritondeconv: %s candidate %s disagrees with %s for shape class %s; keeping %s", self.name,
+                        _describe(chosen), _describe(ran[0].config), key, _describe(ran[0].config))
+            chosen = ran[0].config
+        seconds = time.perf_counter() - start
+        best_ms = min(t.ms for t in ran if t.config == chosen)
         cache.update({entry_key: {"config": chosen, "ms": best_ms, "tuning_s": round(seconds, 3)}})
-        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates), timings))
-        LOG.info("tritondeconv: tuned %s for shape class %s in %.2f s: %s; chose %s", self.name, key, seconds,
-                 ", ".join(f"{_describe(c)} {ms:.4f} ms" for c, ms in timings), _describe(chosen))
-        self._memo[memo_key] = chosen
+        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates), trials))
+        LOG.info("tritondeconv: tuned %s for shape class %s in %.2f s (%d of %d candidates timed): %s; chose %s",
+                 self.name, key, seconds, len(ran), len(candidates), "; ".join(_describe_trial(t) for t in trials),
+                 _describe(chosen))
+        self._memo[(device_name, key)] = chosen
         return chosen
 
-    def _time(self, launch: Callable[[dict], None], candidate: dict, key: tuple) -> float:
+    def _compile_all(self, configs: list[dict], compile, key: tuple) -> list[Trial]:
+        """Compile every candidate at once (a thread each, up to the host's cores: the
+        compiler releases the GIL), before anything is timed.  A candidate that fails to
+        compile is dropped; so is one that spills registers, unless every one does
+        (then those that spill least stay)."""
+        if compile is None:
+            return [Trial(c, None, math.inf) for c in configs]
+
+        def timed_compile(config: dict):
+            start = time.perf_counter()
+            try:
+                return compile(config), time.perf_counter() - start
+            except Exception as error:  # noqa: BLE001 (a failure only removes this candidate)
+                return error, time.perf_counter() - start
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(configs), os.cpu_count() or 1))) as pool:
+            results = list(pool.map(timed_compile, configs))
+        trials = []
+        for config, (result, seconds) in zip(configs, results):
+            trial = Trial(config, seconds, math.inf)
+            if isinstance(result, Exception):
+                trial.note = f"failed to compile: {type(result).__name__}: {_first_line(result)}"
+                LOG.warning("tritondeconv: %s candidate %s skipped for shape class %s: %s", self.name,
+                            _describe(config), key, trial.note)
+            trials.append(trial)
+        spills = {id(t): r.n_spills for t, (r, _) in zip(trials, results) if isinstance(r, Compiled)}
+        if spills:
+            least = min(spills.values())
+            for trial in trials:
+                if id(trial) in spills and spills[id(trial)] > least:
+                    trial.note = f"spills {spills[id(trial)]} registers"
+        return trials
+
+    def _time(self, launch, trial: Trial, key: tuple, clock) -> float:
         """Median milliseconds of one candidate; infinite if it fails in any way (does not
         compile, does not fit the GPU, raises at launch), which is logged."""
         try:
-            return self.time_config(lambda: launch(candidate))
+            return clock(lambda: launch(trial.config))
         except Exception as error:  # noqa: BLE001 (any failure only removes this candidate)
-            LOG.warning("tritondeconv: %s candidate %s skipped for shape class %s: %s: %s", self.name,
-                        _describe(candidate), key, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            trial.note = f"failed: {type(error).__name__}: {_first_line(error)}"
+            LOG.warning("tritondeconv: %s candidate %s skipped for shape class %s: %s", self.name,
+                        _describe(trial.config), key, trial.note)
             return math.inf
+
+    @staticmethod
+    def _agrees(launch, reference: dict, other: dict) -> bool:
+        """Whether ``other``'s output agrees with ``reference``'s (``True`` when the launch
+        returns nothing to compare)."""
+        expected = launch(reference)
+        if not isinstance(expected, torch.Tensor):
+            return True
+        expected = expected.clone()
+        return agree(expected, launch(other))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else ""
+
+
+def _describe_trial(trial: Trial) -> str:
+    compiled = f", compiled in {trial.compile_s:.2f} s" if trial.compile_s is not None else ""
+    outcome = trial.note or f"{trial.ms:.4f} ms"
+    return f"{_describe(trial.config)}: {outcome}{compiled}"

@@ -18,24 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, LAUNCH_LOCK, input_precision, needs_int64, notify_launch, operand_dtype
-from .tuning import Tuner, bucket, config, device_limits, prune
+from . import launcher
+from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
+from .cost import Part, Problem
+from .tuning import FMA_PRODUCTS, bucket, config
 
 
-def configs(c_in: int, c_out: int) -> list[dict]:
-    """Launch configurations to choose from, best first, for per-tap GEMMs of
-    ``c_in × c_out`` channels per group reducing over pixels (pruned by
-    ``tuning.prune``).  Tensor-core tiles, deep in the pixel reduction; when either
+def configs(c_in: int, c_out: int, interpreter: bool = INTERPRETING) -> list[dict]:
+    """Launch configurations to choose from for per-tap GEMMs of ``c_in × c_out``
+    channels per group reducing over pixels (pruned and ranked by the launcher).  Tensor-core tiles, deep in the pixel reduction; when either
     channel count is below 16 (``tl.dot``'s minimum), also FMA tiles as wide as the
     channels (only those for depthwise layers), as in ``phase_gemm.configs``.  In the
-    interpreter, one small tile per path."""
+    interpreter (``interpreter``), one small tile per path."""
     m_fma, n_fma = min(triton.next_power_of_2(c_in), 16), min(triton.next_power_of_2(c_out), 16)
-    if INTERPRETING:
+    if interpreter:
         fma = [config(m_fma, n_fma, 32)]
         dot = [config(16, 16, 32)]
     else:
         fma = [config(m_fma, n_fma, bk, num_warps=w, num_stages=2)
-               for bk, w in ((256, 4), (1024, 8), (64, 4)) if m_fma * n_fma * bk <= 16384]
+               for bk, w in ((256, 4), (1024, 8), (64, 4)) if m_fma * n_fma * bk <= FMA_PRODUCTS]
         dot = [config(bm, bn, bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
             (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
             (128, 128, 32, 8, 4), (64, 64, 128, 4, 3), (32, 32, 128, 4, 3), (16, 16, 256, 4, 3),
@@ -138,9 +139,6 @@ def _weight_grad_kernel(
     tl.store(ws + offs_m[:, None] * C_out_g + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-_TUNER = Tuner("weight_grad", _weight_grad_kernel)
-
-
 def default_split(pixels: int, programs: int, target_programs: int = 1024, min_pixels: int = 4096) -> int:
     """Ranges to split ``pixels`` into: enough programs to fill a GPU, none shorter than
     ``min_pixels`` (or 1 in the interpreter, where more programs only cost time)."""
@@ -176,36 +174,40 @@ def weight_grad(
     workspace = torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device)
 
     precision = input_precision(x.dtype, allow_tf32)
-    device_name, shared_memory = device_limits(x.device)
-    # The shape class a tuning is kept for: the GEMM's M and N (channels per group), its
-    # K (pixels per split, bucketed), the access pattern (channels-last or not, stride),
-    # the dtype and dot precision.
-    key = (c_in_g, c_out_g, *stride, str(x.dtype), precision, x.stride(1) == 1 and c_in > 1, bucket(per_split))
-
-    def candidates() -> list[dict]:
-        return prune(configs(c_in_g, c_out_g), c_in_g, c_out_g, per_split, x.element_size(), shared_memory)
 
     def grid(meta):
         return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
 
-    constants = dict(INT64_INDEX=needs_int64(x, grad_y), OPERAND_DTYPE=operand_dtype(x.dtype), INPUT_PRECISION=precision)
+    def problem() -> Problem:
+        """One GEMM per (tap, group, pixel range)."""
+        dtype = "tf32" if precision == "tf32" else str(x.dtype).removeprefix("torch.")
+        return Problem((Part(taps * groups * split, c_in_g, c_out_g, per_split, 1),), x.element_size(), dtype,
+                       ("BLOCK_M", "BLOCK_N"))
 
-    def launch(config: dict) -> None:
-        _weight_grad_kernel[grid](
+    launcher.launch(launcher.Request(
+        family="weight_grad",
+        kernel=_weight_grad_kernel,
+        args=(
             x, grad_y, workspace,
             n, c_in_g, c_out_g,
             *x.shape[2:], *grad_y.shape[2:],
             *x.stride(), *grad_y.stride(),
             *kernel_size, *stride, *padding, *dilation,
             split, per_split,
-            **constants,
-            **config,
-        )
-
-    with LAUNCH_LOCK:
-        config = _TUNER.pick(device_name, key, candidates, launch)
-        launch(config)
-    notify_launch("weight_grad", {**constants, **config})
+        ),
+        constants=dict(INT64_INDEX=needs_int64(x, grad_y), OPERAND_DTYPE=operand_dtype(x.dtype), INPUT_PRECISION=precision),
+        grid=grid,
+        # The shape class a tuning is kept for: the GEMM's M and N (channels per group),
+        # the groups, its K (pixels per split, bucketed), the geometry that decides which
+        # pixels hit (kernel size, stride, padding, dilation), the access pattern
+        # (channels-last or not), the dtype and dot precision.
+        key=(c_in_g, c_out_g, groups, *kernel_size, *stride, *padding, *dilation, str(x.dtype), precision,
+             x.stride(1) == 1 and c_in > 1, bucket(per_split)),
+        configs=lambda: configs(c_in_g, c_out_g),
+        problem=problem,
+        device=x.device,
+        output=workspace,
+    ))
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
     total = workspace.sum(0) if split > 1 else workspace[0]
     grad = torch.empty((c_in, c_out_g, *kernel_size), dtype=x.dtype, device=x.device)

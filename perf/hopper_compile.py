@@ -50,14 +50,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
-from tritondeconv.kernels import phase_gemm, weight_grad  # noqa: E402
+from tritondeconv.kernels import launcher, phase_gemm, weight_grad  # noqa: E402
 from tritondeconv.kernels.common import force_int64_index  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-H100 = ("NVIDIA H100 80GB HBM3", 232448)  # name, shared memory per block (bytes)
+H100 = launcher.DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
 REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
 OPTIONS = ("num_warps", "num_stages")
@@ -116,47 +116,19 @@ def _specialise(kernel, args: tuple, kwargs: dict) -> Launch:
     return Launch(kernel.__name__, tuple(signature.items()), tuple(constants.items()), tuple(divisible), options)
 
 
-class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records
-    the call instead of launching it."""
-
-    def __init__(self, kernel, launches: set):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.add(_specialise(self.kernel, args, kwargs))
-
-
-def _offer_every_candidate(device_name, key, candidates, launch, tune=None):
-    """A ``Tuner.pick`` that launches every candidate once (so each is recorded)."""
-    offered = candidates()
-    for config in offered:
-        launch(config)
-    return offered[0]
-
-
 @contextmanager
 def recording(launches: set, int64: bool = False):
-    """While inside: the ops run their Triton path on CPU tensors, as on an H100, and
-    every kernel launch of every candidate configuration lands in ``launches``
-    (``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits)."""
-    saved = []
+    """While inside: the ops take their Triton path on CPU tensors, as on an H100, and
+    every candidate configuration of every kernel launch lands in ``launches`` (nothing
+    runs; ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits)."""
+    def every_candidate(request, candidates):
+        for config in candidates:
+            launches.add(_specialise(request.kernel, request.args, {**request.constants, **config}))
+        return candidates[0]
 
-    def patch(owner, name, value):
-        saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    patch(tritondeconv.ops, "runs_triton", lambda device: True)
-    for name, module in KERNELS.items():
-        patch(module, name, _Recorder(getattr(module, name), launches))
-        patch(module, "device_limits", lambda device: H100)
-        patch(module._TUNER, "pick", _offer_every_candidate)
-    try:
-        with force_int64_index() if int64 else nullcontext():
-            yield
-    finally:
-        for owner, name, value in reversed(saved):
-            setattr(owner, name, value)
+    with launcher.intercept(choose=every_candidate, launch=lambda request, config: None, device=H100), \
+            (force_int64_index() if int64 else nullcontext()):
+        yield
 
 
 def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward=True, **kwargs) -> None:
@@ -256,7 +228,7 @@ def compile_launch(launch: Launch) -> dict:
                shared_bytes=compiled.metadata.shared + int(fields["SHARED"]),
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), error="")
-    row["fits"] = row["shared_bytes"] <= H100[1] and row["regs"] * threads <= REGISTERS_PER_SM
+    row["fits"] = row["shared_bytes"] <= H100.shared_memory and row["regs"] * threads <= REGISTERS_PER_SM
     return row
 
 

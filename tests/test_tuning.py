@@ -12,9 +12,11 @@ import torch
 import triton
 
 import tritondeconv
+from tritondeconv.kernels.common import observe_launches
 from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
-from tritondeconv.kernels import phase_gemm, tuning, weight_grad
-from tritondeconv.kernels.tuning import CacheFile, NoConfigurationRan, Tuner, cache_path, config, prune
+from tritondeconv.kernels import cost, launcher, phase_gemm, tuning, weight_grad
+from tritondeconv.kernels.cost import Part, Problem, prune
+from tritondeconv.kernels.tuning import CacheFile, NoConfigurationRan, Tuner, cache_path, config
 from triton.runtime.errors import OutOfResources
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -50,14 +52,18 @@ def test_paths_offered_by_shape(family, c_red, c_col, paths):
             assert all(c[side] == min(triton.next_power_of_2(ch), 16) for side, ch in zip(sides, (c_red, c_col)))
 
 
-def _each_offered_config(monkeypatch, tuner: Tuner, run):
-    """``run()`` once per configuration ``tuner`` offers on its first call; the outputs."""
+def _each_offered_config(family: str, run):
+    """``run()`` once per configuration the ``family``'s launcher offers its tuner (pruned
+    and ranked as the launcher does); the outputs."""
     offered, outputs, index = [], [], 0
     while index == 0 or index < len(offered[0]):
-        chosen = index
-        monkeypatch.setattr(tuner, "pick", lambda device_name, key, candidates, launch, tune=None:
-                            offered.append(candidates()) or candidates()[chosen])
-        outputs.append(run())
+        def choose(request, candidates, chosen=index):
+            if request.family != family:
+                return candidates[0]
+            offered.append(candidates)
+            return candidates[chosen]
+        with launcher.intercept(choose=choose):
+            outputs.append(run())
         index += 1
     return outputs
 
@@ -72,7 +78,7 @@ SHAPES = [  # (N, C_in, C_out, groups): one per path
 
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"], indirect=True)
 @pytest.mark.parametrize("n, c_in, c_out, groups", SHAPES)
-def test_every_offered_config_is_correct(device, monkeypatch, precision, n, c_in, c_out, groups):
+def test_every_offered_config_is_correct(device, precision, n, c_in, c_out, groups):
     """Forward and weight gradient with each configuration the tuner could pick."""
     if device == "cpu" and precision != "float64":
         pytest.skip("interpreter suite: one precision on CPU")
@@ -84,46 +90,67 @@ def test_every_offered_config_is_correct(device, monkeypatch, precision, n, c_in
     b = torch.randn(c_out, device=device).to(dtype)
     args = (2, 1, 0, groups)
     ref = reference(x, w, b, *args, 1)
-    for out in _each_offered_config(monkeypatch, phase_gemm._TUNER, lambda: tritondeconv.conv_transpose2d(x, w, b, *args)):
+    for out in _each_offered_config("phase_gemm", lambda: tritondeconv.conv_transpose2d(x, w, b, *args)):
         assert_close(out, ref, precision, seed)
 
     gy = torch.randn(ref.shape, device=device).to(dtype)
     w_ref = w.double().requires_grad_()
     torch.nn.functional.conv_transpose2d(x.double(), w_ref, None, *args).backward(gy.double())
     for grad_w in _each_offered_config(
-        monkeypatch, weight_grad._TUNER,
+        "weight_grad",
         lambda: torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [4, 4], [2, 2], [1, 1], [1, 1], groups),
     ):
         assert relative_error(grad_w, w_ref.grad) <= TOLERANCES[precision], f"seed {seed}"
 
 
+def _problem(rows: int, columns: int, depth: int, element_size: int = 2) -> Problem:
+    return Problem((Part(1, rows, columns, depth, 1),), element_size, "float16", ("BLOCK_N", "BLOCK_K"))
+
+
 def test_prune_fits_tiles_to_the_problem_and_the_gpu():
-    candidates = [config(128, 128, 64, num_stages=4), config(128, 16, 64), config(64, 64, 16), config(32, 16, 16, num_stages=2)]
-    # Three output channels: no column tile wider than 16 (tl.dot's minimum).
-    assert prune(candidates, 4096, 3, 256, 2, None) == [candidates[1], candidates[3]]
-    # Few rows: no 128-row tile for 40 rows.
-    assert prune(candidates, 40, 64, 256, 2, None) == [candidates[2], candidates[3]]
+    candidates = [config(128, 128, 64, num_stages=4), config(128, 16, 64), config(64, 64, 16), config(32, 16, 16, num_stages=2),
+                  config(128, 4, 16, num_stages=2)]
+    # Three output channels: no tensor-core tile wider than 16 (tl.dot's minimum), the FMA tile as wide as 4.
+    assert prune(candidates, _problem(4096, 3, 256), None) == [candidates[1], candidates[3], candidates[4]]
+    # Few rows: no 128-row tensor-core tile for 40 rows (the FMA path's only tile stays).
+    assert prune(candidates, _problem(40, 64, 256), None) == [candidates[2], candidates[3], candidates[4]]
     # Shared memory: 4 stages × (128×64 + 64×128) × 4 bytes = 256 KiB does not fit in 228 KiB.
-    assert candidates[0] not in prune(candidates, 4096, 256, 256, 4, 228 * 1024)
-    assert candidates[0] in prune(candidates, 4096, 256, 256, 2, 228 * 1024)
+    assert candidates[0] not in prune(candidates, _problem(4096, 256, 256, 4), 228 * 1024)
+    assert candidates[0] in prune(candidates, _problem(4096, 256, 256, 2), 228 * 1024)
     # Nothing fits: the smallest candidate, never an empty list.
-    assert prune(candidates, 4096, 256, 256, 8, 1024) == [candidates[3]]
+    assert prune(candidates, _problem(4096, 256, 256, 8), 1024) == [candidates[3]]
 
 
-def test_phase_gemm_key_separates_shape_classes(device, monkeypatch):
-    """One tuning per layout, dtype and size bucket; image sizes in one bucket share it."""
+def test_phase_gemm_key_separates_shape_classes(device):
+    """One tuning per layout, dtype, groups and size bucket; image sizes in one bucket share it."""
     keys = []
-    monkeypatch.setattr(phase_gemm._TUNER, "pick", lambda device_name, key, candidates, launch, tune=None:
-                        keys.append(key) or candidates()[0])
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
-    for shape, kind, dtype in [((2, 4, 6, 6), "nchw", torch.float64), ((2, 4, 6, 6), "channels_last", torch.float64),
-                               ((2, 4, 6, 7), "nchw", torch.float64), ((2, 4, 6, 6), "nchw", torch.float32),
-                               ((2, 4, 12, 12), "nchw", torch.float64)]:
-        x = layout(torch.randn(shape, dtype=dtype, device=device), kind)
-        tritondeconv.conv_transpose2d(x, w.to(dtype), None, 2, 1, 1)
-    nchw, channels_last, wider, fp32, larger = keys
-    assert len({nchw, channels_last, fp32, larger}) == 4
+    with launcher.intercept(choose=lambda request, candidates: keys.append(request.key) or candidates[0]):
+        for shape, kind, dtype, groups in [((2, 4, 6, 6), "nchw", torch.float64, 1), ((2, 4, 6, 6), "channels_last", torch.float64, 1),
+                                           ((2, 4, 6, 7), "nchw", torch.float64, 1), ((2, 4, 6, 6), "nchw", torch.float32, 1),
+                                           ((2, 4, 12, 12), "nchw", torch.float64, 1), ((2, 8, 6, 6), "nchw", torch.float64, 2)]:
+            x = layout(torch.randn(shape, dtype=dtype, device=device), kind)
+            w = torch.randn(shape[1], 3, 3, 3, dtype=dtype, device=device)
+            tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1, groups)
+    nchw, channels_last, wider, fp32, larger, grouped = keys
+    assert len({nchw, channels_last, fp32, larger, grouped}) == 5
     assert nchw == wider  # rows per phase 2*6*6 and 2*6*7 share the bucket 128
+
+
+def test_weight_grad_key_holds_the_geometry(device):
+    """The weight gradient's key tells apart what decides which pixels hit: kernel size,
+    padding, dilation (and groups), not only channels and stride."""
+    keys = []
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
+    def choose(request, candidates):
+        if request.family == "weight_grad":
+            keys.append(request.key)
+        return candidates[0]
+    with launcher.intercept(choose=choose):
+        for k, p, d, g in [(3, 1, 1, 1), (4, 1, 1, 1), (3, 0, 1, 1), (3, 1, 2, 1), (3, 1, 1, 2)]:
+            w = torch.randn(4, 4 // g, k, k, dtype=torch.float64, device=device)
+            gy = torch.randn(tritondeconv.conv_transpose2d(x, w, None, 2, p, 0, g, d).shape, dtype=torch.float64, device=device)
+            torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [k, k], [2, 2], [p, p], [d, d], g)
+    assert len(set(keys)) == 5
 
 
 # ---------------------------------------------------------------- the cache on disk
@@ -236,7 +263,7 @@ def test_tuning_is_logged_and_reported(cache_dir, caplog):
         _pick(_tuner([]), key=("logged", 1))
     (entry,) = tuning.tuning_report()[before:]
     assert entry.key == ("logged", 1) and entry.config == CANDIDATES[1]
-    assert [c for c, _ in entry.timings] == CANDIDATES and all(ms > 0 for _, ms in entry.timings)
+    assert [t.config for t in entry.timings] == CANDIDATES and all(t.ms > 0 for t in entry.timings)
     assert "tuned test_kernel for shape class ('logged', 1)" in caplog.text and "chose 128x128x64" in caplog.text
 
 
@@ -289,3 +316,271 @@ def test_capture_does_not_time(cache_dir):
     assert chosen == CANDIDATES[0]
     tuner.time_config = lambda launch: SPEED[launch()["BLOCK_M"]]
     assert tuner.pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True) == CANDIDATES[1]
+
+
+# ---------------------------------------------------------------- the cost model
+
+H100 = launcher.DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
+
+
+def _ranked_on_h100(family: str, call) -> tuple[list[dict], Problem]:
+    """The candidates an H100 would rank for ``family``'s launch in ``call()`` (the
+    launch's own problem, the family's GPU table, pruned and ranked as the launcher does)."""
+    requests = []
+    with launcher.intercept(choose=lambda request, candidates: requests.append(request) or candidates[0]):
+        call()
+    request = next(r for r in requests if r.family == family)
+    problem = request.problem()
+    table = FAMILIES[family]
+    (c_a, c_b) = (problem.parts[0].depth, problem.parts[0].columns) if family == "phase_gemm" else \
+        (problem.parts[0].rows, problem.parts[0].columns)
+    return cost.rank(prune(table(c_a, c_b, interpreter=False), problem, H100.shared_memory), problem, H100.machine), problem
+
+
+def _forward(n, c_in, c_out, size, k=4, s=2, p=1, groups=1, dtype=torch.bfloat16):
+    x = torch.empty(n, c_in, size, size, dtype=dtype, device="meta")
+    w = torch.empty(c_in, c_out // groups, k, k, dtype=dtype, device="meta")
+    return lambda: launcher_only_forward(x, w, s, p, groups)
+
+
+def launcher_only_forward(x, w, s, p, groups):
+    """The forward's launch on meta tensors (nothing runs: the launch is replaced)."""
+    out = torch.empty(x.shape[0], w.shape[1] * groups, (x.shape[2] - 1) * s - 2 * p + w.shape[2],
+                      (x.shape[3] - 1) * s - 2 * p + w.shape[3], dtype=x.dtype, device="meta")
+    with launcher.intercept(launch=lambda request, config: None):
+        phase_gemm.phase_gemm(out[:, :, None], x[:, :, None], w[:, :, None], None, (1, s, s), (0, p, p), (1, 1, 1), groups,
+                              transposed=True, allow_tf32=False)
+
+
+@pytest.mark.parametrize("n, c_in, c_out, size, expect", [
+    pytest.param(8, 64, 3, 64, "dot16", id="rgb-output-layer"),
+    pytest.param(8, 24, 24, 32, "rows64-128", id="24-channels"),
+    pytest.param(16, 256, 128, 32, "wide", id="wide-layer"),
+    pytest.param(1, 64, 64, 4, "small-rows", id="tiny-image"),
+    pytest.param(8, 8, 8, 32, "fma", id="depthwise", marks=()),
+])
+def test_cost_model_ranks_the_tiles_a_shape_needs(n, c_in, c_out, size, expect):
+    groups = 8 if expect == "fma" else 1
+    ranked, problem = _ranked_on_h100("phase_gemm", _forward(n, c_in, c_out, size, groups=groups))
+    timed = ranked[:tuning.TIMED]
+    best = ranked[0]
+    if expect == "dot16":  # 3 output channels: a 16-wide tensor-core tile, ranked above every FMA tile
+        assert cost.uses_dot(best, problem) and best["BLOCK_N"] == 16
+    elif expect == "rows64-128":  # 17-32 channels: 64- and 128-row tiles, 32 wide, on offer and timed
+        assert {c["BLOCK_M"] for c in ranked if c["BLOCK_N"] == 32} >= {64, 128}
+        assert any(c["BLOCK_N"] == 32 and c["BLOCK_M"] >= 64 for c in timed)
+    elif expect == "wide":
+        assert best["BLOCK_N"] >= 64 and best["BLOCK_M"] >= 128 and best["BLOCK_K"] >= 32
+    elif expect == "small-rows":  # 1 x 4 x 4 pixels per phase: 16 rows, no 128-row tile pays
+        assert best["BLOCK_M"] <= 64
+    else:  # one channel in, one out per group: FMA only
+        assert not any(cost.uses_dot(c, problem) for c in ranked)
+    assert 1 <= len(timed) <= 6
+
+
+def test_cost_model_prefers_a_full_wave_and_no_spill():
+    problem = Problem((Part(1, 132 * 128, 128, 64, 9),), 2, "bfloat16", ("BLOCK_N", "BLOCK_K"))
+    machine = H100.machine
+    # 132*128 rows: 128-row tiles make exactly one tile per SM; 256-row tiles leave half the SMs idle.
+    assert cost.estimate(config(128, 128, 64, 8, 3), problem, machine) < cost.estimate(config(256, 128, 64, 8, 3), problem, machine)
+    # A tile whose accumulator alone needs 256 registers per thread is ranked last.
+    spilling = config(256, 256, 64, 4, 2)
+    assert cost.registers_per_thread(spilling, problem) > 255
+    assert cost.rank([spilling, config(128, 128, 64, 8, 3)], problem, machine)[0]["BLOCK_M"] == 128
+    # With the GPU unknown, the ranking keeps the list's order.
+    assert cost.rank([spilling, config(128, 128, 64, 8, 3)], problem, None)[0] is spilling
+
+
+# ---------------------------------------------------------------- a first call's tuning
+
+MANY = [config(16 * (i + 1), 16, 16) for i in range(10)]  # ten candidates, ranked in this order
+
+
+def _fast(c: dict) -> float:
+    return 10.0 / c["BLOCK_M"]  # larger tiles faster: the last candidate is the fastest
+
+
+def test_only_the_cost_models_best_are_timed_unless_exhaustive(cache_dir, monkeypatch):
+    timed = []
+    tuner = Tuner("ranked", None, lambda run: (timed.append(run()), _fast(timed[-1]))[1])
+    assert tuner.pick("Fake GPU", ("k",), lambda: MANY, lambda c: c, tune=True) == MANY[tuning.TIMED - 1]
+    assert timed == MANY[:tuning.TIMED]
+    monkeypatch.setenv("TRITONDECONV_AUTOTUNE", "exhaustive")
+    timed.clear()
+    assert tuner.pick("Fake GPU", ("k2",), lambda: MANY, lambda c: c, tune=True) == MANY[-1]
+    assert timed == MANY
+    monkeypatch.setenv("TRITONDECONV_AUTOTUNE", "0")
+    timed.clear()
+    assert tuner.pick("Fake GPU", ("k3",), lambda: MANY, lambda c: c) == MANY[0] and timed == []
+
+
+def test_candidates_compile_concurrently_before_any_is_timed(cache_dir):
+    events = []
+    together = __import__("threading").Barrier(2, timeout=30)  # two compiles must be under way at once
+
+    def compile_(c):
+        if c in MANY[:2]:
+            together.wait()
+        events.append(("compile", c["BLOCK_M"]))
+        return tuning.Compiled(n_regs=64, n_spills=0, shared=0)
+
+    def clock(run):
+        events.append(("time", run()["BLOCK_M"]))
+        return _fast(events[-1] and run())
+
+    Tuner("parallel", None, clock).pick("Fake GPU", ("k",), lambda: MANY, lambda c: c, tune=True, compile=compile_)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("compile") == tuning.TIMED and kinds == sorted(kinds)  # every compile before the first timing
+    (entry,) = [t for t in tuning.tuning_report() if t.kernel == "parallel"]
+    assert all(t.compile_s is not None and t.compile_s >= 0 for t in entry.timings)
+
+
+def test_spilling_and_failing_candidates_are_dropped_but_never_the_last(cache_dir, caplog):
+    spills = {16: 0, 32: 8, 48: 0, 64: 0, 80: 0, 96: 0}
+
+    def compile_(c):
+        if c["BLOCK_M"] == 48:
+            raise RuntimeError("PassManager::run failed")
+        return tuning.Compiled(n_regs=255, n_spills=spills[c["BLOCK_M"]], shared=0)
+
+    timed = []
+    tuner = Tuner("filters", None, lambda run: (timed.append(run()), _fast(timed[-1]))[1])
+    with caplog.at_level("WARNING", logger="tritondeconv"):
+        chosen = tuner.pick("Fake GPU", ("k",), lambda: MANY, lambda c: c, tune=True, compile=compile_)
+    assert chosen == MANY[5] and [c["BLOCK_M"] for c in timed] == [16, 64, 80, 96]
+    assert "PassManager::run failed" in caplog.text
+    notes = {t.config["BLOCK_M"]: t.note for t in tuning.tuning_report()[-1].timings}
+    assert notes[32] == "spills 8 registers" and notes[48].startswith("failed to compile")
+    # Every candidate spills: the least spilling ones are still timed.
+    timed.clear()
+    chosen = tuner.pick("Fake GPU", ("k2",), lambda: MANY[:3], lambda c: c, tune=True,
+                        compile=lambda c: tuning.Compiled(255, {16: 4, 32: 2, 48: 2}[c["BLOCK_M"]], 0))
+    assert chosen == MANY[2] and [c["BLOCK_M"] for c in timed] == [32, 48]
+
+
+def test_a_winner_that_disagrees_with_the_default_is_not_kept(cache_dir, caplog):
+    good = torch.randn(64, dtype=torch.float64)
+    fastest = MANY[tuning.TIMED - 1]
+    order = iter(MANY[:tuning.TIMED])  # the tuner times in ranked order
+    with caplog.at_level("WARNING", logger="tritondeconv"):
+        chosen = Tuner("checked").pick("Fake GPU", ("k",), lambda: MANY,
+                                       lambda c: good + 1e-3 if c == fastest else good.clone(), tune=True,
+                                       clock=lambda run: (run(), _fast(next(order)))[1])
+    assert chosen == MANY[0] and "disagrees" in caplog.text
+
+
+def test_agreement_is_up_to_summation_order_with_the_same_nan_and_inf():
+    good = torch.randn(64, dtype=torch.float64)
+    assert tuning.agree(good, good + 1e-12) and not tuning.agree(good, good + 1e-3)
+    nan, inf = good.clone(), good.clone()
+    nan[3], inf[5] = float("nan"), float("inf")
+    assert not tuning.agree(good, nan) and tuning.agree(nan, nan.clone())
+    assert not tuning.agree(good, inf) and not tuning.agree(inf, -inf) and tuning.agree(inf, inf.clone())
+    half = good.half()
+    assert tuning.agree(half, (half.float() * (1 + 1e-3)).half())
+
+
+# ---------------------------------------------------------------- the same, through the ops
+
+@pytest.fixture
+def first_calls(cache_dir):
+    """Every key's next call is a first call (and the backend is restored)."""
+    launcher.forget_tunings()
+    yield
+    launcher.forget_tunings()
+    tritondeconv.set_backend("triton")
+
+
+def _narrow_layer(device):
+    """A layer with 3 output channels: two candidates (tensor cores, FMA) in the interpreter."""
+    x = torch.randn(2, 20, 5, 5, dtype=torch.float64, device=device)
+    w = torch.randn(20, 3, 4, 4, dtype=torch.float64, device=device)
+    return x, w, torch.nn.functional.conv_transpose2d(x, w, None, 2, 1)
+
+
+def _recording_launches(launched: list, corrupt=None):
+    """A launch hook that runs the real kernel, records each configuration, and (for
+    ``corrupt(config)``) then overwrites one output element."""
+    def launch(request, config):
+        launcher.run_kernel(request, config)
+        launched.append((request.family, config))
+        if corrupt is not None and corrupt(config):
+            request.output.view(-1)[7] += 1.0
+    return launch
+
+
+def _fma(config: dict) -> bool:
+    return config["BLOCK_N"] < 16
+
+
+def test_a_first_call_tunes_through_the_seam_and_remembers(device, first_calls):
+    x, w, ref = _narrow_layer(device)
+    launched = []
+    clock = lambda run: (run(), 0.5 if _fma(launched[-1][1]) else 1.0)[1]  # noqa: E731 (FMA "faster")
+    with launcher.intercept(tune=True, clock=clock, launch=_recording_launches(launched)):
+        assert_close(tritondeconv.conv_transpose2d(x, w, None, 2, 1), ref, "float64", 0)
+        tuned = len(launched)
+        tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    entry = tuning.tuning_report()[-1]
+    assert entry.kernel == "phase_gemm" and _fma(entry.config) and len(entry.timings) == 2
+    assert _fma(launched[-1][1]) and len(launched) == tuned + 1  # the second call: one launch, nothing timed
+
+
+def test_a_kernel_that_disagrees_is_caught_by_the_first_tuning(device, first_calls, caplog):
+    """Fault injection: the FMA tile (timed fastest) corrupts one output element; the
+    winner check keeps the tensor-core tile, and the result is right."""
+    x, w, ref = _narrow_layer(device)
+    launched = []
+    clock = lambda run: (run(), 0.5 if _fma(launched[-1][1]) else 1.0)[1]  # noqa: E731
+    with caplog.at_level("WARNING", logger="tritondeconv"), \
+            launcher.intercept(tune=True, clock=clock, launch=_recording_launches(launched, corrupt=_fma)):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    assert_close(out, ref, "float64", 0)
+    assert not _fma(tuning.tuning_report()[-1].config) and "disagrees" in caplog.text
+
+
+def test_no_runnable_candidate_falls_back_to_aten_with_one_warning(device, first_calls):
+    x, w, ref = _narrow_layer(device)
+
+    def launch(request, config):
+        raise RuntimeError("injected: no configuration runs")
+
+    with launcher.intercept(tune=True, clock=lambda run: (run(), 1.0)[1], launch=launch), \
+            pytest.warns(UserWarning, match="computed by aten's convolution instead"):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("winner", ["aten", "tritondeconv"])
+def test_auto_backend_races_aten_per_op_and_remembers(device, first_calls, winner):
+    x, w, ref = _narrow_layer(device)
+    x.requires_grad_()
+    calls = []
+
+    def clock(run):
+        with observe_launches() as launched:
+            run()
+        ours = bool(launched)  # aten's run launches no kernel
+        calls.append(ours)
+        return 1.0 if ours == (winner == "aten") else 0.5
+
+    tritondeconv.set_backend("auto")
+    with launcher.intercept(tune=True, clock=clock):
+        with observe_launches() as launched:
+            out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+            out.backward(torch.ones_like(out))
+        timed = len(calls)
+        with observe_launches() as again:
+            out2 = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    assert_close(out, ref, "float64", 0)
+    assert_close(out2, ref, "float64", 0)
+    raced = {t.key[0] for t in tuning.tuning_report() if t.kernel == "backend"}
+    assert {"conv_transpose2d", "conv_transpose_input_grad"} <= raced
+    assert len(calls) == timed  # remembered: the second forward times nothing
+    assert bool(again) == (winner == "tritondeconv")
+
+
+def test_backend_switch_refuses_unknown_names():
+    with pytest.raises(ValueError, match="backend must be one of triton, auto"):
+        tritondeconv.set_backend("cudnn")
+    assert tritondeconv.get_backend() == "triton"

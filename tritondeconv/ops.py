@@ -25,6 +25,7 @@ Where the work runs:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from typing import Sequence
@@ -40,6 +41,7 @@ from .arguments import (
     check_tensor_types,
     output_memory_format,
 )
+from .kernels import launcher
 from .kernels.common import INTERPRETING
 from .kernels.phase_gemm import ACTIVATIONS, phase_gemm
 from .kernels.tuning import NoConfigurationRan
@@ -50,17 +52,68 @@ _FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose
 
 
 def runs_triton(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run the Triton kernels (see the module docstring)."""
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
+    """Whether tensors on ``device`` run the Triton kernels (see the module docstring;
+    also any device while the kernels' launches are replaced through
+    ``kernels.launcher.intercept``)."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETING) or launcher.launches_replaced()
 
 
-def _computed(device: torch.device, kernels, aten) -> torch.Tensor:
+BACKENDS = ("triton", "auto")
+
+
+def _backend_from_environment() -> str:
+    name = os.environ.get("TRITONDECONV_BACKEND", "triton") or "triton"
+    if name not in BACKENDS:
+        warnings.warn(f"tritondeconv: TRITONDECONV_BACKEND must be one of {', '.join(BACKENDS)}, but is {name!r}; "
+                      "using 'triton'")
+        return "triton"
+    return name
+
+
+_BACKEND = [_backend_from_environment()]
+
+
+def set_backend(backend: str) -> None:
+    """Which implementation the ops run where the kernels run:
+
+    * ``"triton"`` (default): always our Triton kernels (bitwise-reproducible, the
+      output's strides exactly aten's);
+    * ``"auto"``: on each op's first call for a shape, our kernels race aten's own
+      convolution (cuDNN on a GPU), forward and each gradient apart, and the faster is
+      remembered for that shape (in this process and in the tuning cache).
+
+    ``TRITONDECONV_BACKEND`` sets the starting value."""
+    if backend not in BACKENDS:
+        raise ValueError(f"set_backend: backend must be one of {', '.join(BACKENDS)}, but got {backend!r}")
+    _BACKEND[0] = backend
+
+
+def get_backend() -> str:
+    """The backend ``set_backend`` set (see there)."""
+    return _BACKEND[0]
+
+
+def _race_key(op: str, call: tuple) -> tuple:
+    """The shape class a race is kept for: the op and its arguments, tensors by shape,
+    strides and dtype."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), value.stride(), str(value.dtype))
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+    return (op, *(describe(v) for v in call))
+
+
+def _computed(op: str, device: torch.device, kernels, aten, call: tuple = ()) -> torch.Tensor:
     """``kernels()`` where the Triton kernels run, ``aten()`` elsewhere, and ``aten()``
     with a warning where no configuration of a kernel could run for the shape (a first
-    call never fails for the tuner's sake)."""
+    call never fails for the tuner's sake).  Under the ``"auto"`` backend, whichever of
+    the two won the race for ``op`` on these arguments (``call``)."""
     if not runs_triton(device):
         return aten()
     try:
+        if _BACKEND[0] == "auto":
+            runs = {"tritondeconv": kernels, "aten": aten}
+            return runs[launcher.race(device, _race_key(op, call), runs)]()
         return kernels()
     except NoConfigurationRan as error:
         warnings.warn(f"{error}; computed by aten's convolution instead")
@@ -224,10 +277,11 @@ def _define_conv_transpose(name: str, rank: int, naive: bool):
             x = zero_insert(x, weight, args.stride, args.output_padding)
             run_stride, run_output_padding = (1,) * rank, (0,) * rank
         out = _computed(
-            x.device,
+            name, x.device,
             lambda: _launch_transposed(x, weight, bias, args, run_stride),
             lambda: _as_aten_would(_FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding,
                                                      args.groups, args.dilation), x, weight),
+            (x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation),
         )
         return out.squeeze(0) if unbatched else out
 
@@ -294,8 +348,10 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
         out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
         return _as_aten_would(out if r is None else out + r, x, weight)
 
-    out = _computed(x.device, lambda: _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r),
-                    aten)
+    out = _computed("conv_transpose2d_fused", x.device,
+                    lambda: _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r), aten,
+                    (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation,
+                     activation, negative_slope, r))
     return out.squeeze(0) if unbatched else out
 
 
@@ -353,7 +409,8 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
         )
         return out
 
-    return _computed(grad_output.device, kernels, aten)
+    return _computed("conv_transpose_input_grad", grad_output.device, kernels, aten,
+                     (grad_output, weight, input_size, stride, padding, dilation, groups))
 
 
 @_input_grad_op.register_fake
@@ -387,7 +444,8 @@ def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, 
         )
         return grad.reshape(c_in, c_out_g, *kernel_size)
 
-    return _computed(input.device, kernels, aten)
+    return _computed("conv_transpose_weight_grad", input.device, kernels, aten,
+                     (input, grad_output, kernel_size, stride, padding, dilation, groups))
 
 
 @_weight_grad_op.register_fake

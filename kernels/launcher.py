@@ -1,0 +1,209 @@
+"""Launching a kernel, for every kernel family: candidates → prune → rank → tuned pick →
+launch → observers; and the seam through which tests and tools take part.
+
+A kernel's launcher (``phase_gemm.phase_gemm``, ``weight_grad.weight_grad``) checks
+nothing and decides nothing about tiles: it describes the launch as a ``Request`` (the
+kernel, its runtime arguments and constants, its grid, its tuning key, its candidate
+table and the GEMMs it computes for the cost model) and calls ``launch``.
+
+The seam, ``intercept``: inside ``with intercept(...)`` the hooks given replace, for
+every launch of every kernel family (innermost ``intercept`` first),
+
+* ``choose(request, candidates) -> config``: the tuner (``candidates`` pruned and
+  ranked as the tuner would see them);
+* ``launch(request, config)``: the Triton launch itself (the tuner's timing runs
+  included; ``run_kernel`` is the real one); while it is in force the ops take the
+  kernel path on any device;
+* ``compile(request, config) -> tuning.Compiled``: compiling a candidate before timing;
+* ``clock(run) -> milliseconds``: timing a candidate;
+* ``tune``: whether first calls tune (``True`` also in the interpreter);
+* ``device``: the GPU's description (``DeviceInfo``) for the cost model and pruning.
+
+Tests use it to see or force a configuration and to inject faults; ``perf/`` uses it
+to record launches for the static compile report and to stub launches when measuring
+host overhead.  ``common.observe_launches`` sees the launches that computed a result.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import triton
+
+from .common import notify_launch
+from .cost import Machine, Problem, prune, rank
+from .tuning import Compiled, Tuner
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device as tuning sees it: its name (the tuning cache is per GPU model), its
+    shared memory per block in bytes, and its SM count (``None`` where unknown: on the
+    CPU, under the interpreter)."""
+    name: str
+    shared_memory: int | None = None
+    sms: int | None = None
+
+    @property
+    def machine(self) -> Machine | None:
+        return Machine(self.sms, self.shared_memory) if self.sms and self.shared_memory else None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device) -> DeviceInfo:
+    if device.type != "cuda":
+        return DeviceInfo(device.type)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = triton.runtime.driver.active.utils.get_device_properties(index)
+    return DeviceInfo(torch.cuda.get_device_name(index), properties["max_shared_mem"], properties["multiprocessor_count"])
+
+
+@dataclass
+class Request:
+    """One launch as a kernel's launcher describes it.
+
+    family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``): names its tuner.
+    kernel:    the ``@triton.jit`` function.
+    args:      its runtime arguments, in its signature's order.
+    constants: its compile-time constants other than the tile configuration.
+    grid:      ``grid(config) -> (x, y, z)``.
+    key:       the shape class a tuning is kept for (built and documented by the family).
+    configs:   ``configs() -> list[dict]``: the family's candidate table for this shape.
+    problem:   ``problem() -> cost.Problem``: the GEMMs the launch computes (for pruning
+               and the cost model; built only on a key's first call).
+    device:    the tensors' device.
+    output:    the tensor a launch writes (compared when the tuner checks its winner).
+    """
+    family: str
+    kernel: object
+    args: tuple
+    constants: dict
+    grid: Callable[[dict], tuple]
+    key: tuple
+    configs: Callable[[], list[dict]]
+    problem: Callable[[], Problem]
+    device: torch.device
+    output: torch.Tensor
+
+
+@dataclass
+class _Hooks:
+    choose: Callable | None = None
+    launch: Callable | None = None
+    compile: Callable | None = None
+    clock: Callable | None = None
+    tune: bool | None = None
+    device: DeviceInfo | None = None
+
+
+_HOOKS: list[_Hooks] = []
+
+
+@contextlib.contextmanager
+def intercept(*, choose=None, launch=None, compile=None, clock=None, tune=None, device=None) -> Iterator[None]:
+    """Replace parts of every launch while the block runs (see the module docstring)."""
+    _HOOKS.append(_Hooks(choose, launch, compile, clock, tune, device))
+    try:
+        yield
+    finally:
+        _HOOKS.pop()
+
+
+def _hook(name: str):
+    for hooks in reversed(_HOOKS):
+        value = getattr(hooks, name)
+        if value is not None:
+            return value
+    return None
+
+
+def launches_replaced() -> bool:
+    """Whether an ``intercept`` replaces the launches (then any device takes the kernel path)."""
+    return _hook("launch") is not None
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    return _hook("device") or _device_info(device)
+
+
+_TUNERS: dict[str, Tuner] = {}
+
+
+def tuner(family: str, kernel=None) -> Tuner:
+    """The tuner of a kernel family (made at its first launch)."""
+    if family not in _TUNERS:
+        _TUNERS[family] = Tuner(family, kernel)
+    return _TUNERS[family]
+
+
+def forget_tunings() -> None:
+    """Forget every configuration this process has tuned (the cache file stays)."""
+    for t in _TUNERS.values():
+        t.forget()
+
+
+def candidates(request: Request, info: DeviceInfo) -> list[dict]:
+    """The request's candidates as the tuner sees them: pruned to the problem and the
+    GPU, then ranked by the cost model (cheapest first; unranked where the GPU is unknown)."""
+    problem = request.problem()
+    return rank(prune(request.configs(), problem, info.shared_memory), problem, info.machine)
+
+
+def run_kernel(request: Request, config: dict) -> None:
+    """The Triton launch of ``request`` with ``config`` (what a ``launch`` hook replaces,
+    and may call itself)."""
+    request.kernel[request.grid](*request.args, **request.constants, **config)
+
+
+def _run(request: Request, config: dict) -> torch.Tensor:
+    (_hook("launch") or run_kernel)(request, config)
+    return request.output
+
+
+def _compile(request: Request, config: dict) -> Compiled | None:
+    """Compile one candidate without running it and load it (which raises if it does not
+    fit the GPU); what the compiler reports.  Runs in a worker thread."""
+    with torch.cuda.device(request.device):
+        kernel = request.kernel.warmup(*request.args, grid=request.grid, **request.constants, **config)
+        kernel.run  # noqa: B018 (loading the binary is what reports registers and spills)
+    return Compiled(kernel.n_regs, kernel.n_spills, kernel.metadata.shared)
+
+
+def launch(request: Request) -> dict:
+    """Choose the request's configuration (on a key's first call: tune it), launch it,
+    and report the launch to the observers; the configuration."""
+    info = device_info(request.device)
+    choose = _hook("choose")
+    if choose is not None:
+        config = choose(request, candidates(request, info))
+    else:
+        compile_hook = _hook("compile")
+        if compile_hook is not None:
+            compile = functools.partial(compile_hook, request)
+        else:
+            compile = functools.partial(_compile, request) if request.device.type == "cuda" and not launches_replaced() else None
+        config = tuner(request.family, request.kernel).pick(
+            info.name, request.key, lambda: candidates(request, info), functools.partial(_run, request),
+            tune=_hook("tune"), compile=compile, clock=_hook("clock"))
+    _run(request, config)
+    notify_launch(request.family, {**request.constants, **config})
+    return config
+
+
+def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Tensor]]) -> str:
+    """The name of the fastest of ``runs`` (each computes the same result) for ``key``,
+    timed on the key's first call, remembered as a tuning is (``"backend"`` in the cache);
+    the first run is the default and the reference the winner is checked against.  The
+    runs are called once before they are timed (so that their own first-call tuning is
+    not what gets timed).  Hooks ``tune`` and ``clock`` apply."""
+    def candidates() -> list[dict]:
+        for run in runs.values():
+            run()
+        return [{"backend": name} for name in runs]
+
+    config = tuner("backend").pick(device_info(device).name, key, candidates, lambda c: runs[c["backend"]](),
+                                   tune=_hook("tune"), clock=_hook("clock"))
+    return config["backend"]
