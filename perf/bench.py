@@ -336,23 +336,23 @@ class CsvSink:
     so the file is valid whatever moment the run stops.  Nothing is created if nothing
     is written.  ``rows``: every row in the file."""
 
-    def __init__(self, path: Path, kept: list[dict]):
-        self.path, self.rows, self._kept, self._file = path, [], kept, None
+    def __init__(self, path: Path, kept: list[dict], columns: list[str] = COLUMNS):
+        self.path, self.rows, self._kept, self._file, self.columns = path, [], kept, None, columns
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         self._writer.writeheader()
         for row in self._kept:
-            self._writer.writerow({k: row[k] for k in COLUMNS})
+            self._writer.writerow({k: row[k] for k in self.columns})
         self.rows += self._kept
         self._file.flush()
 
     def write(self, row: dict) -> None:
         if self._file is None:
             self._open()
-        self._writer.writerow({k: row[k] for k in COLUMNS})
+        self._writer.writerow({k: row[k] for k in self.columns})
         self._file.flush()
         self.rows.append(row)
 
@@ -379,6 +379,26 @@ def write_results(out_dir: Path, rows: list[dict]) -> None:
     write_markdown(out_dir / "bench.md", rows, "\n".join(lines))
 
 
+class Budget:
+    """A stage's time budget (``None``: none).  Spent once ``seconds`` have passed since
+    it was made, by the wall clock, or, in a rehearsal of the GPU run (``fake_step``), by
+    a clock that advances ``fake_step`` seconds per finished job instead."""
+
+    def __init__(self, seconds: float | None, fake_step: float | None = None):
+        self.seconds, self.fake_step = seconds, fake_step
+        self._start, self._faked = time.monotonic(), 0.0
+
+    def elapsed(self) -> float:
+        return self._faked if self.fake_step is not None else time.monotonic() - self._start
+
+    def spent(self) -> bool:
+        return self.seconds is not None and self.elapsed() > self.seconds
+
+    def job_done(self) -> None:
+        if self.fake_step is not None:
+            self._faked += self.fake_step
+
+
 def jobs_of(a: argparse.Namespace) -> list[tuple]:
     """The (cell, dtype, layout, pass) asked for, in the order they are measured."""
     suites = QUICK_SUITES if a.quick else SUITES
@@ -393,7 +413,7 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
     """Measure the roofs, then every job asked for, with progress, each row into
     ``sink`` as it is measured, until the jobs or ``a.budget`` run out.  Returns how
     many jobs were measured."""
-    start = time.monotonic()
+    budget = Budget(a.budget, a.fake_clock)
     peaks, bandwidth = measure_peaks(device, a.quick)
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device == "cuda":
@@ -405,7 +425,7 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
     jobs = jobs_of(a)
     methods = a.methods.split(",")
     for i, (cell, dtype_name, layout, pass_) in enumerate(jobs, 1):
-        if a.budget is not None and time.monotonic() - start > a.budget:
+        if budget.spent():
             print(f"budget of {a.budget:g} s spent: stopped after {i - 1} of {len(jobs)} cells", flush=True)
             return i - 1
         flops, nbytes = roofline(cell, dtype_name, pass_)
@@ -419,6 +439,7 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
             sink.write(r)
             summary.append(f"{r['method']} {r['median_ms']:.3f} ms")
         print(f"[{i}/{len(jobs)}] {cell.label} {dtype_name} {layout} {pass_}: {', '.join(summary)}", flush=True)
+        budget.job_done()
     return len(jobs)
 
 
@@ -433,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="which methods to time (comma-separated)")
     ap.add_argument("--budget", type=float, metavar="SECONDS",
                     help="stop after the cell in progress once this many seconds have passed")
+    ap.add_argument("--fake-clock", type=float, metavar="SECONDS",
+                    help="rehearsal: the budget counts SECONDS per finished cell instead of the wall clock")
     ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of the bench.csv already there that this run does not re-measure")

@@ -7,18 +7,18 @@ and fused epilogues against the op followed by PyTorch's activation.
 
 Checked against float64 before timing; medians of ``triton.testing.do_bench``; peak
 memory from ``torch.cuda.max_memory_allocated`` above what the inputs hold.  Writes
-``blocks.csv`` and ``blocks.md`` beside ``bench.py``'s results.
+``blocks.csv`` (a row as soon as it is measured) and ``blocks.md`` beside ``bench.py``'s
+results; ``--budget SECONDS`` stops after the block in progress.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
 # bench (perf/ is the script's folder) first: it picks the interpreter when there is no GPU.
-from bench import DTYPES, QUICK_SUITES, SUITES, relative_error, setup, timer  # noqa: I001
+from bench import DTYPES, QUICK_SUITES, SUITES, Budget, CsvSink, relative_error, setup, timer  # noqa: I001
 import torch
 import torch.nn.functional as F
 import triton
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32: a smoke run of the harness")
     ap.add_argument("--out", type=Path, help="results folder (default perf/results/<gpu-name>)")
+    ap.add_argument("--budget", type=float, metavar="SECONDS", help="stop after the block in progress once spent")
+    ap.add_argument("--fake-clock", type=float, metavar="SECONDS",
+                    help="rehearsal: the budget counts SECONDS per finished block instead of the wall clock")
     a = ap.parse_args(argv)
     device, name, out_dir = setup(a.out, quick=a.quick)
     dtypes = ["fp32"] if a.quick else ["bf16", "fp16"]
@@ -135,23 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     fold_cells = QUICK_FOLD_CELLS if a.quick else FOLD_CELLS
     epilogue_cells = [(QUICK_SUITES["2d"][0], "silu")] if a.quick else EPILOGUE_CELLS
 
-    rows = []
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    columns = ["gpu", "versions", "block", "shape", "dtype", "layout", "method", "median_ms", "peak_mb", "rel_error"]
+    sink = CsvSink(out_dir / "blocks.csv", [], columns)
+    budget = Budget(a.budget, a.fake_clock)
     jobs = [("fold", c, d, l) for c in fold_cells for d in dtypes for l in layouts] + \
            [("epilogue", c, d, l) for c in epilogue_cells for d in dtypes for l in layouts]
     for i, (kind, cell, dtype_name, layout) in enumerate(jobs, 1):
+        if budget.spent():
+            print(f"budget of {a.budget:g} s spent: stopped after {i - 1} of {len(jobs)} blocks", flush=True)
+            break
         new = fold_rows(cell, dtype_name, layout, device) if kind == "fold" else \
             epilogue_rows(*cell, dtype_name, layout, device)
-        rows += new
+        for r in new:
+            sink.write({"gpu": name, "versions": versions, **r})
         print(f"[{i}/{len(jobs)}] {new[0]['block']} {new[0]['shape']} {dtype_name} {layout}: "
               + ", ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in new), flush=True)
-
-    versions = f"torch {torch.__version__}, triton {triton.__version__}"
-    columns = ["block", "shape", "dtype", "layout", "method", "median_ms", "peak_mb", "rel_error"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "blocks.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["gpu", "versions", *columns])
-        writer.writeheader()
-        writer.writerows({"gpu": name, "versions": versions, **{k: r[k] for k in columns}} for r in rows)
+        budget.job_done()
+    sink.close()
+    rows = sink.rows
+    if not rows:
+        return 0
     write_markdown(out_dir / "blocks.md", rows, f"# Decoder blocks on {name}\n\n{versions}.")
     print(f"wrote {out_dir / 'blocks.csv'} and {out_dir / 'blocks.md'}")
     return 0

@@ -9,16 +9,20 @@
 # stages append to the same bench.csv); archives of separate device calls merge with
 #   python3 perf/bench.py --merge A/bench.csv B/bench.csv --out perf/results/<gpu>
 # Only python3 is assumed (the GPU image has no `python` or `pip` command). BENCH_ARGS adds
-# options to the bench stages (BENCH_ARGS=--quick: a CPU rehearsal of the harness).
+# options to the bench stages. GPU_CHECK_DRY=1 rehearses the whole run on a CPU (a test does,
+# in CI): nothing is installed, the bench stages run their --quick layers in the Triton
+# interpreter, tune-check replaces the launches through the launcher's seam, and a fake
+# clock (STAGE_BUDGET + 1 seconds per cell) makes every stage stop at its budget.
 set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
 
-STAGES=(smoke fwd-bf16-cl fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
+STAGES=(smoke fwd-bf16-cl tune-check fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
+    tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
@@ -44,15 +48,23 @@ trap 'rm -rf "$work"' EXIT
 [ -f "$out/results.tar.gz" ] && tar xzf "$out/results.tar.gz" -C "$work"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || { cat "$work/install.log"; exit 1; }
+dry="${GPU_CHECK_DRY:-}"
+fake=()
+if [ -n "$dry" ]; then
+  BENCH_ARGS="${BENCH_ARGS:---quick}"
+  fake=(--fake-clock $((budget + 1)))
+else
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || { cat "$work/install.log"; exit 1; }
+fi
 {
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  else echo "no nvidia-smi"; fi
   python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cudnn', torch.backends.cudnn.version())"
 } | tee "$work/versions.txt"
 
 bench() {  # bench STAGE ARGS...: one bench.py stage within the budget (and a hard stop a minute after it)
   local stage="$1"; shift
-  timeout $((budget + 60)) python3 perf/bench.py "$@" --budget "$budget" --append --out "$work" ${BENCH_ARGS:-} 2>&1 \
+  timeout $((budget + 60)) python3 perf/bench.py "$@" --budget "$budget" --append --out "$work" ${BENCH_ARGS:-} "${fake[@]}" 2>&1 \
     | tee "$work/$stage.log"
   local rc="${PIPESTATUS[0]}"
   python3 perf/plot.py "$work/bench.csv" >>"$work/$stage.log" 2>&1
@@ -69,12 +81,17 @@ for stage in "$@"; do
       rc="${PIPESTATUS[0]}"
       timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt" ;;
     fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
+    tune-check)
+      timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \
+        | tee "$work/$stage.log"
+      rc="${PIPESTATUS[0]}" ;;
     fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
     train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;
     fwd-fp16-fp32) bench "$stage" --suites 2d --passes fwd --dtypes fp16,fp32; rc=$? ;;
     blocks)
-      timeout "$budget" python3 perf/bench_blocks.py --out "$work" ${BENCH_ARGS:-} 2>&1 | tee "$work/blocks.log"
+      timeout $((budget + 60)) python3 perf/bench_blocks.py --budget "$budget" --out "$work" ${BENCH_ARGS:-} "${fake[@]}" 2>&1 \
+        | tee "$work/$stage.log"
       rc="${PIPESTATUS[0]}" ;;
     tests)
       workers=()
@@ -83,6 +100,9 @@ for stage in "$@"; do
         python3 -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" 2>&1 | tee "$work/cuda_tests.txt"
       rc="${PIPESTATUS[0]}" ;;
     sanitize)
+      if ! command -v compute-sanitizer >/dev/null; then
+        echo "$stage: skipped (no compute-sanitizer)" | tee -a "$out/summary.txt"; continue
+      fi
       # Without the caching allocator, so that an access past a tensor is past an allocation.
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 timeout "$budget" \
         compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -99,7 +119,7 @@ for stage in "$@"; do
   echo "$stage: $verdict after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 done
 for log in smoke.log cuda_tests.txt sanitizer.txt; do  # the tests' closing lines
-  [ -f "$work/$log" ] && echo "$log: $(grep -E "passed|failed|error" "$work/$log" | tail -n 1)" >>"$out/summary.txt"
+  [ -f "$work/$log" ] && echo "$log: $(grep -E "passed|failed|error|skipped" "$work/$log" | tail -n 1)" >>"$out/summary.txt"
 done
 tar czf "$out/results.tar.gz" -C "$work" .
 exit "$status"

@@ -157,3 +157,51 @@ def test_every_api_variant_compiles_for_hopper(tmp_path):
                    "HAS_RESIDUAL=True"):
         assert needed in constants, needed
     assert all(not r["error"] and r["fits"] == "True" for r in rows)
+
+
+def _only_python3_on_the_path(bin_dir: Path) -> str:
+    """A PATH holding the shell tools gpu_check.sh uses and ``python3`` (this
+    interpreter), as on the GPU image: no ``python``, no ``pip``, no ``nvidia-smi``."""
+    import shutil
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "mktemp", "rm", "mkdir", "tar", "gzip", "tee", "timeout", "grep", "cat", "nproc"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").write_text(f'#!{shutil.which("bash")}\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal is of a GPU run on a machine without one")
+def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
+    """The whole GPU run, rehearsed on CPU (GPU_CHECK_DRY=1): every stage runs, every
+    measuring stage stops at its budget (a fake clock) with valid partial results, and
+    everything comes back in at most 8 files."""
+    out = tmp_path / "out"
+    env = {"PATH": _only_python3_on_the_path(tmp_path / "bin"), "HOME": str(tmp_path), "GPU_CHECK_DRY": "1",
+           "STAGE_BUDGET": "30", "TRITONDECONV_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run(["bash", str(PERF / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.txt"]
+    summary = dict(line.split(": ", 1) for line in (out / "summary.txt").read_text().splitlines())
+    listed = subprocess.run(["bash", str(PERF / "gpu_check.sh"), "--list"], capture_output=True, text=True, check=True)
+    stages = [line.split()[0] for line in listed.stdout.splitlines()]
+    for stage in stages:
+        if stage in ("smoke", "tests"):
+            assert summary[stage].startswith("ok"), (stage, summary[stage])
+        elif stage == "sanitize":
+            assert summary[stage] == "skipped (no compute-sanitizer)"
+        else:
+            assert summary[stage].startswith("stopped at its budget of 30 s (partial)"), (stage, summary[stage])
+    unpacked = tmp_path / "results"
+    unpacked.mkdir()
+    subprocess.run(["tar", "xzf", str(out / "results.tar.gz"), "-C", str(unpacked)], check=True)
+    for name, key in (("bench.csv", "median_ms"), ("blocks.csv", "median_ms"), ("tune_check.csv", "timed_over_best")):
+        with open(unpacked / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(float(r[key]) > 0 for r in rows), name
+    # Each of the 5 bench stages measured one cell before its budget ran out, and wrote it
+    # (--quick measures fp32 only: the fp16/fp32 stage's first cell is the NCHW stage's).
+    with open(unpacked / "bench.csv", newline="") as f:
+        measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in csv.DictReader(f)}
+    assert len(measured) == 4

@@ -1,0 +1,100 @@
+"""Count, without a GPU, what first calls would tune in each benchmark stage of
+``perf/gpu_check.sh`` on an H100: tuning keys, candidates per key (offered after pruning,
+and timed: the cost model's best ``tuning.TIMED``), and the distinct kernels Triton
+would compile for them (a compile is per specialisation, so keys that share tiles and
+argument properties share compiles).
+
+    python perf/candidates.py                 # every bench stage -> a markdown table on stdout
+    python perf/candidates.py --stages nd     # some of them
+
+The ops run on CPU tensors (never written or read) with every launch intercepted; the
+GPU is described as an H100 (``hopper_compile.H100``), so pruning and ranking are the
+GPU's.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # the compiler's kernels (their parameters), not the interpreter's
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import DTYPES, FUNCTIONS, SUITES, Cell, jobs_of  # noqa: E402
+from hopper_compile import H100, _specialise  # noqa: E402
+
+import tritondeconv  # noqa: E402
+from tritondeconv.kernels import launcher, tuning  # noqa: E402
+
+# gpu_check.sh's bench stages, as bench.py arguments.
+STAGES = {
+    "fwd-bf16-cl": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="channels_last"),
+    "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
+    "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
+    "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
+    "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
+}
+
+
+def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
+    """Ours (and the naive op, for a 2-D forward) on one cell."""
+    x = torch.empty(cell.n, cell.c_in, *cell.spatial, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
+    w = torch.empty(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, dtype=dtype)
+    b = torch.empty(cell.c_out, dtype=dtype)
+    args = (cell.s, cell.p, cell.op)
+    ours = FUNCTIONS[cell.rank][0]
+    if pass_ == "fwd":
+        ours(x, w, b, *args)
+        if cell.rank == 2:
+            tritondeconv.naive_conv_transpose2d(x, w, b, *args)
+        return
+    x.requires_grad_()
+    w.requires_grad_()
+    y = ours(x, w, b, *args)
+    torch.autograd.grad(y, (x, w), torch.empty_like(y))
+
+
+def count(stage: str) -> dict:
+    """Keys, candidates and distinct compiles of one stage's first calls."""
+    keys: dict[tuple, tuple[int, int]] = {}
+    compiles: set = set()
+
+    def choose(request, candidates):
+        timed = candidates[:tuning.TIMED] if len(candidates) > 1 else candidates
+        keys[(request.family, request.key)] = (len(candidates), len(timed))
+        for config in timed:
+            compiles.add(_specialise(request.kernel, request.args, {**request.constants, **config}))
+        return candidates[0]
+
+    a = argparse.Namespace(quick=False, cells="", **STAGES[stage])
+    with launcher.intercept(choose=choose, launch=lambda request, config: None, device=H100):
+        for cell, dtype_name, layout, pass_ in jobs_of(a):
+            _run(cell, DTYPES[dtype_name], layout, pass_)
+    offered = [o for o, _ in keys.values()]
+    timed = [t for _, t in keys.values()]
+    return dict(stage=stage, keys=len(keys), offered=sum(offered), timed=sum(timed),
+                median_offered=statistics.median(offered), max_offered=max(offered), compiles=len(compiles))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of: " + ", ".join(STAGES))
+    a = ap.parse_args(argv)
+    print("| stage | tuning keys | candidates offered (median, max per key) | candidates timed | distinct compiles |")
+    print("| --- | --- | --- | --- | --- |")
+    for stage in a.stages.split(","):
+        r = count(stage)
+        print(f"| {r['stage']} | {r['keys']} | {r['offered']} ({r['median_offered']:g}, {r['max_offered']}) "
+              f"| {r['timed']} | {r['compiles']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
