@@ -1,11 +1,13 @@
-"""Count, without a GPU, what first calls would tune in each benchmark stage of
-``perf/gpu_check.sh`` on an H100: tuning keys, candidates per key (offered after pruning,
-and timed: the cost model's best ``tuning.TIMED``), and the distinct kernels Triton
-would compile for them (a compile is per specialisation, so keys that share tiles and
-argument properties share compiles).
+"""What first calls would tune in each benchmark stage of ``perf/gpu_check.sh`` on an
+H100: tuning keys, candidates per key (offered after pruning, and timed: the cost
+model's best ``tuning.TIMED``), and the distinct kernels Triton would compile for them
+(a compile is per specialisation, so keys that share tiles and argument properties
+share compiles); on a GPU, compile them all before the stage runs.
 
-    python perf/candidates.py                 # every bench stage -> a markdown table on stdout
-    python perf/candidates.py --stages nd     # some of them
+    python perf/candidates.py                        # every bench stage -> a markdown table
+    python perf/candidates.py --stages nd            # some of them
+    python perf/candidates.py --stages nd --warm     # on a GPU: compile them into Triton's
+                                                     # cache on every core, then report
 
 The ops run on CPU tensors (never written or read) with every launch intercepted; the
 GPU is described as an H100 (``hopper_compile.H100``), so pruning and ranking are the
@@ -20,6 +22,8 @@ os.environ["TRITON_INTERPRET"] = "0"  # the compiler's kernels (their parameters
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -61,32 +65,74 @@ def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
-def count(stage: str) -> dict:
-    """Keys, candidates and distinct compiles of one stage's first calls."""
+def launches_of(stage: str) -> tuple[dict, dict]:
+    """One stage's first calls: ``{(family, key): (offered, timed)}`` and the distinct
+    compiles of the timed candidates, ``{specialisation: (request, config)}``."""
     keys: dict[tuple, tuple[int, int]] = {}
-    compiles: set = set()
+    compiles: dict = {}
 
     def choose(request, candidates):
         timed = candidates[:tuning.TIMED] if len(candidates) > 1 else candidates
         keys[(request.family, request.key)] = (len(candidates), len(timed))
         for config in timed:
-            compiles.add(_specialise(request.kernel, request.args, {**request.constants, **config}))
+            compiles.setdefault(_specialise(request.kernel, request.args, {**request.constants, **config}), (request, config))
         return candidates[0]
 
     a = argparse.Namespace(quick=False, cells="", **STAGES[stage])
     with launcher.intercept(choose=choose, launch=lambda request, config: None, device=H100):
         for cell, dtype_name, layout, pass_ in jobs_of(a):
             _run(cell, DTYPES[dtype_name], layout, pass_)
+    return keys, compiles
+
+
+def count(stage: str) -> dict:
+    """Keys, candidates and distinct compiles of one stage's first calls."""
+    keys, compiles = launches_of(stage)
     offered = [o for o, _ in keys.values()]
     timed = [t for _, t in keys.values()]
     return dict(stage=stage, keys=len(keys), offered=sum(offered), timed=sum(timed),
                 median_offered=statistics.median(offered), max_offered=max(offered), compiles=len(compiles))
 
 
+def jit_compile(request, config) -> None:
+    """Compile one launch as Triton's JIT would on this GPU (into its cache), running nothing."""
+    request.kernel.warmup(*request.args, grid=request.grid, **request.constants, **config)
+
+
+def warm(stage: str, compile_one=jit_compile, workers: int | None = None) -> tuple[int, int, float]:
+    """Compile every distinct launch a stage's first calls would time, on ``workers``
+    threads (default: every core); ``(compiled, failed, seconds)``.  A later first call
+    then finds its candidates in Triton's cache."""
+    _, compiles = launches_of(stage)
+    start = time.perf_counter()
+
+    def one(launch) -> bool:
+        try:
+            compile_one(*launch)
+            return True
+        except Exception as error:  # noqa: BLE001 (the tuner will skip it and say why)
+            print(f"warm: {launch[0].family} {launch[1]} failed: {type(error).__name__}: {error}", flush=True)
+            return False
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        done = list(pool.map(one, compiles.values()))
+    return sum(done), len(done) - sum(done), time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of: " + ", ".join(STAGES))
+    ap.add_argument("--warm", action="store_true", help="on a GPU: compile every launch into Triton's cache")
     a = ap.parse_args(argv)
+    if a.warm:
+        if not torch.cuda.is_available():
+            print("candidates: --warm compiles for this machine's GPU, and there is none")
+            return 2
+        for stage in a.stages.split(","):
+            compiled, failed, seconds = warm(stage)
+            print(f"{stage}: compiled {compiled} kernels ({failed} failed) in {seconds:.1f} s on {os.cpu_count()} threads",
+                  flush=True)
+        return 0
     print("| stage | tuning keys | candidates offered (median, max per key) | candidates timed | distinct compiles |")
     print("| --- | --- | --- | --- | --- |")
     for stage in a.stages.split(","):

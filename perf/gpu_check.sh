@@ -3,7 +3,8 @@
 #   bash perf/gpu_check.sh OUT_DIR [STAGE ...]     # the stages named (default: all, in order)
 #   bash perf/gpu_check.sh OUT_DIR --list          # the stages and what each measures
 # Each stage stops itself at its budget (STAGE_BUDGET seconds, default 480) with what it
-# measured so far written. Everything a call produced (logs, bench.csv, plots) is gathered
+# measured so far written. A bench stage first compiles every kernel its first calls will
+# time on all cores (perf/candidates.py --warm), so tuning finds them in Triton's cache. Everything a call produced (logs, bench.csv, plots) is gathered
 # into OUT_DIR/results.tar.gz beside OUT_DIR/summary.txt (one line per stage): a call
 # leaves two files. A later call with the same OUT_DIR continues the archive (its bench
 # stages append to the same bench.csv); archives of separate device calls merge with
@@ -62,9 +63,14 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cudnn', torch.backends.cudnn.version())"
 } | tee "$work/versions.txt"
 
-bench() {  # bench STAGE ARGS...: one bench.py stage within the budget (and a hard stop a minute after it)
+bench() {  # bench STAGE ARGS...: warm Triton's cache for the stage on every core, then bench.py within what is left
   local stage="$1"; shift
-  timeout $((budget + 60)) python3 perf/bench.py "$@" --budget "$budget" --append --out "$work" ${BENCH_ARGS:-} "${fake[@]}" 2>&1 \
+  local begin=$SECONDS
+  if [ -z "$dry" ]; then
+    timeout $((budget / 2)) python3 perf/candidates.py --stages "$stage" --warm 2>&1 | tee "$work/$stage.warm.log"
+  fi
+  local left=$((budget - (SECONDS - begin)))
+  timeout $((left + 60)) python3 perf/bench.py "$@" --budget "$left" --append --out "$work" ${BENCH_ARGS:-} "${fake[@]}" 2>&1 \
     | tee "$work/$stage.log"
   local rc="${PIPESTATUS[0]}"
   python3 perf/plot.py "$work/bench.csv" >>"$work/$stage.log" 2>&1

@@ -205,3 +205,23 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
     with open(unpacked / "bench.csv", newline="") as f:
         measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in csv.DictReader(f)}
     assert len(measured) == 4
+
+
+def test_candidates_counts_and_warms_a_stage():
+    """perf/candidates.py knows every launch a stage's first calls time (as on an H100):
+    fewer timed than offered, at most 6 per key; ``warm`` compiles each distinct one
+    once, on several threads (here with the compile replaced: the JIT needs a GPU)."""
+    script = (
+        "import sys, threading; sys.path.insert(0, sys.argv[1]); import candidates\n"
+        "r = candidates.count('nd'); print(r['keys'], r['offered'], r['timed'], r['compiles'])\n"
+        "seen, threads = [], set()\n"
+        "def fake(request, config):\n"
+        "    seen.append((request.family, repr(sorted(config.items())))); threads.add(threading.get_ident())\n"
+        "print(candidates.warm('nd', compile_one=fake, workers=4)[:2], len(seen), len(threads) > 1)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(PERF)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts, warmed = run.stdout.splitlines()[-2:]
+    keys, offered, timed, compiles = map(int, counts.split())
+    assert keys > 0 and timed <= 6 * keys and timed < offered and 0 < compiles <= timed
+    assert warmed == f"({compiles}, 0) {compiles} True"
