@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher
+from . import activations, launcher
 from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
@@ -112,28 +112,6 @@ def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
         return 0, 1, K, -P, S, D, 0, 1, size_out
 
 
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "tanh", "sigmoid")
-
-
-@triton.jit
-def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
-    """``ACTIVATION`` (one of ``ACTIVATIONS``, or ``""`` for none) of ``v``, as PyTorch
-    defines it (gelu: the exact, erf form)."""
-    if ACTIVATION == "relu":
-        v = tl.maximum(v, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        v = tl.where(v > 0, v, v * negative_slope)
-    elif ACTIVATION == "silu":
-        v = v * tl.sigmoid(v)
-    elif ACTIVATION == "gelu":
-        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACTIVATION == "tanh":
-        v = 2.0 * tl.sigmoid(2.0 * v) - 1.0
-    elif ACTIVATION == "sigmoid":
-        v = tl.sigmoid(v)
-    return v
-
-
 @triton.jit
 def _phase_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr,
@@ -175,7 +153,7 @@ def _phase_gemm_kernel(
     negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     HAS_BIAS: add the bias in the epilogue.
-    ACTIVATION: apply this activation after the bias (``""``: none; see ``_activate``).
+    ACTIVATION: apply this activation after the bias (``""``: none; see ``activations``).
     HAS_RESIDUAL: add the residual after the activation.
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
@@ -273,7 +251,7 @@ def _phase_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + (group * C_col_g + offs_n) * sbc, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
-    acc = _activate(acc, ACTIVATION, negative_slope)
+    acc = activations.apply(acc, ACTIVATION, negative_slope)
 
     # Output position of each row: o0 + t*o_step.
     o_d = od0 + t_d * od_step
@@ -311,7 +289,7 @@ def phase_gemm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
-    then, fused into the store, ``activation`` (one of ``ACTIVATIONS``) and ``+ residual``
+    then, fused into the store, ``activation`` (one of ``activations.ACTIVATIONS``) and ``+ residual``
     (5-D, shaped like ``out``, any strides).
 
     All tensors are 5-D views, any strides: ``x`` ``[N, C_x, D, H, W]``, ``out``

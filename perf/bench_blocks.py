@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 
 import tritondeconv
+from tritondeconv.kernels.activations import TABLE as ACTIVATION_TABLE
 
 # (name, N, C, H=W in) -> C out, k3 p1, scale 2: the upsampling convs of a Stable-Diffusion
 # VAE decoder (batch 1) and of a U-Net decoder (batch 8).
@@ -85,7 +86,7 @@ def epilogue_rows(cell, activation: str, dtype_name: str, layout: str, device: s
     w = (torch.randn(cell.c_in, cell.c_out, cell.k, cell.k, device=device) / math.sqrt(cell.c_in * cell.k)).to(dtype)
     b = torch.randn(cell.c_out, device=device, dtype=dtype)
     args = (cell.s, cell.p, cell.op)
-    act = tritondeconv.ops.TORCH_ACTIVATIONS[activation]
+    act = ACTIVATION_TABLE[activation].torch
     ref = act(F.conv_transpose2d(x.double(), w.double(), b.double(), *args), 0.01)
     methods = {
         "fused": lambda: tritondeconv.conv_transpose2d(x, w, b, *args, activation=activation),

@@ -7,14 +7,14 @@ import torch.nn.functional as F
 
 import tritondeconv
 from reference import DTYPES, TOLERANCES, fresh_seed, layout, reference, relative_error
-from tritondeconv.ops import TORCH_ACTIVATIONS
+from tritondeconv.kernels.activations import TABLE
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
-ACTIVATIONS = [None, *TORCH_ACTIVATIONS]
+ACTIVATIONS = [None, *TABLE]
 
 
 def _unfused(z, activation, slope, residual):
-    z = TORCH_ACTIVATIONS[activation](z, slope) if activation else z
+    z = TABLE[activation].torch(z, slope) if activation else z
     return z if residual is None else z + residual
 
 
@@ -125,3 +125,12 @@ def test_compile_fullgraph_with_epilogue(device):
     ref.sum().backward()
     assert relative_error(out, ref) <= TOLERANCES["float64"], f"seed {seed}"
     assert relative_error(grad, m.weight.grad) <= 1e-10, f"seed {seed}"
+
+
+@pytest.mark.parametrize("activation", list(TABLE))
+def test_each_activations_derivative_is_its_functions(activation):
+    """The table's derivative of each activation is autograd's derivative of its PyTorch
+    function (float64, both signs, around 0), so the backward and the forward agree."""
+    z = (torch.linspace(-4, 4, 81, dtype=torch.float64) + 1e-3).requires_grad_()
+    (expected,) = torch.autograd.grad(TABLE[activation].torch(z, 0.2).sum(), z)
+    torch.testing.assert_close(TABLE[activation].derivative(z.detach(), 0.2), expected)

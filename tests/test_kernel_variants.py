@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import tritondeconv
 from tritondeconv.kernels.common import force_int64_index, observe_launches
-from tritondeconv.kernels.phase_gemm import ACTIVATIONS
-from reference import DTYPES, assert_close, fresh_seed, layout, reference
+from tritondeconv.kernels.activations import ACTIVATIONS
+from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -48,7 +48,7 @@ def test_forward_and_both_gradients(device, precision, path, int64, kind):
     x = layout(torch.randn(2, c, 3, 4, device=device).to(dtype), kind).requires_grad_()
     w = torch.randn(c, c, 3, 3, device=device).to(dtype).requires_grad_()
     b = torch.randn(c, device=device).to(dtype).requires_grad_()
-    with observe_launches() as launches, force_int64_index() if int64 else contextlib.nullcontext():
+    with observe_launches() as launches, on_path(path), force_int64_index() if int64 else contextlib.nullcontext():
         out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1)
         gy = torch.randn_like(out)
         got = torch.autograd.grad(out, (x, w, b), gy)

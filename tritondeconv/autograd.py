@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .arguments import ntuple
+from .kernels.activations import TABLE as ACTIVATION_TABLE
 from .ops import tangents_carried, transposed_output_padding
 
 ops = torch.ops.tritondeconv
@@ -100,23 +101,6 @@ for _rank in (1, 2, 3):
 # z = T(x, w) + b recomputed (one more forward, instead of keeping z in memory).
 
 
-def _activation_derivative(z: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
-    """act'(z), written with differentiable ops (for double backward)."""
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "leaky_relu":
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
-    if activation == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if activation == "gelu":
-        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    if activation == "tanh":
-        return 1 - torch.tanh(z) ** 2
-    s = torch.sigmoid(z)  # sigmoid
-    return s * (1 - s)
-
-
 def _setup_fused(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
     ctx.save_for_backward(input, weight, bias)
@@ -133,7 +117,7 @@ def _backward_fused(ctx, grad_y):
         z = ops.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation)
         # act'(z) * grad_y in at least fp32, rounded once to the gradient's dtype.
         wide = torch.promote_types(z.dtype, torch.float32)
-        grad_z = (grad_y.to(wide) * _activation_derivative(z.to(wide), activation, slope)).to(grad_y.dtype)
+        grad_z = (grad_y.to(wide) * ACTIVATION_TABLE[activation].derivative(z.to(wide), slope)).to(grad_y.dtype)
     grad_r = grad_y if ctx.has_residual and ctx.needs_input_grad[-1] else None
     return *_grads(ctx, x, w, grad_z), None, None, None, None, None, None, None, grad_r
 
@@ -266,7 +250,7 @@ class TransposedConv(torch.autograd.Function):
         if activation is None:
             return None
         z = transposed_conv(2, x, w, b, stride, padding, output_padding, groups, dilation)
-        return _activation_derivative(z.to(torch.promote_types(z.dtype, torch.float32)), activation, slope)
+        return ACTIVATION_TABLE[activation].derivative(z.to(torch.promote_types(z.dtype, torch.float32)), slope)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -43,7 +43,8 @@ from .arguments import (
 )
 from .kernels import launcher
 from .kernels.common import INTERPRETING
-from .kernels.phase_gemm import ACTIVATIONS, phase_gemm
+from .kernels.activations import ACTIVATIONS, TABLE as ACTIVATION_TABLE
+from .kernels.phase_gemm import phase_gemm
 from .kernels.tuning import NoConfigurationRan
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
@@ -302,19 +303,6 @@ _define_conv_transpose("naive_conv_transpose2d", 2, naive=True)
 
 # ---------------------------------------------------------------- fused epilogue
 
-# The activations as PyTorch computes them (the reference of the fused epilogue and the
-# aten fallback's epilogue).
-TORCH_ACTIVATIONS = {
-    "relu": lambda v, slope: F.relu(v),
-    "leaky_relu": lambda v, slope: F.leaky_relu(v, slope),
-    "silu": lambda v, slope: F.silu(v),
-    "gelu": lambda v, slope: F.gelu(v),
-    "tanh": lambda v, slope: torch.tanh(v),
-    "sigmoid": lambda v, slope: torch.sigmoid(v),
-}
-assert set(TORCH_ACTIVATIONS) == set(ACTIVATIONS)
-
-
 def _check_epilogue(activation, residual, out_shape, x: torch.Tensor, op: str) -> None:
     if activation is not None and activation not in ACTIVATIONS:
         raise RuntimeError(f"{op}: activation must be None or one of {', '.join(ACTIVATIONS)}, but got activation={activation!r}")
@@ -345,7 +333,7 @@ def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padd
     r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
     def aten():
         out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
-        out = TORCH_ACTIVATIONS[activation](out, negative_slope) if activation else out
+        out = ACTIVATION_TABLE[activation].torch(out, negative_slope) if activation else out
         return _as_aten_would(out if r is None else out + r, x, weight)
 
     out = _computed("conv_transpose2d_fused", x.device,
