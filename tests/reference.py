@@ -1,11 +1,14 @@
 """The one reference and the one tolerance table every kernel test uses."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
 import torch
 import torch.nn.functional as F
+
+from tritondeconv.kernels import cost, launcher
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed per precision, against float64.
 TOLERANCES = {
@@ -71,3 +74,24 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int
     err = relative_error(out, ref)
     assert err <= TOLERANCES[precision], f"relative error {err:.3e} > {TOLERANCES[precision]:.0e} for {precision} (seed {seed})"
     assert not math.isnan(err)
+
+
+PATHS = ("tensor-core", "fma")
+
+
+def path_of(config: dict, problem) -> str:
+    """The path a configuration multiplies on."""
+    return "tensor-core" if cost.uses_dot(config, problem) else "fma"
+
+
+@contextlib.contextmanager
+def on_path(path: str):
+    """Every launch in the block takes a tile of ``path`` (``"tensor-core"`` or ``"fma"``)
+    where its candidates offer one (the launcher's seam picks it; a layer with 16
+    channels or more on both sides offers only tensor-core tiles)."""
+    def choose(request, candidates):
+        problem = request.problem()
+        return next((c for c in candidates if path_of(c, problem) == path), candidates[0])
+
+    with launcher.intercept(choose=choose):
+        yield
