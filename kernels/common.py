@@ -50,6 +50,26 @@ def needs_int64(*tensors) -> bool:
                for t in tensors if t is not None and t.numel() > 0)
 
 
+_FILLS: list[float] = []
+
+
+@contextlib.contextmanager
+def poison_allocations(value: float = float("nan")) -> Iterator[None]:
+    """While the block runs, every tensor the ops and launchers allocate for a result
+    (outputs, gradients, the weight gradient's workspace) starts filled with ``value``,
+    so that an element a kernel fails to write shows (tests poison with NaN)."""
+    _FILLS.append(value)
+    try:
+        yield
+    finally:
+        _FILLS.pop()
+
+
+def allocated(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a new result tensor, filled as ``poison_allocations`` asks (if it does)."""
+    return t.fill_(_FILLS[-1]) if _FILLS else t
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as its launcher made it: the kernel family (``"phase_gemm"`` or

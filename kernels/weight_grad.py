@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import launcher
-from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, allocated, input_precision, needs_int64, operand_dtype
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
@@ -171,7 +171,7 @@ def weight_grad(
     if split is None:
         split = default_split(pixels, taps * groups * triton.cdiv(c_in_g, 64) * triton.cdiv(c_out_g, 64))
     per_split = triton.cdiv(pixels, split)
-    workspace = torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device)
+    workspace = allocated(torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device))
 
     precision = input_precision(x.dtype, allow_tf32)
 
@@ -210,5 +210,5 @@ def weight_grad(
     ))
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
     total = workspace.sum(0) if split > 1 else workspace[0]
-    grad = torch.empty((c_in, c_out_g, *kernel_size), dtype=x.dtype, device=x.device)
+    grad = allocated(torch.empty((c_in, c_out_g, *kernel_size), dtype=x.dtype, device=x.device))
     return grad.copy_(total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size))

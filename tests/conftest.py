@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-import tritondeconv.ops
+from tritondeconv.kernels.common import poison_allocations
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -34,14 +34,11 @@ def device(request):
 
 
 @pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Make every tensor the ops allocate start as NaN, so an unwritten pixel fails."""
-    allocate = tritondeconv.ops._empty
-
-    def poisoned(*args, **kwargs):
-        return allocate(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(tritondeconv.ops, "_empty", poisoned)
+def poisoned_outputs():
+    """Make every tensor the ops allocate for a result (outputs, gradients, the weight
+    gradient's workspace) start as NaN, so an unwritten element fails."""
+    with poison_allocations(float("nan")):
+        yield
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from .arguments import (
     output_memory_format,
 )
 from .kernels import launcher
-from .kernels.common import INTERPRETING
+from .kernels.common import INTERPRETING, allocated
 from .kernels.activations import ACTIVATIONS, TABLE as ACTIVATION_TABLE
 from .kernels.phase_gemm import phase_gemm
 from .kernels.tuning import NoConfigurationRan
@@ -164,12 +164,13 @@ def _allow_tf32() -> bool:
 
 def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """A new tensor of ``shape`` in ``like``'s dtype and device and in ``memory_format``
-    (every tensor the ops return is allocated here; ``channels_last`` for a 3-D shape
-    puts its channels innermost)."""
+    (every tensor the ops return is allocated here, and filled if
+    ``kernels.common.poison_allocations`` asks; ``channels_last`` for a 3-D shape puts
+    its channels innermost)."""
     if len(shape) == 3 and memory_format == torch.channels_last:
         n, c, w = shape
-        return torch.empty((n, w, c), dtype=like.dtype, device=like.device).permute(0, 2, 1)
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+        return allocated(torch.empty((n, w, c), dtype=like.dtype, device=like.device).permute(0, 2, 1))
+    return allocated(torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format))
 
 
 def _empty_output(x: torch.Tensor, weight: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
