@@ -4,7 +4,8 @@
 ``nn.ConvTranspose{1,2,3}d`` mirror the modules and ``convert`` swaps them into a model; ``naive_conv_transpose2d`` is the zero-insertion baseline on the same kernel;
 ``plan`` describes the decomposition (see ``python -m tritondeconv.explain``);
 ``tuning_report`` lists what the process has tuned; ``set_backend("auto")`` lets aten's
-convolution race our kernels per shape.
+convolution race our kernels per shape; ``enable()`` / ``with enabled():`` route PyTorch's own
+transposed convolutions in unchanged code to our kernels.
 """
 from . import autograd  # noqa: F401  (registers the gradients)
 from . import init, nn
@@ -13,11 +14,13 @@ from .convert import convert
 from .folding import upsample_conv2d
 from .kernels.tuning import tuning_report
 from .ops import get_backend, set_backend
+from .switch import disable, enable, enabled, is_enabled
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
 from .planner import Plan, plan
 
 __all__ = [
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d", "upsample_conv2d",
     "clear_weight_cache", "init", "nn", "convert", "plan", "Plan", "tuning_report", "set_backend", "get_backend",
+    "enable", "disable", "enabled", "is_enabled",
 ]
 __version__ = "0.1.0"
