@@ -73,10 +73,11 @@ def allocated(t: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as its launcher made it: the kernel family (``"phase_gemm"`` or
-    ``"weight_grad"``) and the compile-time constants it was specialised with (the
-    tile configuration included)."""
+    ``"weight_grad"``), the compile-time constants it was specialised with (the tile
+    configuration included), and the dtype of the tensors it read."""
     kernel: str
     constants: dict
+    dtype: torch.dtype | None = None
 
 
 _OBSERVERS: list[list[Launch]] = []
@@ -95,7 +96,7 @@ def observe_launches() -> Iterator[list[Launch]]:
         del _OBSERVERS[next(i for i, o in enumerate(_OBSERVERS) if o is launches)]
 
 
-def notify_launch(kernel: str, constants: dict) -> None:
-    """Called by each launcher after a launch: hands it to every observer."""
+def notify_launch(kernel: str, constants: dict, dtype: torch.dtype | None = None) -> None:
+    """Called by the launcher after a launch: hands it to every observer."""
     for launches in _OBSERVERS:
-        launches.append(Launch(kernel, dict(constants)))
+        launches.append(Launch(kernel, dict(constants), dtype))

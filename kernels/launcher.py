@@ -67,7 +67,7 @@ class Request:
 
     family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``): names its tuner.
     kernel:    the ``@triton.jit`` function.
-    args:      its runtime arguments, in its signature's order.
+    args:      its runtime arguments, in its signature's order (the first: the input).
     constants: its compile-time constants other than the tile configuration.
     grid:      ``grid(config) -> (x, y, z)``.
     key:       the shape class a tuning is kept for (built and documented by the family).
@@ -189,7 +189,7 @@ def launch(request: Request) -> dict:
             info.name, request.key, lambda: candidates(request, info), functools.partial(_run, request),
             tune=_hook("tune"), compile=compile, clock=_hook("clock"))
     _run(request, config)
-    notify_launch(request.family, {**request.constants, **config})
+    notify_launch(request.family, {**request.constants, **config}, request.args[0].dtype)
     return config
 
 

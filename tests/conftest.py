@@ -1,9 +1,10 @@
+import itertools
 import os
 
 import pytest
 import torch
 
-from tritondeconv.kernels.common import poison_allocations
+from tritondeconv.kernels.common import observe_launches, poison_allocations
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -29,8 +30,87 @@ def _device_params():
 
 @pytest.fixture(params=_device_params())
 def device(request):
-    """Every device on which the Triton kernels (not a fallback) run."""
-    return request.param
+    """Every device on which the Triton kernels (not a fallback) run.
+
+    A test that takes this fixture claims the Triton path: its kernel launches are
+    recorded (through ``observe_launches``) into the run's coverage table, and a test
+    that passes without launching any kernel fails, unless it is marked
+    ``no_kernel`` with the reason (an empty batch, an argument error, a fake tensor)."""
+    with observe_launches() as launches:
+        yield request.param
+    for launch in launches:
+        COVERAGE.add(_cell(launch))
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.passed and request.node.get_closest_marker("no_kernel") is None:
+        require_launches(launches)
+
+
+def require_launches(launches: list) -> None:
+    """Fail unless some kernel launched (the check the ``device`` fixture makes)."""
+    if not launches:
+        pytest.fail("the test takes the `device` fixture (the Triton path) but launched no kernel: "
+                    "mark it no_kernel(reason) if that is what it tests", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each test's call report on its item (the ``device`` fixture reads it)."""
+    outcome = yield
+    if call.when == "call":
+        item.report_call = outcome.get_result()
+
+
+# ---------------------------------------------------------------- the coverage table
+# Every kernel path the GPU runs, as the CPU suite must reach it in the interpreter:
+# path × dtype × direction (forward with and without an epilogue, input gradient,
+# weight gradient) × index width.  The interpreter's tl.dot is a NumPy matmul: reaching a
+# cell proves indexing, masking and the epilogue, not MMA numerics or pipelining.
+
+PATHS = ("tensor-core", "fma")
+DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
+DIRECTIONS = ("forward", "forward+epilogue", "input-grad", "weight-grad")
+INDEX = ("int32", "int64")
+COVERAGE: set = set()
+
+
+def _cell(launch) -> tuple:
+    sides = ("BLOCK_N", "BLOCK_K") if launch.kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
+    path = "tensor-core" if min(launch.constants[s] for s in sides) >= 16 else "fma"
+    c = launch.constants
+    if launch.kernel == "weight_grad":
+        direction = "weight-grad"
+    elif not c["TRANSPOSED"]:
+        direction = "input-grad"
+    else:
+        direction = "forward+epilogue" if c["ACTIVATION"] or c["HAS_RESIDUAL"] else "forward"
+    return path, str(launch.dtype).removeprefix("torch."), direction, "int64" if c["INT64_INDEX"] else "int32"
+
+
+def _whole_suite(session) -> bool:
+    """Whether this run is the whole CPU suite (nothing selected away), the only run
+    whose coverage must be complete."""
+    option = session.config.option
+    return (INTERPRETING and not option.keyword and not option.markexpr and not option.deselect
+            and session.config.args in ([], [str(session.config.rootpath / "tests")], ["tests"])
+            and session.testscollected > 0)
+
+
+def _missing() -> list[tuple]:
+    return [cell for cell in itertools.product(PATHS, DTYPES_COVERED, DIRECTIONS, INDEX) if cell not in COVERAGE]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if INTERPRETING and COVERAGE:
+        total = len(PATHS) * len(DTYPES_COVERED) * len(DIRECTIONS) * len(INDEX)
+        terminalreporter.write_line(f"kernel coverage: {total - len(_missing())} of {total} cells "
+                                    "(path x dtype x direction x index width) reached")
+        for cell in _missing():
+            terminalreporter.write_line(f"  not reached: {' '.join(cell)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _whole_suite(session) and _missing() and exitstatus == 0:
+        session.exitstatus = 1
 
 
 @pytest.fixture

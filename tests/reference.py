@@ -18,6 +18,10 @@ TOLERANCES = {
     "float16": 2e-3,
     "bfloat16": 1e-2,
 }
+# Largest elementwise error allowed per precision, as a fraction of the reference's
+# largest magnitude: a bound that does not grow with the data (it scales with it), and
+# that a single wrong element trips where the norm above could average it away.
+ELEMENT_TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "tf32": 1e-2, "float16": 4e-3, "bfloat16": 1e-2}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32,
           "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,12 +72,18 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int) -> None:
-    """Shape, finiteness (outputs are poisoned with NaN first) and relative error."""
+    """Shape, finiteness (outputs are poisoned with NaN first), relative error (norm) and
+    the largest elementwise error."""
     assert out.shape == ref.shape, f"shape {list(out.shape)} != {list(ref.shape)} (seed {seed})"
     assert torch.isfinite(out).all(), f"non-finite output: a pixel was never written (seed {seed})"
     err = relative_error(out, ref)
     assert err <= TOLERANCES[precision], f"relative error {err:.3e} > {TOLERANCES[precision]:.0e} for {precision} (seed {seed})"
     assert not math.isnan(err)
+    if out.numel():
+        worst = (out.double() - ref).abs().max().item()
+        bound = ELEMENT_TOLERANCES[precision] * ref.abs().max().item()
+        assert worst <= bound, (f"an element is off by {worst:.3e} > {bound:.3e} ({ELEMENT_TOLERANCES[precision]:.0e} "
+                                f"of the largest |ref|) for {precision} (seed {seed})")
 
 
 PATHS = ("tensor-core", "fma")

@@ -81,6 +81,27 @@ def test_every_epilogue(device, activation, residual):
     assert_close(out, expected, "float32", seed)
 
 
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_epilogue_on_every_path_dtype_and_index_width(device, precision, path, int64):
+    """An activation and a residual fused into the store, on each path, in every dtype,
+    with 32- and 64-bit indexing (gelu: the epilogue's longest expression)."""
+    seed = fresh_seed()
+    dtype, c = DTYPES[precision], PATH_CHANNELS[path]
+    x = torch.randn(2, c, 3, 4, device=device).to(dtype)
+    w = torch.randn(c, c, 3, 3, device=device).to(dtype)
+    b = torch.randn(c, device=device).to(dtype)
+    ref = reference(x, w, b, 2, 1, 1, 1, 1)
+    r = torch.randn(ref.shape, device=device).to(dtype)
+    with observe_launches() as launches, on_path(path), force_int64_index() if int64 else contextlib.nullcontext():
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, activation="gelu", residual=r)
+    (launch,) = launches
+    assert (launch.constants["ACTIVATION"], launch.constants["HAS_RESIDUAL"], _path(launch),
+            launch.constants["INT64_INDEX"]) == ("gelu", True, path, int64)
+    assert_close(out, TORCH_ACTIVATIONS["gelu"](ref) + r.double(), precision, seed)
+
+
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_folded_upsample_conv_on_tensor_cores(device, kind):
     """The folded nearest-upsample + convolution, on the tensor-core tiles, forward and

@@ -1,5 +1,7 @@
 """Trust: 64-bit indexing for large tensors, NaN/Inf propagation like PyTorch's, threads,
-CUDA graphs, memory bounds, a packed-weight cache that is never stale."""
+CUDA graphs, memory bounds, a packed-weight cache that is never stale; and the suite's own
+checks catch a faulty kernel."""
+import dataclasses
 import pickle
 import threading
 
@@ -12,8 +14,10 @@ import tritondeconv
 import tritondeconv.kernels.phase_gemm
 import tritondeconv.ops
 import tritondeconv.kernels.weight_grad
-from reference import TOLERANCES, fresh_seed, layout, reference, relative_error
-from tritondeconv.kernels.common import force_int64_index, needs_int64
+from conftest import require_launches
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
+from tritondeconv.kernels import launcher
+from tritondeconv.kernels.common import force_int64_index, needs_int64, observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -227,3 +231,53 @@ def test_bf16_output_above_2_to_the_31_elements(_):
         o_rows = slice(None if rows.start is None else 2 * rows.start, None if rows.stop is None else 2 * rows.stop)
         o_cols = slice(None if cols.start is None else 2 * cols.start, None if cols.stop is None else 2 * cols.stop)
         assert relative_error(out[n:n + 1, :, o_rows, o_cols], ref) <= TOLERANCES["bfloat16"]
+
+
+# ---------------------------------------------------------------- the checks catch faults
+# Faulty kernels injected through the launcher's seam: the suite's checks must catch each.
+
+def _faulty(fault: str):
+    """A launch hook that runs the real kernel with a fault: ``"drop-one-tap"`` (the
+    forward reads one kernel tap as zero) or ``"corrupt-one-element"`` (one output
+    element off by 2% of the output's largest magnitude)."""
+    def launch(request, config):
+        if fault == "drop-one-tap" and request.family == "phase_gemm":
+            weight = request.args[1].clone()
+            weight[..., 1, 1] = 0
+            request = dataclasses.replace(request, args=(request.args[0], weight, *request.args[2:]))
+        launcher.run_kernel(request, config)
+        if fault == "corrupt-one-element":
+            request.output[0, 0, 0, 1, 1] += 0.02 * request.output.abs().max()
+    return launch
+
+
+@pytest.mark.parametrize("fault", ["drop-one-tap", "corrupt-one-element"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"], indirect=True)
+def test_the_checks_catch_a_faulty_kernel(device, precision, fault):
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    x = torch.randn(4, 16, 12, 12, device=device).to(dtype)
+    w = torch.randn(16, 16, 3, 3, device=device).to(dtype)
+    ref = reference(x, w, None, 2, 1, 1, 1, 1)
+    assert_close(tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1), ref, precision, seed)  # the healthy kernel passes
+    with launcher.intercept(launch=_faulty(fault)):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1)
+    with pytest.raises(AssertionError):
+        assert_close(out, ref, precision, seed)
+
+
+@pytest.mark.no_kernel("every launch is made to fail: the point is that the device fixture's check catches it")
+def test_the_device_fixture_catches_an_aten_fallback(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path))
+    launcher.forget_tunings()
+    x, w = torch.randn(2, 20, 5, 5, device=device), torch.randn(20, 3, 4, 4, device=device)
+
+    def launch(request, config):
+        raise RuntimeError("injected")
+
+    with observe_launches() as launches, pytest.warns(UserWarning, match="computed by aten"), \
+            launcher.intercept(launch=launch, tune=True, clock=lambda run: (run(), 1.0)[1]):
+        tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    launcher.forget_tunings()
+    with pytest.raises(pytest.fail.Exception, match="launched no kernel"):
+        require_launches(launches)
