@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from reference import RUN_SALT
 from tritondeconv.kernels.common import observe_launches, poison_allocations
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,6 +27,10 @@ def _device_params():
         ],
     )
     return [cpu, cuda]
+
+
+def pytest_report_header(config):
+    return f"tritondeconv test seed salt: {RUN_SALT} (rerun a failure with TRITONDECONV_TEST_SEED={RUN_SALT})"
 
 
 @pytest.fixture(params=_device_params())
