@@ -23,8 +23,9 @@ model (``cost.py``; ``launcher.py`` does both).  The tuner answers, in order:
    and the fastest is checked against the cost model's pick: if their outputs disagree
    beyond summation order (``agree``), the pick is kept and the disagreement logged.
    A candidate that fails in any way (compile, resources, launch) is skipped and
-   logged; when none runs, ``NoConfigurationRan`` is raised, which the op layer answers
-   with aten's result and one warning.
+   logged; when none runs, ``NoConfigurationRan`` is raised (and again at every later
+   call of the key, without another attempt), which the op layer answers with aten's
+   result and a warning.
 
 The cache file lives in ``$TRITONDECONV_CACHE_DIR`` (default ``~/.cache/tritondeconv``),
 one JSON file per (GPU name, Triton version).  A file that cannot be read or parsed is
@@ -233,6 +234,7 @@ def _median_ms(launch: Callable[[], None]) -> float:
     return triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median")
 
 
+_NONE_RAN = object()  # the memo's answer for a key none of whose candidates could run
 TIMED = 6  # candidates timed per key (the cost model's best); "exhaustive" times all
 
 
@@ -275,12 +277,13 @@ class Tuner:
         key never waits behind another thread's tuning."""
         memo_key = (device_name, key)
         chosen = self._memo.get(memo_key)
-        if chosen is not None:
-            return chosen
-        with self._tuning:
-            chosen = self._memo.get(memo_key)
-            if chosen is None:
-                chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config)
+        if chosen is None:
+            with self._tuning:
+                chosen = self._memo.get(memo_key)
+                if chosen is None:
+                    chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config)
+        if chosen is _NONE_RAN:
+            raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
         return chosen
 
     def _choose(self, device_name, key, candidates, launch, tune, compile, clock) -> dict:
@@ -309,8 +312,9 @@ class Tuner:
             if not trial.note:
                 trial.ms = self._time(launch, trial, key, clock)
         ran = [t for t in trials if not math.isinf(t.ms)]
-        if not ran:
-            raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
+        if not ran:  # remembered: later calls of the key go to aten without trying again
+            self._memo[(device_name, key)] = _NONE_RAN
+            return _NONE_RAN
         chosen = min(ran, key=lambda t: t.ms).config
         # The first tuning of a key checks the winner against the cost model's pick that ran.
         if chosen != ran[0].config and not self._agrees(launch, ran[0].config, chosen):

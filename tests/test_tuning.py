@@ -251,10 +251,16 @@ def test_a_candidate_failing_in_any_way_is_skipped_and_logged(cache_dir, caplog)
 
 
 def test_no_candidate_running_raises_what_the_op_layer_answers(cache_dir):
+    attempts = []
+
     def time_config(launch):
+        attempts.append(1)
         raise RuntimeError("nothing runs")
-    with pytest.raises(NoConfigurationRan, match="no configuration of t could run"):
-        Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
+    tuner = Tuner("t", None, time_config)
+    for _ in range(2):  # remembered: the second call does not try again
+        with pytest.raises(NoConfigurationRan, match="no configuration of t could run"):
+            tuner.pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
+    assert len(attempts) == len(CANDIDATES)
 
 
 def test_tuning_is_logged_and_reported(cache_dir, caplog):
@@ -539,6 +545,7 @@ def test_a_kernel_that_disagrees_is_caught_by_the_first_tuning(device, first_cal
     assert not _fma(tuning.tuning_report()[-1].config) and "disagrees" in caplog.text
 
 
+@pytest.mark.no_kernel("every launch is made to fail, so aten computes the call")
 def test_no_runnable_candidate_falls_back_to_aten_with_one_warning(device, first_calls):
     x, w, ref = _narrow_layer(device)
 
