@@ -15,6 +15,7 @@ import triton.language as tl
 
 INV_SQRT2 = 0.7071067811865476  # 1/sqrt(2): gelu's erf argument
 INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi): gelu's derivative, the normal density
+_INV_SQRT2 = tl.constexpr(INV_SQRT2)  # the same, as a kernel may read a global
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def apply(v, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == "silu":
         v = v * tl.sigmoid(v)
     elif ACTIVATION == "gelu":
-        v = 0.5 * v * (1.0 + tl.math.erf(v * INV_SQRT2))
+        v = 0.5 * v * (1.0 + tl.math.erf(v * _INV_SQRT2))
     elif ACTIVATION == "tanh":
         v = 2.0 * tl.sigmoid(2.0 * v) - 1.0
     elif ACTIVATION == "sigmoid":

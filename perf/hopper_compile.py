@@ -1,5 +1,6 @@
-"""Compile for Hopper, without a GPU, every kernel configuration the tuner can offer,
-and report what each one costs the chip.
+"""Compile for Hopper, without a GPU, every kernel configuration a first call compiles
+(the cost model's best 6 per key; ``--per-key N``: the best N, 0 for all), and report
+what each one costs the chip.
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
@@ -8,7 +9,7 @@ and report what each one costs the chip.
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
 intercepted, so every launch's arguments are exactly those of a GPU run of the same
 layer (dtypes, layouts, and the integer values Triton specialises on: 1, and multiples
-of 16); the shared memory used for pruning is the H100's.  Each distinct launch is then
+of 16); pruning and ranking are the H100's.  Each distinct launch is then
 compiled by Triton for an sm_90 target, and read:
 
 * ``regs``, ``local_bytes``: registers per thread and local memory per thread (spills;
@@ -50,7 +51,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
-from tritondeconv.kernels import launcher, phase_gemm, weight_grad  # noqa: E402
+from tritondeconv.kernels import launcher, phase_gemm, tuning, weight_grad  # noqa: E402
+from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
 from tritondeconv.kernels.common import force_int64_index  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,16 +119,18 @@ def _specialise(kernel, args: tuple, kwargs: dict) -> Launch:
 
 
 @contextmanager
-def recording(launches: set, int64: bool = False):
+def recording(launches: set, int64: bool = False, per_key: int = tuning.TIMED):
     """While inside: the ops take their Triton path on CPU tensors, as on an H100, and
-    every candidate configuration of every kernel launch lands in ``launches`` (nothing
-    runs; ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits)."""
-    def every_candidate(request, candidates):
-        for config in candidates:
+    the first ``per_key`` candidate configurations of every kernel launch, ranked as on
+    an H100 (by default the ``tuning.TIMED`` a first call compiles; 0: every pruned
+    candidate), land in ``launches`` (nothing runs; ``int64``: as if the tensors were
+    past 2**31 elements, indexed in 64 bits)."""
+    def candidates_compiled(request, candidates):
+        for config in candidates[:per_key or None]:
             launches.add(_specialise(request.kernel, request.args, {**request.constants, **config}))
         return candidates[0]
 
-    with launcher.intercept(choose=every_candidate, launch=lambda request, config: None, device=H100), \
+    with launcher.intercept(choose=candidates_compiled, launch=lambda request, config: None, device=H100), \
             (force_int64_index() if int64 else nullcontext()):
         yield
 
@@ -151,9 +155,9 @@ def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
-def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set) -> None:
+def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED) -> None:
     """The launches of one cell's forward and backward."""
-    with recording(launches):
+    with recording(launches, per_key=per_key):
         _forward_backward(FUNCTIONS[cell.rank][0], (cell.n, cell.c_in, *cell.spatial),
                           (cell.c_in, cell.c_out, *(cell.k,) * cell.rank), dtype, layout,
                           stride=cell.s, padding=cell.p, output_padding=cell.op)
@@ -184,7 +188,7 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
         "2-D, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, stride=2,
                                                               padding=1), True),
     }
-    for activation in phase_gemm.ACTIVATIONS:
+    for activation in ACTIVATIONS:
         variants[f"2-D {activation} + residual"] = (
             lambda dt, a=activation: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, "channels_last",
                                                        stride=2, padding=1, activation=a, residual=True), False)
@@ -289,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                          "every dtype (fp32 with and without TF32)")
     ap.add_argument("--suites", default="2d,1d,3d")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--per-key", type=int, default=tuning.TIMED, metavar="N",
+                    help="the best N candidates of each tuning key, as ranked for an H100 (default: the "
+                         f"{tuning.TIMED} a first call compiles; 1: the cost model's pick; 0: every candidate)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "static-sm90" / f"triton-{triton.__version__}")
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype, tf32 in API_DTYPES:
                 launches: set[Launch] = set()
                 torch.backends.cudnn.allow_tf32 = tf32
-                with recording(launches, int64):
+                with recording(launches, int64, a.per_key):
                     call(dtype)
                 add(launches, f"{name} {TYPES[dtype]}{' tf32' if tf32 else ''}")
         torch.backends.cudnn.allow_tf32 = True
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in dtypes:
                 for layout in LAYOUTS[cell.rank]:
                     launches = set()
-                    record(cell, DTYPES[dtype], layout, launches)
+                    record(cell, DTYPES[dtype], layout, launches, a.per_key)
                     add(launches, f"{cell.label} {dtype} {layout}")
     print(f"{len(cells)} distinct launches; compiling for sm_90 with {a.jobs} processes", flush=True)
     rows = []

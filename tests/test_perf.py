@@ -143,9 +143,10 @@ def test_every_api_variant_compiles_for_hopper(tmp_path):
     """Every kernel variant the public API can launch (each dtype, TF32 on and off, both
     layouts, groups and depthwise, few channels, dilation, 1-D and 3-D, every fused
     activation with a residual, the folded upsample+conv, the naive op, 64-bit indexing;
-    forward and backward) compiles for sm_90 with the installed Triton: the GPU-only
+    forward and backward) compiles for sm_90 with the installed Triton, in the tile the
+    cost model picks for it (the committed reports compile the best 6): the GPU-only
     code paths that the interpreter never compiles."""
-    run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--api", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--api", "--per-key", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "api.csv", newline="") as f:
