@@ -99,3 +99,73 @@ def test_explain_plot_writes_a_picture(tmp_path, capsys):
     path = tmp_path / "decomposition.png"
     assert explain_main(["--kernel", "3", "--stride", "2", "--padding", "1", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_plan_takes_ints_or_tuples_as_pytorch_does():
+    assert plan(8, 3, 2, 1).output_shape == (15,)
+    assert plan((8, 6), 3, 2, 1).output_shape == (15, 11)
+    assert plan((4, 8, 6), (3, 3, 3), 2).output_shape == (9, 17, 13)
+    with pytest.raises(ValueError, match="one entry per spatial axis"):
+        plan((8, 6), (3, 3, 3), 2)
+
+
+@pytest.mark.parametrize("args, names, phases", [
+    (["--kernel", "4", "--stride", "2", "--rank", "1"], ["length"], "2 phases in 1-D"),
+    (["--kernel", "3", "--stride", "2"], ["height", "width"], "4 phases in 2-D"),
+    (["--kernel", "3", "3", "3", "--stride", "2"], ["depth", "height", "width"], "8 phases in 3-D"),
+    (["--kernel", "3", "--stride", "3", "2", "1", "--input-size", "4", "5", "6"], ["depth", "height", "width"],
+     "6 phases in 3-D"),
+], ids=["1-D", "2-D", "3-D", "3-D per axis"])
+def test_explain_handles_every_rank(capsys, args, names, phases):
+    assert explain_main(args) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.split(":")[0] in ("length", "depth", "height", "width")] == names
+    assert phases in out
+    assert out.startswith("o: an output index") and "u = (o + padding - r) / stride" in out  # every symbol defined
+
+
+def test_explain_counts_in_singular_and_plural(capsys):
+    explain_main(["--kernel", "3", "--stride", "2", "--padding", "1", "--input-size", "1"])
+    out = capsys.readouterr().out
+    assert "1 output [" in out and "1 tap [1]" in out and "2 taps [0, 2]" in out
+    assert "1 outputs" not in out and "1 taps" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kernel", "4", "--stride", "2", "--output-padding", "2"], "output_padding must be smaller than either stride or dilation"),
+    (["--kernel", "3", "--in-channels", "3", "--groups", "2"], "in_channels must be divisible by groups"),
+    (["--kernel", "3", "--out-channels", "3", "--groups", "3", "--in-channels", "6", "--out-channels", "4"],
+     "out_channels must be divisible by groups"),
+    (["--kernel", "3", "3", "--stride", "1", "1", "1"], "--kernel needs 1 or 3 values for a 3-D geometry"),
+    (["--kernel", "5", "--input-size", "1", "--padding", "3"], "output size"),
+], ids=["output_padding", "in_channels", "out_channels", "ranks", "empty output"])
+def test_explain_refuses_what_the_op_refuses(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        explain_main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_explain_plot_legend_colours_and_errors(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the test and perf extras install it)")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from tritondeconv.explain import figure
+    fcn = figure(plan((4, 4), 16, 8, 4))  # FCN's k16 s8: 64 phases
+    (legend,) = fcn.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == 64 and labels[0] == "r=(0,0)" and labels[-1] == "r=(7,7)"
+    assert len({to_hex(h.get_facecolor()) for h in legend.legend_handles}) == 64  # every phase its own colour
+    kernel_axes = fcn.axes[1]
+    assert len(kernel_axes.texts) == 0 and "labels omitted" in kernel_axes.get_title()  # 256 taps: no unreadable labels
+    plt.close(fcn)
+    dilated = figure(plan((8, 8), 3, 2, 1, 2))
+    assert "dilation 2x2" in dilated.get_suptitle() and len(dilated.legends[0].get_texts()) == 4
+    assert len(dilated.axes[1].texts) == 9
+    plt.close(dilated)
+    with pytest.raises(SystemExit):
+        explain_main(["--kernel", "3", "--stride", "2", "--plot", str(tmp_path / "missing" / "x.png")])
+    assert "--plot cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        explain_main(["--kernel", "3", "3", "3", "--stride", "2", "--plot", str(tmp_path / "x.png")])
+    assert "--plot draws 2-D geometries" in capsys.readouterr().err

@@ -1,9 +1,13 @@
 """Print the stride-phase decomposition of a transposed convolution.
 
     python -m tritondeconv.explain --kernel 3 --stride 2 --padding 1 [--plot decomposition.png]
+    python -m tritondeconv.explain --kernel 3 3 3 --stride 2     # 3-D (one value per axis)
+    python -m tritondeconv.explain --kernel 4 --stride 2 --rank 1
 
-Each size argument takes one int (both axes) or two (height, width).  ``--plot`` draws
-the decomposition (needs matplotlib: ``pip install -e ".[perf]"``).
+Each size argument takes one int (every axis) or one per axis; the rank is the longest
+(or ``--rank``, default 2).  The arguments are checked by the op itself (on meta
+tensors), so a geometry the op refuses is refused here with the op's message.
+``--plot`` draws a 2-D decomposition (needs matplotlib: ``pip install -e ".[perf]"``).
 
 It only plans: the phases and multiply-add counts are derived from the geometry, and no
 kernel runs (``python -m tritondeconv.demo`` runs one).
@@ -16,8 +20,11 @@ import sys
 from .planner import AxisPlan, Plan, plan
 
 
-def _pair(values: list[int]) -> tuple[int, int]:
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def describe_axis(name: str, axis: AxisPlan) -> list[str]:
@@ -30,22 +37,25 @@ def describe_axis(name: str, axis: AxisPlan) -> list[str]:
         outs = list(ph.out_indices)
         shown = ", ".join(map(str, outs[:6])) + (", ..." if len(outs) > 6 else "")
         if ph.taps:
-            reads = ", ".join(f"w[{t}]*x[u-{o}]" for t, o in zip(ph.taps, ph.offsets))
+            reads = " + ".join(f"w[{t}]*x[u-{o}]" for t, o in zip(ph.taps, ph.offsets))
         else:
             reads = "no taps: bias only"
-        lines.append(f"  phase r={ph.residue}: {ph.count} outputs [{shown}]  taps {list(ph.taps)}  y[o] = {reads}")
+        lines.append(f"  phase r={ph.residue}: {_plural(ph.count, 'output')} [{shown}]  "
+                     f"{_plural(len(ph.taps), 'tap')} {list(ph.taps)}  y[o] = {reads}")
     return lines
 
 
 def describe(p: Plan, batch: int, in_channels: int, out_channels: int, groups: int) -> str:
-    lines = []
-    for name, axis in zip(("height", "width"), p.axes):
+    rank = len(p.axes)
+    lines = ["o: an output index; its phase r = (o + padding) mod stride; u = (o + padding - r) / stride, "
+             "the input index it lines up with; x[u-j]: the input j places before u"]
+    for name, axis in zip(AXIS_NAMES[rank], p.axes):
         lines += describe_axis(name, axis)
     phases = p.phases
     tap_counts = sorted({tuple(len(ph.taps) for ph in combo) for combo in phases})
     lines.append(
-        f"{len(phases)} phases in 2-D, each a dense stride-1 convolution; taps per phase (h x w): "
-        + ", ".join(f"{h}x{w}" for h, w in tap_counts)
+        f"{_plural(len(phases), 'phase')} in {rank}-D, each a dense stride-1 convolution; taps per phase "
+        f"({' x '.join(n[0] for n in AXIS_NAMES[rank])}): " + ", ".join("x".join(map(str, c)) for c in tap_counts)
     )
     macs = p.macs(batch, in_channels, out_channels, groups)
     lines.append(
@@ -55,7 +65,7 @@ def describe(p: Plan, batch: int, in_channels: int, out_channels: int, groups: i
     )
     saved = macs["naive"] - macs["decomposed"]
     lines.append(
-        f"the decomposition skips {saved:,} multiply-adds ({saved / macs['naive']:.1%} of naive), "
+        f"the decomposition skips {saved:,} multiply-adds ({saved / max(macs['naive'], 1):.1%} of naive), "
         f"{macs['naive'] / max(macs['decomposed'], 1):.2f}x fewer"
     )
     lines.append("counted from the plan; no kernel was run (python -m tritondeconv.demo runs one)")
@@ -63,9 +73,20 @@ def describe(p: Plan, batch: int, in_channels: int, out_channels: int, groups: i
 
 
 def draw(p: Plan, path: str, batch: int = 1, in_channels: int = 1, out_channels: int = 1, groups: int = 1) -> None:
-    """Save a picture of the decomposition of a 2-D plan to ``path``: the output grid
-    coloured by phase, the kernel's taps coloured by the phase that uses them, and the
-    multiply-adds of the naive and the decomposed methods."""
+    """Save ``figure(...)`` of a 2-D plan to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(p, batch, in_channels, out_channels, groups)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1, groups: int = 1):
+    """A picture of the decomposition of a 2-D plan: the output grid coloured by phase,
+    the kernel's taps coloured by the phase that uses them, the multiply-adds of the
+    naive and the decomposed methods, and a legend of the phases' colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,8 +95,14 @@ def draw(p: Plan, path: str, batch: int = 1, in_channels: int = 1, out_channels:
 
     axis_h, axis_w = p.axes
     n_w = axis_w.stride
-    colours = plt.get_cmap("tab10").colors
-    cmap = ListedColormap([colours[i % 10] for i in range(axis_h.stride * n_w)])
+    n_phases = axis_h.stride * n_w
+    if n_phases <= 10:
+        colours = list(plt.get_cmap("tab10").colors)
+    elif n_phases <= 20:
+        colours = list(plt.get_cmap("tab20").colors)
+    else:  # evenly spaced hues stay distinct from each other (tab10 would repeat)
+        colours = [plt.get_cmap("turbo")(i / (n_phases - 1)) for i in range(n_phases)]
+    cmap = ListedColormap(colours[:n_phases])
 
     def phase_of_output(o, axis):
         return (o + axis.padding) % axis.stride
@@ -100,10 +127,13 @@ def draw(p: Plan, path: str, batch: int = 1, in_channels: int = 1, out_channels:
     owner = [[((kh * axis_h.dilation) % axis_h.stride) * n_w + (kw * axis_w.dilation) % axis_w.stride
               for kw in range(k_w)] for kh in range(k_h)]
     ax_k.imshow(owner, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5)
-    for kh in range(k_h):
+    labelled = k_h * k_w <= 64  # beyond 8x8 taps the labels would overlap: the colours say it
+    for kh in range(k_h if labelled else 0):
         for kw in range(k_w):
-            ax_k.text(kw, kh, f"w[{kh},{kw}]", ha="center", va="center", fontsize=8, color="white")
-    ax_k.set_title(f"{k_h}x{k_w} kernel: each tap belongs to one phase's\nsub-kernel (same colour as its outputs)")
+            ax_k.text(kw, kh, f"w[{kh},{kw}]", ha="center", va="center", fontsize=8 if k_h * k_w <= 25 else 5,
+                      color="white")
+    ax_k.set_title(f"{k_h}x{k_w} kernel: each tap belongs to one phase's\nsub-kernel (same colour as its outputs)"
+                   + ("" if labelled else "; tap labels omitted"))
     ax_k.set_xticks([]), ax_k.set_yticks([])
 
     macs = p.macs(batch, in_channels, out_channels, groups)
@@ -114,45 +144,82 @@ def draw(p: Plan, path: str, batch: int = 1, in_channels: int = 1, out_channels:
     ax_macs.set_title(f"multiply-adds: {macs['naive'] / max(macs['decomposed'], 1):.2f}x fewer")
     ax_macs.set_ylabel(f"MACs (N={batch}, C_in={in_channels}, C_out={out_channels})")
 
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colours[rh * n_w + rw], label=f"r=({rh},{rw})")
+               for rh in range(axis_h.stride) for rw in range(n_w)]
+    fig.legend(handles=handles, title="phase (r_h, r_w)", loc="lower center", ncol=min(n_phases, 16),
+               fontsize=7 if n_phases <= 16 else 5, title_fontsize=7, frameon=False)
     fig.suptitle(
         f"Transposed convolution, kernel {k_h}x{k_w}, stride {axis_h.stride}x{axis_w.stride}, padding "
-        f"{axis_h.padding}x{axis_w.padding}, input {axis_h.size_in}x{axis_w.size_in}: "
-        f"{len(p.phases)} dense stride-1 convolutions, one per output phase"
+        f"{axis_h.padding}x{axis_w.padding}, dilation {axis_h.dilation}x{axis_w.dilation}, input "
+        f"{axis_h.size_in}x{axis_w.size_in}: {len(p.phases)} dense stride-1 convolutions, one per output phase"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (n_phases // 16), 1, 1))
+    return fig
 
 
-def main(argv: list[int] | None = None) -> int:
+def _per_axis(values: list[int], rank: int, name: str) -> tuple[int, ...]:
+    if len(values) == 1:
+        return (values[0],) * rank
+    if len(values) != rank:
+        raise ValueError(f"{name} needs 1 or {rank} values for a {rank}-D geometry, but got {len(values)}")
+    return tuple(values)
+
+
+def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> None:
+    """Call the op on meta tensors of this geometry: it raises exactly what a real call would."""
+    import torch
+
+    from . import ops  # noqa: F401  (registers the ops)
+
+    if a.groups < 1:
+        raise ValueError(f"groups must be a positive integer, but got groups={a.groups}")
+    for name in ("in_channels", "out_channels"):  # nn.ConvTranspose*d's own checks, in its order
+        if getattr(a, name) % a.groups:
+            raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(a, name)}, groups={a.groups}")
+    x = torch.empty(a.batch, a.in_channels, *geometry["input_size"], device="meta")
+    w = torch.empty(a.in_channels, a.out_channels // a.groups, *geometry["kernel"], device="meta")
+    getattr(torch.ops.tritondeconv, f"conv_transpose{rank}d")(
+        x, w, None, list(geometry["stride"]), list(geometry["padding"]), list(geometry["output_padding"]), a.groups,
+        list(geometry["dilation"]))
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritondeconv.explain", description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", type=int, nargs="+", required=True)
     ap.add_argument("--stride", type=int, nargs="+", default=[1])
     ap.add_argument("--padding", type=int, nargs="+", default=[0])
     ap.add_argument("--dilation", type=int, nargs="+", default=[1])
     ap.add_argument("--output-padding", type=int, nargs="+", default=[0])
-    ap.add_argument("--input-size", type=int, nargs="+", default=[8], help="input height (and width)")
+    ap.add_argument("--input-size", type=int, nargs="+", default=[8], help="input size (one value, or one per axis)")
+    ap.add_argument("--rank", type=int, choices=(1, 2, 3),
+                    help="spatial dimensions (default: the most values any size argument has, at least 2)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--in-channels", type=int, default=1)
     ap.add_argument("--out-channels", type=int, default=1)
     ap.add_argument("--groups", type=int, default=1)
-    ap.add_argument("--plot", metavar="FILE.png", help="also draw the decomposition to this file")
+    ap.add_argument("--plot", metavar="FILE.png", help="also draw the decomposition (2-D) to this file")
     a = ap.parse_args(argv)
+    given = {"input_size": a.input_size, "kernel": a.kernel, "stride": a.stride, "padding": a.padding,
+             "dilation": a.dilation, "output_padding": a.output_padding}
+    rank = a.rank or max(2, *(len(v) for v in given.values()))
     try:
-        p = plan(
-            _pair(a.input_size), _pair(a.kernel), _pair(a.stride), _pair(a.padding),
-            _pair(a.dilation), _pair(a.output_padding),
-        )
-    except ValueError as e:
-        ap.error(str(e))
-    if min(p.output_shape) <= 0:
-        ap.error(f"output size {list(p.output_shape)} is non-positive")
+        geometry = {name: _per_axis(values, rank, "--" + name.replace("_", "-")) for name, values in given.items()}
+        _check_as_the_op_does(rank, a, geometry)
+        p = plan(**geometry)
+    except (ValueError, RuntimeError, TypeError) as e:
+        ap.error(str(e).splitlines()[0])
+    if a.plot and rank != 2:
+        ap.error(f"--plot draws 2-D geometries; this one is {rank}-D")
     print(describe(p, a.batch, a.in_channels, a.out_channels, a.groups))
     if a.plot:
         try:
             draw(p, a.plot, a.batch, a.in_channels, a.out_channels, a.groups)
         except ImportError:
             ap.error('--plot needs matplotlib: pip install -e ".[perf]"')
+        except OSError as e:
+            ap.error(f"--plot cannot write {a.plot}: {e.strerror or e}")
         print(f"wrote {a.plot}")
     return 0
 

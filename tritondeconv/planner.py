@@ -129,15 +129,21 @@ class Plan:
 
 
 def plan(
-    input_size: tuple[int, ...],
-    kernel: tuple[int, ...],
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    dilation: tuple[int, ...],
-    output_padding: tuple[int, ...],
+    input_size: int | tuple[int, ...],
+    kernel: int | tuple[int, ...],
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    output_padding: int | tuple[int, ...] = 0,
 ) -> Plan:
-    """Plan every spatial axis; all arguments are tuples of one length (the rank)."""
+    """Plan every spatial axis.  Each argument is an int (the same on every axis) or a
+    tuple with one entry per axis, as PyTorch's convolutions take them; the rank is the
+    length of the tuples (1 when all are ints)."""
     args = (input_size, kernel, stride, padding, dilation, output_padding)
-    if len({len(a) for a in args}) != 1:
-        raise ValueError("plan: every argument needs one entry per spatial axis")
-    return Plan(tuple(plan_axis(*axis) for axis in zip(*args)))
+    lengths = {len(a) for a in args if isinstance(a, (tuple, list))}
+    if len(lengths) > 1:
+        raise ValueError("plan: every tuple argument needs one entry per spatial axis, but got lengths "
+                         f"{sorted(lengths)}")
+    rank = lengths.pop() if lengths else 1
+    per_axis = [tuple(a) if isinstance(a, (tuple, list)) else (a,) * rank for a in args]
+    return Plan(tuple(plan_axis(*axis) for axis in zip(*per_axis)))
