@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import math
 import os
 import platform
@@ -310,7 +311,7 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
 
 
 COLUMNS = ["gpu", "rank", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "gbps",
-           "pct_roofline", "tuning_s", "rel_error", "peak_tflops", "copy_gbps", "versions"]
+           "pct_roofline", "tuning_s", "rel_error", "peak_tflops", "copy_gbps", "versions", "date"]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -344,8 +345,8 @@ class CsvSink:
         self._file = open(self.path, "w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         self._writer.writeheader()
-        for row in self._kept:
-            self._writer.writerow({k: row[k] for k in self.columns})
+        for row in self._kept:  # (rows of an older file may lack a newer column)
+            self._writer.writerow({k: row.get(k, "") for k in self.columns})
         self.rows += self._kept
         self._file.flush()
 
@@ -435,7 +436,7 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
             r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
                      tflops=flops / (r["median_ms"] * 1e-3) / 1e12, gbps=nbytes / (r["median_ms"] * 1e-3) / 1e9,
                      pct_roofline=100 * bound_ms / r["median_ms"], versions=versions,
-                     peak_tflops=peaks[dtype_name], copy_gbps=bandwidth)
+                     peak_tflops=peaks[dtype_name], copy_gbps=bandwidth, date=datetime.date.today().isoformat())
             sink.write(r)
             summary.append(f"{r['method']} {r['median_ms']:.3f} ms")
         print(f"[{i}/{len(jobs)}] {cell.label} {dtype_name} {layout} {pass_}: {', '.join(summary)}", flush=True)

@@ -226,3 +226,41 @@ def test_candidates_counts_and_warms_a_stage():
     keys, offered, timed, compiles = map(int, counts.split())
     assert keys > 0 and timed <= 6 * keys and timed < offered and 0 < compiles <= timed
     assert warmed == f"({compiles}, 0) {compiles} True"
+
+
+def test_plot_figures_read_at_a_glance():
+    """The figures from the committed CPU smoke CSV: log speedup axes with 1x marked, a
+    panel per (pass, layout) the CSV holds, one colour per dtype shared by the roofline's
+    roofs and points, titles naming GPU, versions and date."""
+    pytest.importorskip("matplotlib", reason="perf/plot.py needs matplotlib")
+    import matplotlib.pyplot as plt
+    sys.path.insert(0, str(PERF))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(PERF))
+    rows = plot.load(Path(__file__).parent.parent / "docs" / "cpu-smoke" / "bench.csv")
+    for baseline in ("naive", "cudnn"):
+        fig = plot.speedup_figure(rows, baseline)
+        expected = {(r["pass"], r["layout"]) for r in rows if r["method"] == baseline}
+        assert len(fig.axes) == len(expected)
+        for ax in fig.axes:
+            assert ax.get_yscale() == "log" and any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fp32"]
+        assert rows[0]["gpu"] in fig.get_suptitle() and rows[0]["versions"] in fig.get_suptitle()
+        assert rows[0]["date"] in fig.get_suptitle()
+        plt.close(fig)
+    fig = plot.roofline_figure(rows)
+    (ax,) = fig.axes
+    colours = {text.get_text(): handle for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert {"roof fp32", "tritondeconv fp32", "cudnn fp32"} <= set(colours)
+    from matplotlib.colors import to_hex
+    assert to_hex(colours["roof fp32"].get_color()) == to_hex(colours["tritondeconv fp32"].get_facecolor()[0]) \
+        == to_hex(colours["cudnn fp32"].get_facecolor()[0])
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    plt.close(fig)
+
+
+def test_plot_without_a_csv_says_where_it_looked_and_what_to_run(tmp_path):
+    run = subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], capture_output=True, text=True)
+    assert run.returncode == 1 and "does not exist" in run.stdout and "perf/bench.py" in run.stdout
