@@ -5,13 +5,16 @@ training mode and state-dict keys; convert returns it.  Numeric checks compare w
 PyTorch's unconverted copy in float64."""
 import copy
 import re
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 import tritondeconv
-from reference import TOLERANCES, fresh_seed, relative_error
+from reference import TOLERANCES, assert_close, fresh_seed, relative_error
+from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64
 TOLERANCE = TOLERANCES["float64"]
@@ -350,3 +353,94 @@ def test_fold_upsample_leaves_a_pair_with_hooks(hooked, kind):
     with pytest.warns(UserWarning, match=r"unchanged: 0\+1 \(the upsampler or the convolution has hooks"):
         assert tritondeconv.convert(model, fold_upsample=True, return_count=True) == (model, 0)
     assert isinstance(model[0], torch.nn.Upsample) and type(model[1]) is torch.nn.Conv2d
+
+
+# ---------------------------------------------------------------- folding in forward code
+
+class _UpBlock(torch.nn.Module):
+    """An upsampling block as diffusers' SD-VAE writes it: interpolate in forward, then a conv."""
+
+    def __init__(self, channels, functional=True, mode="nearest", reuse=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.upsample = None if functional else torch.nn.Upsample(scale_factor=2, mode=mode)
+        self.mode, self.reuse = mode, reuse
+
+    def forward(self, x):
+        up = F.interpolate(x, scale_factor=2.0, mode=self.mode) if self.upsample is None else self.upsample(x)
+        out = self.conv(up)
+        return out + up if self.reuse else out
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, **block):
+        super().__init__()
+        self.block = _UpBlock(4, **block)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.block(x))
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["F.interpolate", "nn.Upsample"])
+def test_fold_upsample_folds_forward_code_too(device, functional):
+    seed = fresh_seed()
+    model = _Decoder(functional=functional).to(device, torch.float64)
+    x = torch.randn(2, 4, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    ref = model(x)
+    (ref_gx,) = torch.autograd.grad(ref.sum(), x)
+    folded, count = tritondeconv.convert(model, fold_upsample=True, return_count=True)
+    assert count == 1 and isinstance(folded, torch.fx.GraphModule)
+    assert isinstance(folded.block.conv, tritondeconv.nn.UpsampleConv2d)
+    assert folded.block.conv.weight is model.block.conv.weight  # parameters shared: optimizers keep working
+    assert list(folded.state_dict()) == list(model.state_dict())
+    with observe_launches() as launches:
+        out = folded(x)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+    assert "interpolate" not in folded.code and "upsample" not in folded.code
+    assert [launch.kernel for launch in launches][0] == "phase_gemm"
+    assert_close(out, ref.detach(), "float64", seed)
+    assert_close(gx, ref_gx, "float64", seed)
+    assert torch.equal(model(x), ref)  # the model passed in still works, unfolded
+
+
+@pytest.mark.no_kernel("nothing is folded: the checks are on what convert leaves")
+@pytest.mark.parametrize("block, reason", [
+    (dict(mode="bilinear"), None),  # not a nearest upsampling: not a candidate at all
+    (dict(reuse=True), "the upsampled tensor is used elsewhere too"),
+])
+def test_fold_upsample_leaves_and_names_what_it_cannot_fold(device, block, reason):
+    model = _Decoder(**block).to(device, torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same, count = tritondeconv.convert(model, fold_upsample=True, return_count=True)
+    assert same is model and count == 0
+    messages = " ".join(str(w.message) for w in caught)
+    assert (reason in messages) if reason else not messages
+
+
+def test_fold_upsample_leaves_an_untraceable_forward_with_a_warning():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: torch.fx cannot trace it
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            return self.conv(x)
+
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="not traceable by torch.fx"):
+        assert tritondeconv.convert(model, fold_upsample=True) is model
+
+
+def test_upsample_conv2d_from_modules_shares_parameters_and_refuses_what_it_cannot_fold():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    folded = tritondeconv.nn.UpsampleConv2d.from_modules(torch.nn.Upsample(scale_factor=2), conv)
+    assert folded.weight is conv.weight and folded.bias is conv.bias and folded.scale_factor == (2, 2)
+    assert conv.__class__ is torch.nn.Conv2d  # the original is untouched
+    with pytest.raises(ValueError, match="not stride 1"):
+        tritondeconv.nn.UpsampleConv2d.from_modules(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(3, 4, 3, 2))
+    with pytest.raises(ValueError, match="mode='nearest'"):
+        tritondeconv.nn.UpsampleConv2d.from_modules(torch.nn.Upsample(scale_factor=2, mode="bilinear"), conv)

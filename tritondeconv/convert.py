@@ -166,6 +166,79 @@ def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
     return folded
 
 
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, keeping our modules whole (as it keeps ``torch.nn``'s)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (*_OURS, nn.UpsampleConv2d)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _nearest_upsampler(node: torch.fx.Node, root: torch.nn.Module) -> torch.nn.Upsample | None:
+    """The nearest upsampling ``node`` computes, as an ``nn.Upsample`` (an
+    ``F.interpolate(x, scale_factor=..., mode="nearest")`` call or an ``nn.Upsample``
+    module), or None when it is something else."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return module if isinstance(module, torch.nn.Upsample) and module.mode == "nearest" else None
+    if node.op != "call_function" or node.target is not torch.nn.functional.interpolate:
+        return None
+    normalized = torch.fx.operator_schemas.normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        return None
+    kwargs = normalized.kwargs
+    if kwargs.get("mode", "nearest") != "nearest" or kwargs.get("size") is not None or kwargs.get("antialias"):
+        return None
+    scale = kwargs.get("scale_factor")
+    if not isinstance(scale, (int, float, tuple, list)) or isinstance(scale, bool):
+        return None
+    return torch.nn.Upsample(scale_factor=tuple(scale) if isinstance(scale, (tuple, list)) else scale, mode="nearest")
+
+
+def _fold_traced(model: torch.nn.Module, left: list[str]) -> tuple[torch.nn.Module, int]:
+    """Fold, in ``model``'s forward code as ``torch.fx`` traces it, every nearest
+    upsampling (``F.interpolate`` or an ``nn.Upsample`` called in ``forward``) whose only
+    use is a ``Conv2d`` module's input.  Returns a ``torch.fx.GraphModule`` holding the
+    folded layers (new ``UpsampleConv2d`` modules sharing the convolutions' parameters,
+    at the convolutions' paths; the original model is left working as it was), or
+    ``model`` itself when nothing was folded; and how many pairs were folded.  A model
+    that does not trace is left, named."""
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+    except Exception as error:  # noqa: BLE001 (any tracing failure: the forward stays as written)
+        left.append(f"the forward code (not traceable by torch.fx: {type(error).__name__}: {str(error).splitlines()[0]})")
+        return model, 0
+    traced = torch.fx.GraphModule(tracer.root, graph)
+    registrations = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = traced.get_submodule(node.target)
+        source = node.args[0]
+        if not isinstance(conv, torch.nn.Conv2d) or isinstance(conv, nn.UpsampleConv2d) or not isinstance(source, torch.fx.Node):
+            continue
+        up = _nearest_upsampler(source, traced)
+        if up is None:
+            continue
+        why = "the upsampled tensor is used elsewhere too" if len(source.users) > 1 else \
+            _fold_refusal(up, conv, registrations[node.target])
+        if why is not None:
+            left.append(f"{source.name}+{node.target} in the forward code ({why})")
+            continue
+        parent, _, name = node.target.rpartition(".")
+        setattr(traced.get_submodule(parent), name, nn.UpsampleConv2d.from_modules(up, conv))
+        node.args = (source.args[0],)
+        graph.erase_node(source)
+        folded += 1
+    if not folded:
+        return model, 0
+    graph.lint()
+    traced.recompile()
+    return traced, folded
+
+
 def convert(model: torch.nn.Module, fold_upsample: bool = False,
             return_count: bool = False) -> torch.nn.Module | tuple[torch.nn.Module, int]:
     """Turn every ``torch.nn.ConvTranspose{1,2,3}d`` in ``model`` (``model`` itself
@@ -180,7 +253,12 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False,
     With ``fold_upsample``, every nearest ``Upsample`` + ``Conv2d`` pair inside an
     ``nn.Sequential`` becomes ``Identity`` + ``tritondeconv.nn.UpsampleConv2d`` (the same
     convolution module, its class changed), unless the convolution is also used
-    elsewhere or either module has hooks.
+    elsewhere or either module has hooks; then the forward code is traced with
+    ``torch.fx`` and every ``F.interpolate(x, scale_factor=k, mode="nearest")`` (or
+    ``nn.Upsample`` call) feeding only a ``Conv2d`` module is folded too (the
+    diffusers / SD-VAE style).  Folding forward code needs a new module: the returned
+    model is then a ``torch.fx.GraphModule`` sharing the parameters (use the return
+    value; the model passed in keeps working unfolded).
 
     What it cannot take is left as it is, named in one warning: subclasses of PyTorch's
     modules with behaviour of their own, unsupported dtypes, uninitialised lazy
@@ -201,6 +279,8 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False,
             left.append(f"{name or 'the model itself'} ({why})")
     if fold_upsample:
         converted += _fold_upsamples(model, left)
+        model, traced_folds = _fold_traced(model, left)
+        converted += traced_folds
     if left:
         warnings.warn(f"tritondeconv.convert left {len(left)} module(s) unchanged: " + "; ".join(left), stacklevel=2)
     return (model, converted) if return_count else model

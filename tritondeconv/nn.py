@@ -172,6 +172,32 @@ class UpsampleConv2d(torch.nn.Conv2d):
         self.scale_factor = scale_factor
         self.activation, self.negative_slope = activation, negative_slope
 
+    @classmethod
+    def from_modules(cls, upsample: torch.nn.Upsample, conv: torch.nn.Conv2d) -> "UpsampleConv2d":
+        """The fold of ``upsample`` (nearest, a whole scale factor) followed by ``conv``
+        (stride 1, dilation 1, zero padding of at most ``kernel_size - 1``): a new
+        module sharing ``conv``'s weight and bias (the same ``Parameter`` objects, so an
+        optimizer of the original keeps training it).  Raises ``ValueError`` saying why
+        a pair cannot be folded."""
+        from .convert import _fold_refusal, _integer_scale
+
+        if not isinstance(upsample, torch.nn.Upsample) or upsample.mode != "nearest":
+            raise ValueError("UpsampleConv2d.from_modules: upsample must be an nn.Upsample with mode='nearest'")
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise ValueError(f"UpsampleConv2d.from_modules: conv must be an nn.Conv2d, but got {type(conv).__name__}")
+        why = _fold_refusal(upsample, conv, registrations=1)
+        if why is not None:
+            raise ValueError(f"UpsampleConv2d.from_modules: cannot fold: {why}")
+        folded = cls.__new__(cls)
+        torch.nn.Module.__init__(folded)
+        folded.__dict__.update({k: v for k, v in conv.__dict__.items()
+                                if k not in ("_parameters", "_buffers", "_modules", "training")})
+        folded._parameters = dict(conv._parameters)
+        folded._buffers = dict(conv._buffers)
+        folded.training = conv.training
+        folded.scale_factor = _integer_scale(upsample)
+        return folded
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return upsample_conv2d(input, self.weight, self.bias, self.scale_factor, self.padding, self.groups,
                                activation=self.activation, negative_slope=self.negative_slope, residual=residual)
