@@ -215,9 +215,11 @@ def test_candidates_counts_and_warms_a_stage():
     script = (
         "import sys, threading; sys.path.insert(0, sys.argv[1]); import candidates\n"
         "r = candidates.count('nd'); print(r['keys'], r['offered'], r['timed'], r['compiles'])\n"
-        "seen, threads = [], set()\n"
+        "import itertools; order = itertools.count()\n"
+        "seen, threads, together = [], set(), threading.Barrier(2, timeout=60)\n"
         "def fake(request, config):\n"
         "    seen.append((request.family, repr(sorted(config.items())))); threads.add(threading.get_ident())\n"
+        "    if next(order) < 2: together.wait()  # the first two compiles can only finish side by side\n"
         "print(candidates.warm('nd', compile_one=fake, workers=4)[:2], len(seen), len(threads) > 1)\n"
     )
     run = subprocess.run([sys.executable, "-c", script, str(PERF)], capture_output=True, text=True, timeout=600)
