@@ -118,6 +118,18 @@ def test_empty_batch(device, op):
     assert out.shape == reference(x, w, None, 2, 1, 1, 1, 1).shape == (0, 2, 8, 10)
 
 
+def test_empty_batch_gradients(device):
+    """An empty batch's gradients are PyTorch's: an empty input gradient, and zero weight
+    and bias gradients (the weight gradient's kernel reduces over no pixel)."""
+    x = torch.randn(0, 3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1).sum(), (x, w, b))
+    expected = torch.autograd.grad(reference(x, w, b, 2, 1, 1, 1, 1).sum(), (x, w, b))
+    for got, want in zip(ours, expected):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_cpu_runs_the_triton_kernel():
     """Under TRITON_INTERPRET=1 the CPU tests exercise the Triton kernel, not aten's fallback."""
     if not tritondeconv.ops.INTERPRETING:
