@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import triton
 
-from .common import notify_launch
+from .common import INTERPRETING, notify_launch
 from .cost import Machine, Problem, prune, rank
 from .tuning import Compiled, Tuner
 
@@ -152,10 +153,17 @@ def candidates(request: Request, info: DeviceInfo) -> list[dict]:
     return rank(prune(request.configs(), problem, info.shared_memory), problem, info.machine)
 
 
+# The Triton interpreter runs a kernel by patching triton.language's functions for the
+# duration of the launch, process-wide: two threads interpreting at once break each
+# other.  Compiled launches need no lock.
+_INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
+
+
 def run_kernel(request: Request, config: dict) -> None:
     """The Triton launch of ``request`` with ``config`` (what a ``launch`` hook replaces,
     and may call itself)."""
-    request.kernel[request.grid](*request.args, **request.constants, **config)
+    with _INTERPRETER_LOCK:
+        request.kernel[request.grid](*request.args, **request.constants, **config)
 
 
 def _run(request: Request, config: dict) -> torch.Tensor:

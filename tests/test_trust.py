@@ -69,28 +69,29 @@ def test_nan_and_inf_propagate_like_pytorch(device, value, where):
     assert finite.any() and relative_error(out[finite], ref[finite]) <= TOLERANCES["float64"]
 
 
-@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
-def test_threads_get_correct_results(_):
-    """Eight threads calling the op at once, each on its own shapes, all correct."""
+def test_threads_get_correct_results(device):
+    """Threads calling the op at once, each on its own shapes (each a first call that
+    tunes on a GPU), all correct: 8 threads on CUDA, 4 smaller ones in the interpreter."""
     results, errors = {}, []
+    threads_n, repeat = (8, 5) if device == "cuda" else (4, 2)
 
     def work(i):
         try:
-            x = torch.randn(2, 8 + i, 5 + i, 6, device="cuda", dtype=torch.float64)
-            w = torch.randn(8 + i, 4, 3, 3, device="cuda", dtype=torch.float64)
-            for _ in range(5):
+            x = torch.randn(2, 3 + i, 4 + i, 5, device=device, dtype=torch.float64)
+            w = torch.randn(3 + i, 4, 3, 3, device=device, dtype=torch.float64)
+            for _ in range(repeat):
                 out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1)
             results[i] = relative_error(out, F.conv_transpose2d(x, w, None, 2, 1, 1))
         except Exception as e:  # reported below, with the thread that raised it
             errors.append((i, e))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    assert all(results[i] <= TOLERANCES["float64"] for i in range(8)), results
+    assert all(results[i] <= TOLERANCES["float64"] for i in range(threads_n)), results
 
 
 @pytest.fixture
@@ -216,21 +217,37 @@ def test_backward_allocates_only_gradients_and_split_workspace(_):
     assert extra <= allowed, f"backward allocated {extra} bytes; gradients + workspace = {allowed}"
 
 
-@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
-def test_bf16_output_above_2_to_the_31_elements(_):
+def _check_output_slices(x, w, out, slices, precision: str) -> None:
     """k2 s2 (no overlap): every output block depends on one input block, so slices of the
-    output can be checked against cuDNN on the matching slices of the input."""
-    x = torch.randn(2, 8, 4096, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(8, 32, 2, 2, device="cuda", dtype=torch.bfloat16)
-    out = tritondeconv.conv_transpose2d(x, w, None, 2)
-    assert out.numel() > 2**31
-    for n, rows, cols in [(0, slice(0, 256), slice(0, 256)), (1, slice(-256, None), slice(-256, None)),
-                          (1, slice(1024, 1280), slice(2048, 2304))]:
+    output can be checked against PyTorch on the matching slices of the input."""
+    for n, rows, cols in slices:
         xs = x[n:n + 1, :, rows, cols]
         ref = F.conv_transpose2d(xs.double(), w.double(), None, 2)
         o_rows = slice(None if rows.start is None else 2 * rows.start, None if rows.stop is None else 2 * rows.stop)
         o_cols = slice(None if cols.start is None else 2 * cols.start, None if cols.stop is None else 2 * cols.stop)
-        assert relative_error(out[n:n + 1, :, o_rows, o_cols], ref) <= TOLERANCES["bfloat16"]
+        assert relative_error(out[n:n + 1, :, o_rows, o_cols], ref) <= TOLERANCES[precision]
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
+def test_bf16_output_above_2_to_the_31_elements(_):
+    x = torch.randn(2, 8, 4096, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8, 32, 2, 2, device="cuda", dtype=torch.bfloat16)
+    out = tritondeconv.conv_transpose2d(x, w, None, 2)
+    assert out.numel() > 2**31
+    _check_output_slices(x, w, out, [(0, slice(0, 256), slice(0, 256)), (1, slice(-256, None), slice(-256, None)),
+                                     (1, slice(1024, 1280), slice(2048, 2304))], "bfloat16")
+
+
+def test_the_large_output_checks_logic_at_small_size_with_64_bit_indexing(device):
+    """The GPU-only test above, at a size the interpreter runs: the same slices' logic,
+    the same 64-bit index arithmetic (forced)."""
+    x = torch.randn(2, 8, 32, 32, device=device, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, 2, 2, device=device, dtype=torch.bfloat16)
+    with force_int64_index(), observe_launches() as launches:
+        out = tritondeconv.conv_transpose2d(x, w, None, 2)
+    assert [launch.constants["INT64_INDEX"] for launch in launches] == [True]
+    _check_output_slices(x, w, out, [(0, slice(0, 8), slice(0, 8)), (1, slice(-8, None), slice(-8, None)),
+                                     (1, slice(8, 16), slice(16, 24))], "bfloat16")
 
 
 # ---------------------------------------------------------------- the checks catch faults
