@@ -159,6 +159,44 @@ def test_non_finite_input_reaches_exactly_pytorchs_outputs(device, value, channe
         assert torch.equal(test(out).cpu(), test(ref))
 
 
+@pytest.mark.parametrize("path", ["tensor-core", "fma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_values_near_the_dtypes_range_overflow_where_pytorchs_do(device, dtype, path):
+    """Products past the dtype's largest value become infinities exactly where PyTorch's
+    (computed on the CPU in the same dtype) do, and the rest stay equal to its values:
+    one input pixel at 3/4 of the range meets weights of 2 (overflow) and of 1/4."""
+    big = torch.finfo(dtype).max * 0.75
+    channels = 16 if path == "tensor-core" else 4
+    x = torch.zeros(1, channels, 4, 4, dtype=dtype)
+    x[0, 1, 1, 2] = big
+    x[0, 2, 2, 1] = -big
+    w = torch.full((channels, channels, 3, 3), 0.25, dtype=dtype)
+    w[1, :, 0, :] = 2.0
+    ref = F.conv_transpose2d(x, w, None, 2, 1, 1)
+    with on_path(path):
+        out = tritondeconv.conv_transpose2d(x.to(device), w.to(device), None, 2, 1, 1).cpu()
+    assert torch.isinf(ref).any() and torch.isfinite(ref).any()
+    for test in (torch.isposinf, torch.isneginf, torch.isnan):
+        assert torch.equal(test(out), test(ref))
+    finite = torch.isfinite(ref)
+    assert torch.equal(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_subnormal_inputs_give_pytorchs_subnormal_outputs(device, dtype):
+    """Subnormal inputs times exact weights: the outputs are PyTorch's, bit for bit (not
+    flushed to zero)."""
+    tiny = torch.finfo(dtype).tiny / 8  # below the smallest normal number
+    x = torch.zeros(1, 16, 3, 3, dtype=dtype)
+    x[0, 3, 1, 1] = tiny
+    x[0, 5, 0, 2] = -3 * tiny
+    w = torch.ones(16, 16, 2, 2, dtype=dtype)
+    ref = F.conv_transpose2d(x, w, None, 2)
+    out = tritondeconv.conv_transpose2d(x.to(device), w.to(device), None, 2).cpu()
+    assert (ref.abs() < torch.finfo(dtype).tiny).all() and ref.abs().max() > 0
+    assert torch.equal(out, ref)
+
+
 # ---------------------------------------------------------------- 8. degenerate shapes
 
 
