@@ -356,6 +356,12 @@ class Tuner:
                 LOG.warning("tritondeconv: %s candidate %s skipped for shape class %s: %s", self.name,
                             _describe(config), key, trial.note)
             trials.append(trial)
+        if all(isinstance(result, Exception) for result, _ in results):
+            # A compile step failing for every candidate says more about the step (an API
+            # that moved) than about the candidates: time them all, each compiled at launch.
+            LOG.warning("tritondeconv: %s: compiling ahead failed for every candidate of shape class %s; "
+                        "timing them as launched", self.name, key)
+            return [Trial(c, None, math.inf) for c in configs]
         spills = {id(t): r.n_spills for t, (r, _) in zip(trials, results) if isinstance(r, Compiled)}
         if spills:
             least = min(spills.values())

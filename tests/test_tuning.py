@@ -464,6 +464,20 @@ def test_spilling_and_failing_candidates_are_dropped_but_never_the_last(cache_di
     assert chosen == MANY[2] and [c["BLOCK_M"] for c in timed] == [32, 48]
 
 
+def test_a_compile_step_failing_for_every_candidate_falls_back_to_timing_them(cache_dir, caplog):
+    """If compiling ahead fails for all (an API that moved, not the candidates), the
+    candidates are still timed (each compiled at its launch) rather than all dropped."""
+    timed = []
+    tuner = Tuner("compile-step", None, lambda run: (timed.append(run()), _fast(timed[-1]))[1])
+
+    def broken(c):
+        raise AttributeError("'CompiledKernel' object has no attribute 'n_spills'")
+    with caplog.at_level("WARNING", logger="tritondeconv"):
+        chosen = tuner.pick("Fake GPU", ("k",), lambda: MANY, lambda c: c, tune=True, compile=broken)
+    assert chosen == MANY[tuning.TIMED - 1] and timed == MANY[:tuning.TIMED]
+    assert "compiling ahead failed for every candidate" in caplog.text
+
+
 def test_a_winner_that_disagrees_with_the_default_is_not_kept(cache_dir, caplog):
     good = torch.randn(64, dtype=torch.float64)
     fastest = MANY[tuning.TIMED - 1]
