@@ -57,6 +57,25 @@ def test_gradients_match_pytorch(device, precision, kind, k, s, p, op, d, g):
     assert same_layout(got[0], aten[0])  # grad_input laid out as PyTorch's
 
 
+@pytest.mark.parametrize("precision", ["float64", "bfloat16"], indirect=True)
+def test_gradients_at_the_gpu_tests_shape(device, precision):
+    """test_gradients_match_pytorch's CUDA shape (3x24x7x8 -> 18 channels, k3 s2 p1 op1,
+    groups 2, channels_last) in the interpreter as well."""
+    if device == "cuda":
+        pytest.skip("test_gradients_match_pytorch runs this shape on CUDA")
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    x = layout(torch.randn(3, 24, 7, 8, device=device).to(dtype), "channels_last")
+    w = torch.randn(24, 9, 3, 3, device=device).to(dtype)
+    b = torch.randn(18, device=device).to(dtype)
+    args = (2, 1, 1, 2, 1)
+    gy = torch.randn_like(F.conv_transpose2d(x.double(), w.double(), b.double(), *args)).to(dtype)
+    got = _gradients(lambda x, w, b: tritondeconv.conv_transpose2d(x, w, b, *args), x, w, b, gy)
+    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args), x.double(), w.double(), b.double(), gy.double())
+    for a, r in zip(got, ref):
+        assert relative_error(a, r) <= TOLERANCES[precision], f"seed {seed}"
+
+
 def _fast(device):
     """gradcheck's fast mode (the Jacobian checked along random projections, so a wrong
     gradient still fails) in the interpreter, where the full Jacobian takes minutes."""
