@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import triton
+
 # Multiply-adds per SM per clock on each path (H100 SXM: 989 dense bf16 TFLOPS at
 # 1.83 GHz over 132 SMs is ~2048; TF32 half of that; FP64 tensor cores ~128; FP32 FMA
 # 128 lanes, FP64 FMA 64 lanes).  A ``tl.dot`` of fp32 at "ieee" precision runs on the
@@ -161,21 +163,19 @@ def prune(candidates: list[dict], problem: Problem, shared_memory: int | None) -
     """
     sizes = {"BLOCK_M": max(p.rows for p in problem.parts), "BLOCK_N": max(p.columns for p in problem.parts),
              "BLOCK_K": max(p.depth for p in problem.parts)}
+    # Per path (tensor cores or not), the largest tile side the problem needs.
+    limits = {path: {block: max(min(d[block] for d in candidates if uses_dot(d, problem) == path),
+                                triton.next_power_of_2(size)) for block, size in sizes.items()}
+              for path in {uses_dot(c, problem) for c in candidates}}
 
     def fits(c: dict) -> bool:
-        same_path = [d for d in candidates if uses_dot(d, problem) == uses_dot(c, problem)]
-        for block, size in sizes.items():
-            if c[block] > max(min(d[block] for d in same_path), _next_power_of_2(size)):
-                return False
+        if any(c[block] > limit for block, limit in limits[uses_dot(c, problem)].items()):
+            return False
         tiles = (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * problem.element_size
         return shared_memory is None or c["num_stages"] * tiles <= shared_memory
 
     kept = [c for c in candidates if fits(c)]
     return kept or [min(candidates, key=lambda c: c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] * c["num_stages"])]
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def rank(candidates: list[dict], problem: Problem, machine: Machine | None) -> list[dict]:

@@ -53,6 +53,11 @@ class DeviceInfo:
         return Machine(self.sms, self.shared_memory) if self.sms and self.shared_memory else None
 
 
+# An H100 SXM as the tools that prune and rank without a GPU describe it (the static
+# compile report, the candidate counts, the tune-check rehearsal, the cost-model tests).
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_info(device: torch.device) -> DeviceInfo:
     if device.type != "cuda":

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..planner import output_size, plan_axis
 from . import activations, launcher
 from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
 from .cost import Part, Problem
@@ -318,7 +319,8 @@ def phase_gemm(
 
     def problem() -> Problem:
         """Per phase (one GEMM per group): its rows and its taps."""
-        axes = [_phase_sizes(k, s, p, d, o, transposed) for k, s, p, d, o in zip(kernel_size, stride, padding, dilation, out.shape[2:])]
+        axes = [_phase_sizes(k, s, p, d, i, o, transposed)
+                for k, s, p, d, i, o in zip(kernel_size, stride, padding, dilation, x.shape[2:], out.shape[2:])]
         parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
         dtype = "tf32" if precision == "tf32" else str(x.dtype).removeprefix("torch.")
@@ -367,11 +369,10 @@ def phase_gemm(
     return out
 
 
-def _phase_sizes(k: int, s: int, p: int, d: int, size_out: int, transposed: bool) -> list[tuple[int, int]]:
-    """(outputs, taps) of each phase along one axis: phase ``r`` has the outputs ``o`` with
-    ``(o + p) % s == r`` and the taps ``kk`` with ``kk*d ≡ r (mod s)``; the direct
-    convolution has one phase with every output and tap."""
+def _phase_sizes(k: int, s: int, p: int, d: int, size_in: int, size_out: int, transposed: bool) -> list[tuple[int, int]]:
+    """(outputs, taps) of each phase along one axis, from the planner (the direct
+    convolution has one phase with every output and tap)."""
     if not transposed:
         return [(size_out, k)]
-    return [(len(range((r - p) % s, size_out, s)), sum(1 for kk in range(k) if (kk * d - r) % s == 0))
-            for r in range(s)]
+    output_padding = size_out - output_size(size_in, k, s, p, d, 0)
+    return [(phase.count, len(phase.taps)) for phase in plan_axis(size_in, k, s, p, d, output_padding).phases]

@@ -362,12 +362,11 @@ class Tuner:
             LOG.warning("tritondeconv: %s: compiling ahead failed for every candidate of shape class %s; "
                         "timing them as launched", self.name, key)
             return [Trial(c, None, math.inf) for c in configs]
-        spills = {id(t): r.n_spills for t, (r, _) in zip(trials, results) if isinstance(r, Compiled)}
-        if spills:
-            least = min(spills.values())
-            for trial in trials:
-                if id(trial) in spills and spills[id(trial)] > least:
-                    trial.note = f"spills {spills[id(trial)]} registers"
+        compiled = [(t, r.n_spills) for t, (r, _) in zip(trials, results) if isinstance(r, Compiled)]
+        least = min((n for _, n in compiled), default=0)
+        for trial, spills in compiled:
+            if spills > least:
+                trial.note = f"spills {spills} registers"
         return trials
 
     def _time(self, launch, trial: Trial, key: tuple, clock) -> float:

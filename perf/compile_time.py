@@ -26,12 +26,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from candidates import STAGES, launches_of  # noqa: E402
-from hopper_compile import TARGET  # noqa: E402
+from hopper_compile import KERNELS, TARGET  # noqa: E402
 
 
-def _compile(spec: "_Spec") -> float:
-    """Seconds to compile one recorded launch for sm_90."""
-    source = ASTSource(spec.kernel_fn, dict(spec.signature), dict(spec.constants),
+def _compile(spec) -> float:
+    """Seconds to compile one recorded launch (a ``hopper_compile.Launch``) for sm_90."""
+    kernel = vars(KERNELS[spec.kernel])[spec.kernel]
+    source = ASTSource(kernel, dict(spec.signature), dict(spec.constants),
                        {(i,): [["tt.divisibility", 16]] for i in spec.divisible})
     start = time.perf_counter()
     triton.compile(source, target=TARGET, options=dict(spec.options))
@@ -46,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     keys, compiles = launches_of(a.stage)
     chosen_keys = list(keys)[:a.keys]
-    launches = []
-    for spec, (request, _config) in compiles.items():
-        if (request.family, request.key) in chosen_keys:
-            launches.append(_Spec(spec, request.kernel))
+    launches = [spec for spec, (request, _) in compiles.items() if (request.family, request.key) in chosen_keys]
     print(f"{a.stage}: {len(chosen_keys)} keys, {len(launches)} distinct compiles, Triton {triton.__version__}, "
           f"{os.cpu_count()} cores", flush=True)
     for threads in (1, a.threads):
@@ -62,14 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{threads} thread(s): {wall:.1f} s wall; per compile median {statistics.median(seconds):.2f} s, "
               f"max {max(seconds):.2f} s", flush=True)
     return 0
-
-
-class _Spec:
-    """A recorded launch (``hopper_compile.Launch``) with its jitted kernel."""
-
-    def __init__(self, spec, kernel_fn):
-        self.kernel_fn = kernel_fn
-        self.signature, self.constants, self.divisible, self.options = spec.signature, spec.constants, spec.divisible, spec.options
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-H100 = launcher.DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
+H100 = launcher.H100
 REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
 OPTIONS = ("num_warps", "num_stages")

@@ -36,7 +36,7 @@ from bench import FUNCTIONS, SUITES, Budget, CsvSink, Cell, gpu_name  # noqa: E4
 
 from tritondeconv.kernels import cost, launcher, tuning  # noqa: E402
 
-H100 = launcher.DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
+H100 = launcher.H100
 # Eight layers across the suites' shapes: narrow and wide, small and large images, k = s
 # and k != s, 1-D and 3-D.
 CELLS = [SUITES["2d"][i] for i in (1, 3, 4, 7, 9, 10)] + [SUITES["1d"][2], SUITES["3d"][1]]

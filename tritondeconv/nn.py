@@ -188,14 +188,10 @@ class UpsampleConv2d(torch.nn.Conv2d):
         why = _fold_refusal(upsample, conv, registrations=1)
         if why is not None:
             raise ValueError(f"UpsampleConv2d.from_modules: cannot fold: {why}")
-        folded = cls.__new__(cls)
-        torch.nn.Module.__init__(folded)
-        folded.__dict__.update({k: v for k, v in conv.__dict__.items()
-                                if k not in ("_parameters", "_buffers", "_modules", "training")})
-        folded._parameters = dict(conv._parameters)
-        folded._buffers = dict(conv._buffers)
-        folded.training = conv.training
-        folded.scale_factor = _integer_scale(upsample)
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, _integer_scale(upsample), conv.padding,
+                     conv.groups, bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype)
+        folded.weight, folded.bias = conv.weight, conv.bias
+        folded.train(conv.training)
         return folded
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
