@@ -50,6 +50,31 @@ def needs_int64(*tensors) -> bool:
                for t in tensors if t is not None and t.numel() > 0)
 
 
+_SIMULATED_CAPTURE: list[bool] = []
+
+
+@contextlib.contextmanager
+def simulate_capture() -> Iterator[None]:
+    """Make the ops and the tuner behave in the block as during CUDA-graph capture of the
+    current stream (so that what they do differently there can be tested without a GPU)."""
+    _SIMULATED_CAPTURE.append(True)
+    try:
+        yield
+    finally:
+        _SIMULATED_CAPTURE.pop()
+
+
+def capturing(device: torch.device | None = None) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (for ``device``, if
+    given: never for a CPU tensor), or ``simulate_capture`` is in force. Nothing can be
+    timed during a capture, and what runs is recorded to replay later."""
+    if _SIMULATED_CAPTURE:
+        return True
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 _FILLS: list[float] = []
 
 

@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 import triton
-from .common import INTERPRETING
+from .common import INTERPRETING, capturing
 
 try:
     import fcntl
@@ -226,10 +226,6 @@ class CacheFile:
             warnings.warn(f"tritondeconv: cannot write tuning cache {self.path}: {error}")
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _median_ms(launch: Callable[[], None]) -> float:
     return triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median")
 
@@ -299,7 +295,7 @@ class Tuner:
         if isinstance(cached, dict) and cached.get("config") in candidates:
             self._memo[(device_name, key)] = cached["config"]
             return cached["config"]
-        if _capturing():
+        if capturing():
             warnings.warn(
                 f"tritondeconv: {self.name} for shape class {key} is first called during CUDA-graph capture, where "
                 "nothing can be timed: the graph keeps an untuned configuration; call the model once before capturing")

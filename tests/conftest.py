@@ -49,6 +49,8 @@ def device(request):
         yield request.param
     for launch in launches:
         COVERAGE.add(_cell(launch))
+    if launches:
+        PATHS_BY_TEST.setdefault(_function_id(request.node), set()).update(_cell(launch)[0] for launch in launches)
     report = getattr(request.node, "report_call", None)
     if report is not None and report.passed and request.node.get_closest_marker("no_kernel") is None:
         require_launches(launches)
@@ -81,6 +83,17 @@ DIRECTIONS = ("forward", "forward+epilogue", "input-grad", "weight-grad")
 INDEX = ("int32", "int64")
 COVERAGE: set = set()
 
+# And every test function that launches kernels reaches the tensor-core path in at least
+# one of its cases (a geometry with >= 16 channels on each side), unless it is marked
+# ``fma_only(reason)``: the GPU runs ordinary layers on tensor cores, so a test family that
+# only ever ran FMA tiles would leave the GPU's path of that family untested.
+PATHS_BY_TEST: dict[str, set] = {}
+
+
+def _function_id(item) -> str:
+    """The test function's id, without the parametrization (all its cases together)."""
+    return item.nodeid.split("[", 1)[0]
+
 
 def _cell(launch) -> tuple:
     sides = ("BLOCK_N", "BLOCK_K") if launch.kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
@@ -107,6 +120,20 @@ def _missing() -> list[tuple]:
     return [cell for cell in itertools.product(PATHS, DTYPES_COVERED, DIRECTIONS, INDEX) if cell not in COVERAGE]
 
 
+_FMA_ONLY: set = set()  # the function ids marked fma_only
+
+
+def pytest_collection_modifyitems(session, config, items):
+    _FMA_ONLY.update(_function_id(item) for item in items if item.get_closest_marker("fma_only"))
+
+
+def _fma_only_tests() -> list[str]:
+    """The kernel-launching test functions that never reached the tensor-core path and do
+    not say why."""
+    return sorted(test for test, paths in PATHS_BY_TEST.items()
+                  if "tensor-core" not in paths and test not in _FMA_ONLY)
+
+
 # Under pytest-xdist each worker reaches part of the table: workers write theirs to a
 # folder the controller made (inherited through the environment), and the controller
 # merges them before it checks.
@@ -126,19 +153,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "(path x dtype x direction x index width) reached")
         for cell in _missing():
             terminalreporter.write_line(f"  not reached: {' '.join(cell)}")
+        for test in _fma_only_tests():
+            terminalreporter.write_line(f"  only FMA tiles (no case with >= 16 channels, not marked fma_only): {test}")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     folder = Path(os.environ.get(_COVERAGE_DIR, ""))
     if _WORKER is not None:
-        (folder / f"{_WORKER}.json").write_text(json.dumps(sorted(COVERAGE)))
+        (folder / f"{_WORKER}.json").write_text(json.dumps(
+            {"cells": sorted(COVERAGE), "paths": {test: sorted(paths) for test, paths in PATHS_BY_TEST.items()},
+             "fma_only": sorted(_FMA_ONLY)}))
         return
     for part in folder.glob("*.json") if folder.name else ():
-        COVERAGE.update(tuple(cell) for cell in json.loads(part.read_text()))
+        worker = json.loads(part.read_text())
+        COVERAGE.update(tuple(cell) for cell in worker["cells"])
+        for test, paths in worker["paths"].items():
+            PATHS_BY_TEST.setdefault(test, set()).update(paths)
+        _FMA_ONLY.update(worker["fma_only"])
     if folder.name:
         shutil.rmtree(folder, ignore_errors=True)
-    if _whole_suite(session) and _missing() and exitstatus == 0:
+    if _whole_suite(session) and (_missing() or _fma_only_tests()) and exitstatus == 0:
         session.exitstatus = 1
 
 

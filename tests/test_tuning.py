@@ -12,7 +12,7 @@ import torch
 import triton
 
 import tritondeconv
-from tritondeconv.kernels.common import observe_launches
+from tritondeconv.kernels.common import observe_launches, simulate_capture
 from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels import cost, launcher, phase_gemm, tuning, weight_grad
 from tritondeconv.kernels.cost import Part, Problem, prune
@@ -308,18 +308,27 @@ def test_concurrent_processes_leave_a_valid_complete_cache(cache_dir):
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted([cache_path("Fake GPU").name, cache_path("Fake GPU").with_suffix(".lock").name])
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_capture_does_not_time(cache_dir):
+def _cuda_graph_capture():
+    torch.cuda.synchronize()
+    return torch.cuda.graph(torch.cuda.CUDAGraph())
+
+
+@pytest.mark.parametrize("capture", [
+    pytest.param(simulate_capture, id="simulated"),
+    pytest.param(_cuda_graph_capture, id="cuda-graph",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
+])
+def test_capture_does_not_time(cache_dir, capture):
     """Nothing can be timed inside a CUDA-graph capture: an untuned key gets the first
-    candidate there, and is tuned at its first call outside."""
+    candidate there, and is tuned at its first call outside (on a CPU, the same branch
+    under ``simulate_capture``)."""
     def no_timing(launch):
         raise AssertionError("timed during capture")
     tuner = Tuner("capture", None, no_timing)
-    torch.cuda.synchronize()
-    with pytest.warns(UserWarning, match="call the model once before capturing"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+    with pytest.warns(UserWarning, match="call the model once before capturing"), capture():
         chosen = tuner.pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
     assert chosen == CANDIDATES[0]
+    assert not cache_path("Fake GPU").exists()
     tuner.time_config = lambda launch: SPEED[launch()["BLOCK_M"]]
     assert tuner.pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True) == CANDIDATES[1]
 
@@ -534,6 +543,7 @@ def _fma(config: dict) -> bool:
     return config["BLOCK_N"] < 16
 
 
+@pytest.mark.fma_only("the fake clock makes the FMA tile win the tuning: the launch that computes the result is FMA")
 def test_a_first_call_tunes_through_the_seam_and_remembers(device, first_calls):
     x, w, ref = _narrow_layer(device)
     launched = []

@@ -8,6 +8,7 @@ import torch
 
 from .folding import upsample_conv2d
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
+from .kernels.common import capturing
 from .ops import pack_weight, runs_triton
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
@@ -76,7 +77,7 @@ class _TritonForward:
         """
         w = self.weight
         if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing())
+                or w.is_inference() or capturing(w.device)
                 or not runs_triton(w.device)):
             return w
         state = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
