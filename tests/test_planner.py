@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import tritondeconv
 from tritondeconv.explain import main as explain_main
 from tritondeconv.planner import output_size, plan, plan_axis
 
@@ -30,6 +32,35 @@ def test_phases_match_brute_force(n, k, s, p, d, op):
         gathered = {(u - off, t) for t, off in zip(ph.taps, ph.offsets) if 0 <= u - off < n}
         scattered = {(i, t) for i in range(n) for t in range(k) if i * s - p + t * d == o}
         assert gathered == scattered, f"output {o}"
+
+
+KERNEL_AXES = [pytest.param(*a, id=f"n{a[0]}-k{a[1]}-s{a[2]}-p{a[3]}-d{a[4]}-op{a[5]}") for a in [
+    (4, 3, 2, 1, 1, 1), (7, 4, 2, 1, 1, 0), (4, 5, 3, 1, 1, 2), (7, 2, 4, 0, 1, 3), (4, 1, 3, 0, 1, 0),
+    (7, 3, 2, 1, 2, 1), (7, 4, 4, 3, 2, 1), (4, 5, 3, 0, 3, 2), (7, 3, 3, 1, 3, 0), (4, 4, 4, 1, 3, 3),
+    (7, 5, 1, 3, 2, 0), (1, 4, 2, 0, 1, 1),
+]]
+
+
+@pytest.mark.fma_only("one channel in and out: each output is read as a code of the (input, tap) pairs it gathered")
+@pytest.mark.parametrize("n, k, s, p, d, op", KERNEL_AXES)
+def test_the_kernel_gathers_what_the_planner_plans(device, n, k, s, p, d, op):
+    """The kernel's own phase arithmetic against the planner's taps and offsets: input
+    pixel i holds i + 1 and tap t weighs 1000**t, so output o = sum_t 1000**t * (i_t + 1)
+    spells out exactly which input each tap brought to it (float64, exact)."""
+    axis = plan_axis(n, k, s, p, d, op)
+    x = torch.arange(1, n + 1, dtype=torch.float64, device=device).reshape(1, 1, n)
+    w = (1000.0 ** torch.arange(k, dtype=torch.float64, device=device)).reshape(1, 1, k)
+    out = tritondeconv.conv_transpose1d(x, w, None, s, p, op, 1, d)[0, 0].tolist()
+    for o, value in enumerate(out):
+        code, gathered = round(value), set()
+        for t in range(k):
+            code, digit = divmod(code, 1000)
+            if digit:
+                gathered.add((digit - 1, t))
+        ph = next(ph for ph in axis.phases if o in ph.out_indices)
+        u = (o + p) // s
+        planned = {(u - off, t) for t, off in zip(ph.taps, ph.offsets) if 0 <= u - off < n}
+        assert gathered == planned, f"output {o} (phase {ph.residue})"
 
 
 def test_worked_example_from_the_design():

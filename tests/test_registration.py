@@ -102,7 +102,9 @@ EVERY_OP = {
     "conv_transpose3d": (torch.ops.tritondeconv.conv_transpose3d, 3),
     "naive_conv_transpose2d": (torch.ops.tritondeconv.naive_conv_transpose2d, 2),
     "conv_transpose2d_fused": (torch.ops.tritondeconv.conv_transpose2d_fused, 2),
+    **{f"conv_transpose (rank {rank}, epilogue)": (torch.ops.tritondeconv.conv_transpose, rank) for rank in (1, 2, 3)},
 }
+WITH_EPILOGUE = ("conv_transpose2d_fused", *(f"conv_transpose (rank {rank}, epilogue)" for rank in (1, 2, 3)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -117,8 +119,8 @@ def test_opcheck_every_op(device, name, groups, channels_last):
     w = torch.randn(4, 4 // groups, *(2,) * rank, device=device, dtype=torch.float64)
     b = torch.randn(4, device=device, dtype=torch.float64)
     args = [x, w, b, [2] * rank, [1] * rank, [1] * rank, groups, [1] * rank]
-    if name == "conv_transpose2d_fused":
-        out_shape = torch.nn.functional.conv_transpose2d(x, w, b, 2, 1, 1, groups).shape
+    if name in WITH_EPILOGUE:
+        out_shape = torch.ops.aten.convolution(x, w, b, [2] * rank, [1] * rank, [1] * rank, True, [1] * rank, groups).shape
         args += ["silu", 0.01, torch.randn(out_shape, device=device, dtype=torch.float64)]
     torch.library.opcheck(op, tuple(args))
     if name != "naive_conv_transpose2d":  # the baseline is forward only

@@ -31,45 +31,45 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .arguments import ntuple
 from .kernels.activations import TABLE as ACTIVATION_TABLE
 from .ops import tangents_carried, transposed_output_padding
 
 ops = torch.ops.tritondeconv
 
+# The one forward op's arguments, in order: its backward returns one gradient per name.
+_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation", "activation",
+              "negative_slope", "residual")
 
-def _transposed(rank: int):
-    """The forward op of a spatial rank."""
-    return {1: ops.conv_transpose1d, 2: ops.conv_transpose2d, 3: ops.conv_transpose3d}[rank]
+
+def _per_argument(**gradients) -> tuple:
+    """The gradients named, ``None`` for every other argument of the op, in its order."""
+    return tuple(gradients.get(name) for name in _ARGUMENTS)
 
 
 def _T(x, w, grad_y_size, stride, padding, dilation, groups):
     """T(x, w) sized like ``grad_y_size``."""
     output_padding = transposed_output_padding(x.shape[2:], grad_y_size, w.shape[2:], stride, padding, dilation)
-    return transposed_conv(w.dim() - 2, x, w, None, stride, padding, output_padding, groups, dilation)
+    return transposed_conv(x, w, None, stride, padding, output_padding, groups, dilation)
 
 
-# --------------------------------------------------------------- conv_transpose{1,2,3}d
-
-
-def _save_geometry(ctx, weight, bias, stride, padding, groups, dilation):
-    rank = weight.dim() - 2
-    ctx.has_bias = bias is not None
-    ctx.geometry = tuple(list(ntuple(v, rank, n, "conv_transpose")) for v, n in
-                         ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    ctx.groups = groups
+# --------------------------------------------------------------- conv_transpose
+# y = act(T(x, w) + b) + r:  grad_r = gy, and T's gradients of gz = gy * act'(z) with
+# z = T(x, w) + b recomputed (one more forward, instead of keeping z in memory).
 
 
 def _setup_conv_transpose(ctx, inputs, output):
-    input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
-    ctx.save_for_backward(input, weight)
-    _save_geometry(ctx, weight, bias, stride, padding, groups, dilation)
+    input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
+    ctx.save_for_backward(input, weight, bias)
+    ctx.has_bias = bias is not None
+    ctx.geometry = (list(stride), list(padding), list(dilation))
+    ctx.groups = groups
+    ctx.epilogue = (list(stride), list(padding), list(output_padding), groups, list(dilation), activation, slope)
+    ctx.has_residual = residual is not None
 
 
-def _grads(ctx, x, w, grad_y, needs=None):
+def _grads(ctx, x, w, grad_y, needs):
     """grad_input, grad_weight, grad_bias of T, each only if ``needs`` it (the flags of
-    (input, weight, bias); default: the first three of ``ctx.needs_input_grad``)."""
-    needs = ctx.needs_input_grad if needs is None else needs
+    (input, weight, bias))."""
     stride, padding, dilation = ctx.geometry
     unbatched = x.dim() == w.dim() - 1
     if unbatched:
@@ -85,44 +85,30 @@ def _grads(ctx, x, w, grad_y, needs=None):
     return grad_x, grad_w, grad_b
 
 
-def _backward_conv_transpose(ctx, grad_y):
-    x, w = ctx.saved_tensors
-    return *_grads(ctx, x, w, grad_y), None, None, None, None, None
-
-
-for _rank in (1, 2, 3):
-    torch.library.register_autograd(
-        f"tritondeconv::conv_transpose{_rank}d", _backward_conv_transpose, setup_context=_setup_conv_transpose
-    )
-
-
-# --------------------------------------------------------------- conv_transpose2d_fused
-# y = act(T(x, w) + b) + r:  grad_r = gy, and T's gradients of gz = gy * act'(z) with
-# z = T(x, w) + b recomputed (one more forward, instead of keeping z in memory).
-
-
-def _setup_fused(ctx, inputs, output):
-    input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
-    ctx.save_for_backward(input, weight, bias)
-    _save_geometry(ctx, weight, bias, stride, padding, groups, dilation)
-    ctx.epilogue = (stride, padding, output_padding, groups, dilation, activation, slope)
-    ctx.has_residual = residual is not None
-
-
-def _backward_fused(ctx, grad_y):
-    x, w, b = ctx.saved_tensors
+def _activation_slope(ctx, x, w, b):
+    """act'(z) at z = T(x, w) + b, in at least fp32, or None without an activation."""
     stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
-    grad_z = grad_y
-    if activation is not None:
-        z = ops.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation)
-        # act'(z) * grad_y in at least fp32, rounded once to the gradient's dtype.
-        wide = torch.promote_types(z.dtype, torch.float32)
-        grad_z = (grad_y.to(wide) * ACTIVATION_TABLE[activation].derivative(z.to(wide), slope)).to(grad_y.dtype)
-    grad_r = grad_y if ctx.has_residual and ctx.needs_input_grad[-1] else None
-    return *_grads(ctx, x, w, grad_z), None, None, None, None, None, None, None, grad_r
+    if activation is None:
+        return None
+    z = transposed_conv(x, w, b, stride, padding, output_padding, groups, dilation)
+    return ACTIVATION_TABLE[activation].derivative(z.to(torch.promote_types(z.dtype, torch.float32)), slope)
 
 
-torch.library.register_autograd("tritondeconv::conv_transpose2d_fused", _backward_fused, setup_context=_setup_fused)
+def _backward_conv_transpose(ctx, grad_y, needs=None):
+    """The gradients of every argument (``needs``: the flags of the op's arguments;
+    default ``ctx.needs_input_grad``)."""
+    needs = ctx.needs_input_grad if needs is None else needs
+    x, w, b = ctx.saved_tensors
+    derivative = _activation_slope(ctx, x, w, b)
+    # act'(z) * grad_y in at least fp32, rounded once to the gradient's dtype.
+    grad_z = grad_y if derivative is None else (grad_y.to(derivative.dtype) * derivative).to(grad_y.dtype)
+    grad_x, grad_w, grad_b = _grads(ctx, x, w, grad_z, needs[:3])
+    grad_r = grad_y if ctx.has_residual and needs[10] else None
+    return _per_argument(input=grad_x, weight=grad_w, bias=grad_b, residual=grad_r)
+
+
+torch.library.register_autograd("tritondeconv::conv_transpose", _backward_conv_transpose,
+                                setup_context=_setup_conv_transpose)
 
 
 # --------------------------------------------------------------- I(gy, w) and W(x, gy)
@@ -177,33 +163,27 @@ def transforms_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
-def transposed_conv(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation=None, slope=0.01,
+def transposed_conv(x, w, b, stride, padding, output_padding, groups, dilation, activation=None, slope=0.01,
                     residual=None):
-    """``activation(T(x, w) + b) + residual`` of spatial rank ``rank`` through the op,
-    or through ``TransposedConv`` under a function transform (arguments parsed)."""
+    """``activation(T(x, w) + b) + residual`` (arguments parsed, one entry per spatial
+    axis) through the op, or through ``TransposedConv`` under a function transform."""
     if transforms_active():
-        return TransposedConv.apply(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+        return TransposedConv.apply(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
                                     residual)
-    return _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual)
-
-
-def _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
-    if activation is None and residual is None:
-        return _transposed(rank)(x, w, b, stride, padding, output_padding, groups, dilation)
-    return ops.conv_transpose2d_fused(x, w, b, stride, padding, output_padding, groups, dilation, activation,
-                                      float(slope), residual)
+    return ops.conv_transpose.default(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+                                      residual)
 
 
 def _input_grad(grad_y, w, input_size, stride, padding, dilation, groups):
     if transforms_active():
         return InputGrad.apply(grad_y, w, input_size, stride, padding, dilation, groups)
-    return ops.conv_transpose_input_grad(grad_y, w, input_size, stride, padding, dilation, groups)
+    return ops.conv_transpose_input_grad.default(grad_y, w, input_size, stride, padding, dilation, groups)
 
 
 def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
     if transforms_active():
         return WeightGrad.apply(x, grad_y, kernel_size, stride, padding, dilation, groups)
-    return ops.conv_transpose_weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups)
+    return ops.conv_transpose_weight_grad.default(x, grad_y, kernel_size, stride, padding, dilation, groups)
 
 
 def _add(a, b):
@@ -229,61 +209,43 @@ class TransposedConv(torch.autograd.Function):
     """``y = activation(T(x, w) + b) + residual`` (see the module docstring)."""
 
     @staticmethod
-    def forward(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
+    def forward(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
         with tangents_carried():
-            return _transposed_op(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
-                                  residual)
+            return ops.conv_transpose.default(x, w, b, stride, padding, output_padding, groups, dilation, activation,
+                                              slope, residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
-        ctx.save_for_backward(x, w, b)
-        ctx.save_for_forward(x, w, b)
-        _save_geometry(ctx, w, b, stride, padding, groups, dilation)
-        ctx.epilogue = (stride, padding, output_padding, groups, dilation, activation, slope)
-        ctx.has_residual = residual is not None
-
-    @staticmethod
-    def _activation_slope(ctx, x, w, b):
-        """act'(z) at z = T(x, w) + b, in at least fp32, or None without an activation."""
-        stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
-        if activation is None:
-            return None
-        z = transposed_conv(2, x, w, b, stride, padding, output_padding, groups, dilation)
-        return ACTIVATION_TABLE[activation].derivative(z.to(torch.promote_types(z.dtype, torch.float32)), slope)
+        _setup_conv_transpose(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, b = ctx.saved_tensors
-        derivative = TransposedConv._activation_slope(ctx, x, w, b)
-        grad_z = grad_y if derivative is None else (grad_y.to(derivative.dtype) * derivative).to(grad_y.dtype)
-        grad_r = grad_y if ctx.has_residual and ctx.needs_input_grad[-1] else None
-        return None, *_grads(ctx, x, w, grad_z, ctx.needs_input_grad[1:]), None, None, None, None, None, None, None, grad_r
+        return _backward_conv_transpose(ctx, grad_y)
 
     @staticmethod
-    def jvp(ctx, d_rank, dx, dw, db, d_stride, d_padding, d_output_padding, d_groups, d_dilation, d_activation, d_slope, dr):
+    def jvp(ctx, dx, dw, db, d_stride, d_padding, d_output_padding, d_groups, d_dilation, d_activation, d_slope, dr):
         x, w, b = ctx.saved_tensors
         stride, padding, output_padding, groups, dilation, activation, slope = ctx.epilogue
-        rank = w.dim() - 2
         geometry = (stride, padding, output_padding, groups, dilation)
         dz = None
         if dx is not None:
-            dz = transposed_conv(rank, dx, w, None, *geometry)
+            dz = transposed_conv(dx, w, None, *geometry)
         if dw is not None:
-            dz = _add(dz, transposed_conv(rank, x, dw, None, *geometry))
+            dz = _add(dz, transposed_conv(x, dw, None, *geometry))
         if db is not None:
-            dz = _add(dz, db.reshape(-1, *(1,) * rank))
+            dz = _add(dz, db.reshape(-1, *(1,) * (w.dim() - 2)))
         if dz is None:
-            dz = torch.zeros_like(transposed_conv(rank, x, w, b, *geometry))
-        derivative = TransposedConv._activation_slope(ctx, x, w, b)
+            dz = torch.zeros_like(transposed_conv(x, w, b, *geometry))
+        derivative = _activation_slope(ctx, x, w, b)
         if derivative is not None:
             dz = (dz.to(derivative.dtype) * derivative).to(dz.dtype)
         return _add(dz, dr)
 
     @staticmethod
-    def vmap(info, in_dims, rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
-             residual):
-        _, x_dim, w_dim, b_dim, *_, r_dim = in_dims
+    def vmap(info, in_dims, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope, residual):
+        x_dim, w_dim, b_dim, *_, r_dim = in_dims
+        rank = w.dim() - 2
         if x_dim is not None and w_dim is None and b_dim is None:
             # Only the samples are batched: the vmapped axis joins the batch axis.
             unbatched = x.dim() == rank + 2  # each sample is [C, *spatial]
@@ -291,12 +253,12 @@ class TransposedConv(torch.autograd.Function):
             size = info.batch_size
             r = None if residual is None else fold(residual if r_dim is not None else residual.expand(size, *residual.shape),
                                                     r_dim if r_dim is not None else 0)
-            y = transposed_conv(rank, fold(x, x_dim), w, b, stride, padding, output_padding, groups, dilation, activation,
+            y = transposed_conv(fold(x, x_dim), w, b, stride, padding, output_padding, groups, dilation, activation,
                                 slope, r)
             return (y if unbatched else y.reshape(size, -1, *y.shape[1:])), 0
 
         def one(x, w, b, residual):
-            return transposed_conv(rank, x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
+            return transposed_conv(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
                                    residual)
 
         return _batched_by_loop(one, info, (x_dim, w_dim, b_dim, r_dim), x, w, b, residual)

@@ -1,38 +1,24 @@
 """The public functions: drop-ins for ``torch.nn.functional.conv_transpose{1,2,3}d``
 (PyTorch's names, argument order, defaults and argument checking), computed by the
-``torch.ops.tritondeconv`` ops (see ``ops.py`` for where they run).
+``torch.ops.tritondeconv.conv_transpose`` op (see ``ops.py`` for where it runs), each
+with the optional fused epilogue.
 
-Each parses its integer arguments as PyTorch's functions do, then calls the op, or,
-while a ``torch.func`` transform or forward-mode AD is active, the equivalent
+The three are made by one definition (``_conv_transpose_function``): each parses its
+integer arguments as PyTorch's functions do, then calls the op, or, while a
+``torch.func`` transform or forward-mode AD is active, the equivalent
 ``autograd.TransposedConv`` that carries it.
 """
 from __future__ import annotations
 
 import torch
 
-from .arguments import check_tensor_types, parse_int_argument
+from . import baselines  # noqa: F401  (registers naive_conv_transpose2d)
+from .arguments import check_tensor_types, ntuple, parse_int_argument
 from .autograd import transposed_conv
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d"]
 
-
-def _parse(op: str, input, weight, bias, stride, padding, output_padding, groups, dilation):
-    check_tensor_types(input, weight, bias, op)
-    return (parse_int_argument(stride, "stride", op), parse_int_argument(padding, "padding", op),
-            parse_int_argument(output_padding, "output_padding", op), parse_int_argument(groups, "groups", op),
-            parse_int_argument(dilation, "dilation", op))
-
-
-def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose1d`` (non-finite values as in
-    ``conv_transpose2d``)."""
-    args = _parse("conv_transpose1d", input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return transposed_conv(1, input, weight, bias, *args)
-
-
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                     activation=None, negative_slope=0.01, residual=None):
-    """Drop-in for ``torch.nn.functional.conv_transpose2d``.
+_DOC = """Drop-in for ``torch.nn.functional.conv_transpose{rank}d``.
 
     Optionally fused into the kernel's epilogue: ``activation`` (``"relu"``,
     ``"leaky_relu"`` with ``negative_slope``, ``"silu"``, ``"gelu"``, ``"tanh"``,
@@ -43,22 +29,40 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     is unspecified (NaN here, where it is multiplied by a masked-out zero; PyTorch's
     result depends on its backend and algorithm).
     """
-    stride, padding, output_padding, groups, dilation = _parse(
-        "conv_transpose2d", input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return transposed_conv(2, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                           float(negative_slope), residual)
 
 
-def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Drop-in for ``torch.nn.functional.conv_transpose3d`` (non-finite values as in
-    ``conv_transpose2d``)."""
-    args = _parse("conv_transpose3d", input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return transposed_conv(3, input, weight, bias, *args)
+def _parse(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    """The integer arguments as the op takes them (one entry per spatial axis), after
+    PyTorch's functional API's own type checks."""
+    check_tensor_types(input, weight, bias, op)
+    return (*(ntuple(parse_int_argument(value, name, op), rank, name, op) for value, name in
+              ((stride, "stride"), (padding, "padding"), (output_padding, "output_padding"))),
+            parse_int_argument(groups, "groups", op), ntuple(parse_int_argument(dilation, "dilation", op), rank,
+                                                              "dilation", op))
+
+
+def _conv_transpose_function(rank: int):
+    name = f"conv_transpose{rank}d"
+
+    def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                       activation=None, negative_slope=0.01, residual=None):
+        stride, padding, output_padding, groups, dilation = _parse(
+            name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
+        return transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                               float(negative_slope), residual)
+
+    conv_transpose.__name__ = conv_transpose.__qualname__ = name
+    conv_transpose.__doc__ = _DOC.format(rank=rank)
+    return conv_transpose
+
+
+conv_transpose1d = _conv_transpose_function(1)
+conv_transpose2d = _conv_transpose_function(2)
+conv_transpose3d = _conv_transpose_function(3)
 
 
 def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """The zero-insertion baseline, same signature as ``conv_transpose2d`` (forward only:
     it has no gradient of its own)."""
-    args = _parse("naive_conv_transpose2d", input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return torch.ops.tritondeconv.naive_conv_transpose2d(input, weight, bias, *args)
-
+    args = _parse("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return torch.ops.tritondeconv.naive_conv_transpose2d.default(input, weight, bias, *args)

@@ -39,7 +39,8 @@ def clear_weight_cache(model: torch.nn.Module) -> int:
 
 class _TritonForward:
     """``forward(input, output_size=None)`` as PyTorch's transposed convolutions have it,
-    computed by tritondeconv.  Mixed into subclasses of PyTorch's modules, which keep
+    computed by tritondeconv, plus the optional epilogue: ``activation=`` (and
+    ``negative_slope=``) in the constructor, ``residual=`` in ``forward``.  Mixed into subclasses of PyTorch's modules, which keep
     their constructor (arguments, defaults, initialisation), parameter names and shapes,
     so state dicts load both ways; like PyTorch's, they refuse a ``padding_mode`` other
     than ``"zeros"``.
@@ -52,9 +53,18 @@ class _TritonForward:
 
     _rank: int  # spatial axes
     _function: staticmethod  # the functional form
+    # The epilogue: ``activation`` (and ``negative_slope``) fused into the kernel's store,
+    # and ``forward(..., residual=)`` adding a residual there too (see
+    # ``tritondeconv.conv_transpose2d``).
+    activation: str | None = None
+    negative_slope: float = 0.01
     # The packed copy of the weight kept for inference, and what the weight was then.
     _packed: torch.Tensor | None = None
     _packed_from: tuple | None = None
+
+    def __init__(self, *args, activation: str | None = None, negative_slope: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation, self.negative_slope = activation, negative_slope
 
     def _weight(self) -> torch.Tensor:
         """The weight to compute with.
@@ -102,49 +112,35 @@ class _TritonForward:
         """Called by ``torch.jit.script`` first: refuses, saying what to use instead."""
         _refuse_scripting(self)
 
-    def _conv(self, input: torch.Tensor, output_size, **epilogue) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
         return self._function(
             input, self._weight(), self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
-            **epilogue,
+            activation=self.activation, negative_slope=self.negative_slope, residual=residual,
         )
-
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        return self._conv(input, output_size)
-
-
-class ConvTranspose1d(_TritonForward, torch.nn.ConvTranspose1d):
-    """Drop-in for ``torch.nn.ConvTranspose1d``."""
-
-    _rank, _function = 1, staticmethod(conv_transpose1d)
-
-
-class ConvTranspose2d(_TritonForward, torch.nn.ConvTranspose2d):
-    """Drop-in for ``torch.nn.ConvTranspose2d``; optionally with an ``activation`` (and
-    ``negative_slope``) fused into the kernel's epilogue, and ``forward(..., residual=)``
-    adding a residual there too (see ``tritondeconv.conv_transpose2d``)."""
-
-    _rank, _function = 2, staticmethod(conv_transpose2d)
-    activation: str | None = None
-    negative_slope: float = 0.01
-
-    def __init__(self, *args, activation: str | None = None, negative_slope: float = 0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.activation, self.negative_slope = activation, negative_slope
-
-    def forward(self, input, output_size=None, residual=None):
-        return self._conv(input, output_size, activation=self.activation, negative_slope=self.negative_slope,
-                          residual=residual)
 
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation else ""
         return super().extra_repr() + extra
 
 
+class ConvTranspose1d(_TritonForward, torch.nn.ConvTranspose1d):
+    """Drop-in for ``torch.nn.ConvTranspose1d`` (with the optional epilogue of ``_TritonForward``)."""
+
+    _rank, _function = 1, staticmethod(conv_transpose1d)
+
+
+class ConvTranspose2d(_TritonForward, torch.nn.ConvTranspose2d):
+    """Drop-in for ``torch.nn.ConvTranspose2d`` (with the optional epilogue of ``_TritonForward``)."""
+
+    _rank, _function = 2, staticmethod(conv_transpose2d)
+
+
 class ConvTranspose3d(_TritonForward, torch.nn.ConvTranspose3d):
-    """Drop-in for ``torch.nn.ConvTranspose3d``."""
+    """Drop-in for ``torch.nn.ConvTranspose3d`` (with the optional epilogue of ``_TritonForward``)."""
 
     _rank, _function = 3, staticmethod(conv_transpose3d)
 

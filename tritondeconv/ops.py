@@ -1,20 +1,22 @@
 """The op layer: the ``torch.ops.tritondeconv`` ops, their fake (meta) implementations
 and their dispatch to the kernels.
 
-Public (aten's signatures):
+Public:
+  ``conv_transpose``          every transposed convolution, any spatial rank (the length
+                              of ``stride``), with the optional epilogue (activation,
+                              residual): the one implementation
   ``conv_transpose1d``, ``conv_transpose2d``, ``conv_transpose3d``
-                              stride-phase transposed convolution, one kernel for all ranks
-  ``naive_conv_transpose2d``  the zero-insertion baseline on the same kernel
-  ``conv_transpose2d_fused``  with an activation and a residual fused into the epilogue
+                              aten's signatures, thin registrations over ``conv_transpose``
+  ``conv_transpose2d_fused``  the same with the epilogue (the 2-D name earlier versions had)
+  ``naive_conv_transpose2d``  the zero-insertion baseline (``baselines.py``)
 Internal (the gradients of a transposed convolution, rank-generic, differentiable
 themselves so that double backward works; see ``autograd.py``):
   ``conv_transpose_input_grad``   grad_input: the zero-free strided convolution
   ``conv_transpose_weight_grad``  grad_weight: per-tap GEMMs with a split reduction
 
-All are ``torch.library.custom_op``s with a fake implementation, so meta tensors work
-and ``torch.compile(fullgraph=True)`` traces through them as opaque nodes; being
-opaque, each shape keeps its own autotuning under compile (``docs/design.md`` says why
-not a ``triton_op``).
+Each has a fake implementation, so meta tensors work and ``torch.compile(fullgraph=True)``
+traces through them as opaque nodes; being opaque, each shape keeps its own autotuning
+under compile (``docs/design.md`` says why not a ``triton_op``).
 
 Where the work runs:
   * CUDA tensors: always the Triton kernels.
@@ -28,6 +30,7 @@ import contextlib
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -38,7 +41,6 @@ from .arguments import (
     ConvTransposeArgs,
     as_batched,
     check_conv_transpose,
-    check_tensor_types,
     output_memory_format,
 )
 from .kernels import launcher
@@ -48,9 +50,6 @@ from .kernels.phase_gemm import phase_gemm
 from .kernels.tuning import NoConfigurationRan
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
-
-_FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
 
 def runs_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (see the module docstring;
@@ -220,19 +219,62 @@ def _refuse_forward_ad(op: str, *tensors) -> None:
             f"on the op itself; call tritondeconv.{op.removesuffix('_fused')} (or the nn modules), which support it")
 
 
-def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, op):
-    """Check the arguments; return the batched input, the checked args and whether the
-    input was unbatched."""
-    x, unbatched = as_batched(input, rank, op)
-    args = check_conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, rank, op)
-    return x, args, unbatched
+# One op computes every transposed convolution, of any spatial rank (the length of
+# ``stride``), with the epilogue; the ops with aten's signatures (what models call
+# through ``torch.ops``) are thin registrations over it.  Defined through
+# ``torch.library.Library`` rather than ``custom_op``: the same schema, fake and autograd
+# registrations, for a few microseconds less per call (``docs/design.md``).
+
+LIBRARY = torch.library.Library("tritondeconv", "DEF")
+
+LIBRARY.define(
+    "conv_transpose(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
+    "int groups, int[] dilation, str? activation=None, float negative_slope=0.01, Tensor? residual=None) -> Tensor"
+)
 
 
-def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride,
-                       activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
-    """Run the phase kernel with the given stride (the naive op passes 1) into a new
-    output laid out like ``x``, with an optional fused epilogue.  Every rank runs on the
-    kernel's three spatial axes, the missing leading ones of size 1."""
+@dataclass(frozen=True)
+class Call:
+    """One checked call of the op: the batched input and residual, the normalised
+    arguments, whether the input was unbatched, and the name errors are reported under."""
+
+    x: torch.Tensor
+    args: ConvTransposeArgs
+    unbatched: bool
+    residual: torch.Tensor | None
+    name: str
+
+
+def prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual) -> Call:
+    """Check every argument of ``conv_transpose`` (the implementation and the fake share
+    this step); the rank is the length of ``stride``."""
+    rank = len(stride)
+    name = f"conv_transpose{rank}d"
+    if rank not in (1, 2, 3):
+        raise RuntimeError(f"conv_transpose: expected stride to have 1, 2 or 3 entries (the spatial rank), "
+                           f"but got stride={list(stride)}")
+    x, unbatched = as_batched(input, rank, name)
+    args = check_conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise RuntimeError(f"{name}: activation must be None or one of {', '.join(ACTIVATIONS)}, "
+                           f"but got activation={activation!r}")
+    if residual is not None:
+        if tuple(residual.shape) != args.output_shape[unbatched:]:
+            raise RuntimeError(f"{name}: expected residual of the output's size {list(args.output_shape[unbatched:])}, "
+                               f"but got {list(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise RuntimeError(f"{name}: expected residual to have the input's dtype and device, "
+                               f"but got {residual.dtype} on {residual.device}")
+        residual = residual.unsqueeze(0) if unbatched else residual
+    return Call(x, args, unbatched, residual, name)
+
+
+def launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride,
+                      activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
+    """Run the phase kernel with the given stride (the naive baseline passes 1) into a
+    new output laid out as aten lays out its own, with an optional fused epilogue.
+    Every rank runs on the kernel's three spatial axes, the missing leading ones of
+    size 1."""
     out = _empty_output(x, weight, args)
     if out.numel() == 0:
         return out
@@ -245,112 +287,67 @@ def _launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTr
     return out
 
 
-def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
-    """``x`` ``[N, C, *spatial]`` with ``s - 1`` zeros between pixels and
-    ``output_padding`` zeros after the last one along each axis: size
-    ``(n - 1)*s + 1 + output_padding`` per axis, laid out as the output of a convolution
-    of ``x`` by ``weight``."""
-    spatial = x.shape[2:]
-    shape = (*x.shape[:2], *((n - 1) * s + 1 + op for n, s, op in zip(spatial, stride, output_padding)))
-    up = _empty(shape, x, output_memory_format(x, weight))
-    up.zero_()[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(spatial, stride)))] = x
-    return up
+def aten_transposed(x, weight, bias, stride, args: ConvTransposeArgs, output_padding, activation=None,
+                    negative_slope=0.01, residual=None) -> torch.Tensor:
+    """The same through aten's convolution (where the kernels do not run), laid out as
+    ``launch_transposed`` lays out its output."""
+    out = torch.convolution(x, weight, bias, stride, args.padding, args.dilation, True, output_padding, args.groups)
+    if activation is not None:
+        out = ACTIVATION_TABLE[activation].torch(out, negative_slope)
+    return _as_aten_would(out if residual is None else out + residual, x, weight)
 
 
-def _define_conv_transpose(name: str, rank: int, naive: bool):
-    """Register ``tritondeconv::{name}``, aten's signature for the rank.
-
-    ``naive``: the textbook method instead of the decomposition: insert zeros, then a
-    stride-1 transposed convolution (an ordinary convolution with the flipped,
-    transposed weight and padding ``d*(k-1) - p``), on the same kernel with stride 1
-    (one phase holding every tap), so that against the decomposed op only the
-    decomposition differs.
-    """
-    schema = (
-        f"(Tensor input, Tensor weight, Tensor? bias=None, int[{rank}] stride=1, int[{rank}] padding=0, "
-        f"int[{rank}] output_padding=0, int groups=1, int[{rank}] dilation=1) -> Tensor"
+def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
+                    negative_slope=0.01, residual=None):
+    """``activation(conv_transpose(input, weight) + bias) + residual``, the activation
+    and the residual applied in the kernel's epilogue (one pass over the output)."""
+    _refuse_forward_ad("conv_transpose", input, weight, bias, residual)
+    call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
+    x, args, r = call.x, call.args, call.residual
+    out = _computed(
+        call.name, x.device,
+        lambda: launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r),
+        lambda: aten_transposed(x, weight, bias, args.stride, args, args.output_padding, activation, negative_slope, r),
+        (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation, activation,
+         negative_slope, r),
     )
+    return out.squeeze(0) if call.unbatched else out
 
-    def impl(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-        _refuse_forward_ad(name, input, weight, bias)
-        x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
-        run_stride, run_output_padding = args.stride, args.output_padding
-        if naive:
-            x = zero_insert(x, weight, args.stride, args.output_padding)
-            run_stride, run_output_padding = (1,) * rank, (0,) * rank
-        out = _computed(
-            name, x.device,
-            lambda: _launch_transposed(x, weight, bias, args, run_stride),
-            lambda: _as_aten_would(_FUNCTIONAL[rank](x, weight, bias, run_stride, args.padding, run_output_padding,
-                                                     args.groups, args.dilation), x, weight),
-            (x, weight, bias, run_stride, args.padding, run_output_padding, args.groups, args.dilation),
-        )
-        return out.squeeze(0) if unbatched else out
 
-    def fake(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-        x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, rank, name)
-        out = _empty_output(x, weight, args)
-        return out.squeeze(0) if unbatched else out
+def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
+                         negative_slope=0.01, residual=None):
+    call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
+    out = _empty_output(call.x, weight, call.args)
+    return out.squeeze(0) if call.unbatched else out
 
-    op = torch.library.custom_op(f"tritondeconv::{name}", impl, mutates_args=(), schema=schema)
-    op.register_fake(fake)
+
+LIBRARY.impl("conv_transpose", _conv_transpose, "CompositeExplicitAutograd")
+torch.library.register_fake("tritondeconv::conv_transpose", _conv_transpose_fake, lib=LIBRARY)
+conv_transpose = torch.ops.tritondeconv.conv_transpose.default
+
+# The ops with aten's signatures, and the 2-D one with the epilogue that earlier
+# versions exposed: each is the one op (its autograd, fake and autocast come from it).
+# (A Python kernel receives only the arguments that differ from the schema's defaults.)
+
+
+def _with_aten_signature(rank: int):
+    def op(input, weight, bias=None, stride=(1,) * rank, padding=(0,) * rank, output_padding=(0,) * rank, groups=1,
+           dilation=(1,) * rank, activation=None, negative_slope=0.01, residual=None):
+        return conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                              negative_slope, residual)
     return op
 
 
 for _rank in (1, 2, 3):
-    _define_conv_transpose(f"conv_transpose{_rank}d", _rank, naive=False)
-_define_conv_transpose("naive_conv_transpose2d", 2, naive=True)
-
-
-# ---------------------------------------------------------------- fused epilogue
-
-def _check_epilogue(activation, residual, out_shape, x: torch.Tensor, op: str) -> None:
-    if activation is not None and activation not in ACTIVATIONS:
-        raise RuntimeError(f"{op}: activation must be None or one of {', '.join(ACTIVATIONS)}, but got activation={activation!r}")
-    if residual is None:
-        return
-    if tuple(residual.shape) != tuple(out_shape):
-        raise RuntimeError(f"{op}: expected residual of the output's size {list(out_shape)}, but got {list(residual.shape)}")
-    if residual.dtype != x.dtype or residual.device != x.device:
-        raise RuntimeError(f"{op}: expected residual to have the input's dtype and device, but got {residual.dtype} on {residual.device}")
-
-
-@torch.library.custom_op(
-    "tritondeconv::conv_transpose2d_fused",
-    mutates_args=(),
-    schema=(
-        "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] output_padding, "
-        "int groups, int[2] dilation, str? activation, float negative_slope, Tensor? residual) -> Tensor"
-    ),
-)
-def _conv_transpose2d_fused_op(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                               activation, negative_slope, residual):
-    """``activation(conv_transpose2d(...)) + residual``, the activation and the residual
-    applied in the kernel's epilogue (one pass over the output)."""
-    op = "conv_transpose2d"
-    _refuse_forward_ad("conv_transpose2d_fused", input, weight, bias, residual)
-    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
-    _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
-    r = None if residual is None else (residual.unsqueeze(0) if unbatched else residual)
-    def aten():
-        out = F.conv_transpose2d(x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation)
-        out = ACTIVATION_TABLE[activation].torch(out, negative_slope) if activation else out
-        return _as_aten_would(out if r is None else out + r, x, weight)
-
-    out = _computed("conv_transpose2d_fused", x.device,
-                    lambda: _launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r), aten,
-                    (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation,
-                     activation, negative_slope, r))
-    return out.squeeze(0) if unbatched else out
-
-
-@_conv_transpose2d_fused_op.register_fake
-def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, negative_slope, residual):
-    op = "conv_transpose2d"
-    x, args, unbatched = _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, 2, op)
-    _check_epilogue(activation, residual, args.output_shape[unbatched:], x, op)
-    out = _empty_output(x, weight, args)
-    return out.squeeze(0) if unbatched else out
+    LIBRARY.define(
+        f"conv_transpose{_rank}d(Tensor input, Tensor weight, Tensor? bias=None, int[{_rank}] stride=1, "
+        f"int[{_rank}] padding=0, int[{_rank}] output_padding=0, int groups=1, int[{_rank}] dilation=1) -> Tensor")
+    LIBRARY.impl(f"conv_transpose{_rank}d", _with_aten_signature(_rank), "CompositeImplicitAutograd")
+LIBRARY.define(
+    "conv_transpose2d_fused(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+    "int[2] output_padding, int groups, int[2] dilation, str? activation, float negative_slope, Tensor? residual) "
+    "-> Tensor")
+LIBRARY.impl("conv_transpose2d_fused", _with_aten_signature(2), "CompositeImplicitAutograd")
 
 
 # ---------------------------------------------------------------- gradients
@@ -371,12 +368,13 @@ def _input_grad_empty(grad_output: torch.Tensor, weight: torch.Tensor, input_siz
     return _empty(shape, grad_output, output_memory_format(grad_output, weight))
 
 
-@torch.library.custom_op(
-    "tritondeconv::conv_transpose_input_grad",
-    mutates_args=(),
-    schema="(Tensor grad_output, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
-)
-def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, groups):
+LIBRARY.define("conv_transpose_input_grad(Tensor grad_output, Tensor weight, int[] input_size, int[] stride, "
+               "int[] padding, int[] dilation, int groups) -> Tensor")
+LIBRARY.define("conv_transpose_weight_grad(Tensor input, Tensor grad_output, int[] kernel_size, int[] stride, "
+               "int[] padding, int[] dilation, int groups) -> Tensor")
+
+
+def _input_grad(grad_output, weight, input_size, stride, padding, dilation, groups):
     """grad_input of a transposed convolution whose (batched) input had spatial size
     ``input_size``: the strided convolution ``conv(grad_output, weight)`` (the weight,
     ``[C_in, C_out/g, *k]``, is already a convolution weight mapping C_out to C_in
@@ -402,17 +400,11 @@ def _input_grad_op(grad_output, weight, input_size, stride, padding, dilation, g
                      (grad_output, weight, input_size, stride, padding, dilation, groups))
 
 
-@_input_grad_op.register_fake
-def _(grad_output, weight, input_size, stride, padding, dilation, groups):
+def _input_grad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
     return _input_grad_empty(grad_output, weight, input_size)
 
 
-@torch.library.custom_op(
-    "tritondeconv::conv_transpose_weight_grad",
-    mutates_args=(),
-    schema="(Tensor input, Tensor grad_output, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
-)
-def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, groups):
+def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, groups):
     """grad_weight ``[C_in, C_out/g, *kernel_size]`` of a transposed convolution of the
     (batched) ``input`` that produced ``grad_output``'s shape."""
     _refuse_forward_ad("conv_transpose_weight_grad", input, grad_output)
@@ -437,9 +429,14 @@ def _weight_grad_op(input, grad_output, kernel_size, stride, padding, dilation, 
                      (input, grad_output, kernel_size, stride, padding, dilation, groups))
 
 
-@_weight_grad_op.register_fake
-def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
+def _weight_grad_fake(input, grad_output, kernel_size, stride, padding, dilation, groups):
     return input.new_empty((input.shape[1], grad_output.shape[1] // groups, *kernel_size))
+
+
+for _name, _impl, _fake in (("conv_transpose_input_grad", _input_grad, _input_grad_fake),
+                            ("conv_transpose_weight_grad", _weight_grad, _weight_grad_fake)):
+    LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"tritondeconv::{_name}", _fake, lib=LIBRARY)
 
 
 # ---------------------------------------------------------------- autocast
@@ -447,10 +444,8 @@ def _(input, grad_output, kernel_size, stride, padding, dilation, groups):
 # floating-point tensors on the autocast device, float64 excepted, are cast to the
 # autocast dtype of the region (not to a fixed one), then the op runs with autocast off.
 
-_AUTOCAST = torch.library.Library("tritondeconv", "IMPL")
-
-
-def _register_autocast(name: str) -> None:
+def register_autocast(name: str, library: torch.library.Library = LIBRARY) -> None:
+    """Register the autocast kernels (CPU and CUDA) of forward op ``tritondeconv::name``."""
     op = getattr(torch.ops.tritondeconv, name).default
     for device_type in ("cpu", "cuda"):
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
@@ -463,9 +458,7 @@ def _register_autocast(name: str) -> None:
             with torch._C._ExcludeDispatchKeyGuard(excluded):
                 return op(*args)
 
-        _AUTOCAST.impl(name, autocast, key, with_keyset=True)
+        library.impl(name, autocast, key, with_keyset=True)
 
 
-for _name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d",
-              "conv_transpose2d_fused"):
-    _register_autocast(_name)
+register_autocast("conv_transpose")
