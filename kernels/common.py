@@ -42,12 +42,31 @@ def force_int64_index() -> Iterator[None]:
         _FORCED_INT64.pop()
 
 
+def int64_forced() -> bool:
+    """Whether ``force_int64_index`` is in force."""
+    return bool(_FORCED_INT64)
+
+
+def spans_int64(shape, strides) -> bool:
+    """Whether some element of a tensor of this shape and these strides lies 2**31 or
+    more elements from its base (an empty tensor has none)."""
+    if 0 in shape:
+        return False
+    return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides)) >= 2**31 - 1
+
+
+def padded(layout: tuple, lead: int) -> tuple:
+    """A ``(shape, strides)`` of ``[N, C, *spatial]`` with ``lead`` more spatial axes of
+    size 1 in front (how the kernels run 1-D and 2-D tensors on their three axes)."""
+    shape, strides = layout
+    return (*shape[:2], *(1,) * lead, *shape[2:]), (*strides[:2], *(0,) * lead, *strides[2:])
+
+
 def needs_int64(*tensors) -> bool:
     """Whether some element of these tensors lies 2**31 or more elements from its base, so
     that the kernels must index in 64 bits (otherwise they keep 32-bit index arithmetic),
     or ``force_int64_index`` is in force."""
-    return bool(_FORCED_INT64) or any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1
-               for t in tensors if t is not None and t.numel() > 0)
+    return int64_forced() or any(spans_int64(t.shape, t.stride()) for t in tensors if t is not None)
 
 
 _SIMULATED_CAPTURE: list[bool] = []

@@ -40,6 +40,20 @@ from .tuning import Compiled, Tuner
 
 
 @dataclass(frozen=True)
+class LaunchPlan:
+    """What a launch needs besides the tensors' addresses (and the activation's slope),
+    for one class of calls: the same shapes, strides and dtype, geometry and epilogue.
+    Each kernel family computes it once per class (its ``plan_launch``, cached)."""
+
+    scalars: tuple  # the kernel's arguments after the tensor pointers
+    constants: dict  # its compile-time constants, the tile configuration aside
+    grid: Callable[[dict], tuple]
+    key: tuple  # the tuning key
+    configs: Callable[[], list[dict]]  # the candidate table
+    problem: Callable[[], Problem]  # the GEMMs the launch computes, for the cost model
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     """A device as tuning sees it: its name (the tuning cache is per GPU model), its
     shared memory per block in bytes, and its SM count (``None`` where unknown: on the
@@ -105,25 +119,30 @@ class _Hooks:
     device: DeviceInfo | None = None
 
 
-_HOOKS: list[_Hooks] = []
+_NO_HOOKS = _Hooks()
+_HOOKS: list[_Hooks] = []  # per open intercept, the hooks in force inside it (merged with the enclosing ones)
 
 
 @contextlib.contextmanager
 def intercept(*, choose=None, launch=None, compile=None, clock=None, tune=None, device=None) -> Iterator[None]:
     """Replace parts of every launch while the block runs (see the module docstring)."""
-    _HOOKS.append(_Hooks(choose, launch, compile, clock, tune, device))
+    given = _Hooks(choose, launch, compile, clock, tune, device)
+    outer = _hooks()
+    _HOOKS.append(_Hooks(**{name: getattr(given, name) if getattr(given, name) is not None else getattr(outer, name)
+                            for name in _Hooks.__dataclass_fields__}))
     try:
         yield
     finally:
         _HOOKS.pop()
 
 
+def _hooks() -> _Hooks:
+    """The hooks in force: for each part, the innermost ``intercept`` that sets it."""
+    return _HOOKS[-1] if _HOOKS else _NO_HOOKS
+
+
 def _hook(name: str):
-    for hooks in reversed(_HOOKS):
-        value = getattr(hooks, name)
-        if value is not None:
-            return value
-    return None
+    return getattr(_hooks(), name)
 
 
 def launches_replaced() -> bool:
@@ -171,8 +190,8 @@ def run_kernel(request: Request, config: dict) -> None:
         request.kernel[request.grid](*request.args, **request.constants, **config)
 
 
-def _run(request: Request, config: dict) -> torch.Tensor:
-    (_hook("launch") or run_kernel)(request, config)
+def _run(request: Request, config: dict, launch: Callable | None = None) -> torch.Tensor:
+    (launch or run_kernel)(request, config)
     return request.output
 
 
@@ -188,20 +207,19 @@ def _compile(request: Request, config: dict) -> Compiled | None:
 def launch(request: Request) -> dict:
     """Choose the request's configuration (on a key's first call: tune it), launch it,
     and report the launch to the observers; the configuration."""
-    info = device_info(request.device)
-    choose = _hook("choose")
-    if choose is not None:
-        config = choose(request, candidates(request, info))
+    hooks = _hooks()
+    info = hooks.device or _device_info(request.device)
+    if hooks.choose is not None:
+        config = hooks.choose(request, candidates(request, info))
     else:
-        compile_hook = _hook("compile")
-        if compile_hook is not None:
-            compile = functools.partial(compile_hook, request)
+        if hooks.compile is not None:
+            compile = functools.partial(hooks.compile, request)
         else:
-            compile = functools.partial(_compile, request) if request.device.type == "cuda" and not launches_replaced() else None
+            compile = functools.partial(_compile, request) if request.device.type == "cuda" and hooks.launch is None else None
         config = tuner(request.family, request.kernel).pick(
-            info.name, request.key, lambda: candidates(request, info), functools.partial(_run, request),
-            tune=_hook("tune"), compile=compile, clock=_hook("clock"))
-    _run(request, config)
+            info.name, request.key, lambda: candidates(request, info),
+            lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock)
+    _run(request, config, hooks.launch)
     notify_launch(request.family, {**request.constants, **config}, request.args[0].dtype)
     return config
 

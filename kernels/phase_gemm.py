@@ -28,15 +28,16 @@ The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, k
 the direct convolution reads it with the first two axes swapped (columns = C_in).
 ``tritondeconv.planner`` does the transposed arithmetic in plain Python.
 """
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..planner import output_size, plan_axis
+from ..planner import axis_constants, output_size, plan_axis
 from . import activations, launcher
-from .common import INTERPRETING, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
@@ -267,89 +268,70 @@ def _phase_gemm_kernel(
     tl.store(y_rows[:, None] + cols * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
-def _axis_constants(stride: int, dilation: int) -> tuple[int, int]:
-    """``gcd(d, s)`` and the inverse of ``d/g`` modulo ``s/g`` for one axis."""
-    g = math.gcd(dilation, stride)
-    modulus = stride // g
-    return g, (pow(dilation // g, -1, modulus) if modulus > 1 else 0)
-
-
-def phase_gemm(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-    dilation: tuple[int, int, int],
-    groups: int,
-    transposed: bool,
-    allow_tf32: bool,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
-    then, fused into the store, ``activation`` (one of ``activations.ACTIVATIONS``) and ``+ residual``
-    (5-D, shaped like ``out``, any strides).
-
-    All tensors are 5-D views, any strides: ``x`` ``[N, C_x, D, H, W]``, ``out``
-    ``[N, C_out, D', H', W']``, ``weight`` ``[C_in, C_out/groups, kD, kH, kW]`` in
-    conv_transpose's layout for both directions (so the direct convolution maps
-    ``C_out`` channels of ``x`` onto ``C_in`` channels of ``out``).  The caller has
-    checked the arguments and sized ``out`` (output padding included).  Returns ``out``.
-    """
-    n = x.shape[0]
-    c_in, c_out_g = weight.shape[:2]
-    sw_in, sw_out = weight.stride()[:2]
+@functools.lru_cache(maxsize=4096)
+def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,
+                bias_stride: int | None, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
+                dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool) -> launcher.LaunchPlan:
+    """The launch plan of ``phase_gemm`` for tensors of these layouts (``(shape,
+    strides)`` pairs) and this geometry: the per-axis phase constants from the planner,
+    rows per phase, grid, tuning key, candidate table and cost-model problem.  Tensors
+    of 1 or 2 spatial axes run on the kernel's three, the missing leading ones of size 1
+    (stride 1, padding 0, dilation 1)."""
+    lead = 5 - len(x_layout[0])
+    x_layout, weight_layout, out_layout = (padded(layout, lead) for layout in (x_layout, weight_layout, out_layout))
+    if residual_strides is not None:
+        residual_strides = padded((out_layout[0], residual_strides), lead)[1]
+    stride, padding, dilation = (1,) * lead + stride, (0,) * lead + padding, (1,) * lead + dilation
+    (x_shape, x_strides), (w_shape, w_strides), (out_shape, out_strides) = x_layout, weight_layout, out_layout
+    n = x_shape[0]
+    c_in, c_out_g = w_shape[:2]
+    sw_in, sw_out = w_strides[:2]
     c_in_g = c_in // groups
     if transposed:  # reduce over the group's C_in, produce its C_out
         c_red_g, c_col_g, sw_red, sw_col, n_phases = c_in_g, c_out_g, sw_in, sw_out, math.prod(stride)
     else:  # reduce over the group's C_out, produce its C_in
         c_red_g, c_col_g, sw_red, sw_col, n_phases = c_out_g, c_in_g, sw_out, sw_in, 1
-    consts = [_axis_constants(s, d) for s, d in zip(stride, dilation)]
-    rows_per_phase = out.shape[2:] if not transposed else [triton.cdiv(o, s) for o, s in zip(out.shape[2:], stride)]
+    consts = [axis_constants(s, d) for s, d in zip(stride, dilation)]
+    # Rows per phase along each axis: ceil(outputs / s) for the transposed direction.
+    rows_per_phase = out_shape[2:] if not transposed else [-(-o // s) for o, s in zip(out_shape[2:], stride)]
     m_max = n * math.prod(rows_per_phase)
-    precision = input_precision(x.dtype, allow_tf32)
-    kernel_size = weight.shape[2:]
+    precision = input_precision(dtype, allow_tf32)
+    kernel_size = w_shape[2:]
+    layouts = [x_layout, weight_layout, out_layout] + ([(out_shape, residual_strides)] if residual_strides else [])
 
     def grid(meta):
-        tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_col_g, meta["BLOCK_N"])
+        tiles = -(-m_max // meta["BLOCK_M"]) * -(-c_col_g // meta["BLOCK_N"])
         return (tiles * n_phases, groups)
 
     def problem() -> Problem:
         """Per phase (one GEMM per group): its rows and its taps."""
         axes = [_phase_sizes(k, s, p, d, i, o, transposed)
-                for k, s, p, d, i, o in zip(kernel_size, stride, padding, dilation, x.shape[2:], out.shape[2:])]
+                for k, s, p, d, i, o in zip(kernel_size, stride, padding, dilation, x_shape[2:], out_shape[2:])]
         parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
-        dtype = "tf32" if precision == "tf32" else str(x.dtype).removeprefix("torch.")
-        return Problem(tuple(parts), x.element_size(), dtype, ("BLOCK_N", "BLOCK_K"))
+        return Problem(tuple(parts), dtype.itemsize, "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
+                       ("BLOCK_N", "BLOCK_K"))
 
-    residual_or_out = residual if residual is not None else out
-    launcher.launch(launcher.Request(
-        family="phase_gemm",
-        kernel=_phase_gemm_kernel,
-        args=(
-            x, weight, bias if bias is not None else x, out, residual_or_out,
+    return launcher.LaunchPlan(
+        scalars=(
             n, c_red_g, c_col_g,
-            *x.shape[2:], *out.shape[2:],
-            *x.stride(),
-            sw_red, sw_col, c_in_g * sw_in, *weight.stride()[2:],
-            *out.stride(),
-            *residual_or_out.stride(),
-            bias.stride(0) if bias is not None else 0,
+            *x_shape[2:], *out_shape[2:],
+            *x_strides,
+            sw_red, sw_col, c_in_g * sw_in, *w_strides[2:],
+            *out_strides,
+            *(residual_strides or out_strides),
+            bias_stride or 0,
             *kernel_size, *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
-            m_max, negative_slope,
+            m_max,
         ),
         constants=dict(
             TRANSPOSED=transposed,
-            HAS_BIAS=bias is not None,
-            ACTIVATION=activation or "",
-            HAS_RESIDUAL=residual is not None,
-            INT64_INDEX=needs_int64(x, weight, out, residual),
-            OPERAND_DTYPE=operand_dtype(x.dtype),
+            HAS_BIAS=bias_stride is not None,
+            ACTIVATION=activation,
+            HAS_RESIDUAL=residual_strides is not None,
+            INT64_INDEX=int64_forced or any(spans_int64(*layout) for layout in layouts),
+            OPERAND_DTYPE=operand_dtype(dtype),
             INPUT_PRECISION=precision,
         ),
         grid=grid,
@@ -359,10 +341,55 @@ def phase_gemm(
         # channels-last or not), the dtype and dot precision, and M bucketed, so that
         # every layer of a model tunes once and image sizes within a factor of two share
         # a tuning.
-        key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(x.dtype), precision,
-             x.stride(1) == 1 and x.shape[1] > 1, bucket(m_max)),
+        key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(dtype), precision,
+             x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max)),
         configs=lambda: configs(c_red_g, c_col_g),
         problem=problem,
+    )
+
+
+def phase_gemm(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    transposed: bool,
+    allow_tf32: bool,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
+    then, fused into the store, ``activation`` (one of ``activations.ACTIVATIONS``) and ``+ residual``
+    (shaped like ``out``, any strides).
+
+    The tensors have 1 to 3 spatial axes (all the same number), any strides: ``x``
+    ``[N, C_x, *spatial]``, ``out`` ``[N, C_out, *spatial']``, ``weight``
+    ``[C_in, C_out/groups, *kernel_size]`` in conv_transpose's layout for both directions
+    (so the direct convolution maps ``C_out`` channels of ``x`` onto ``C_in`` channels of
+    ``out``); ``stride``, ``padding`` and ``dilation`` have one entry per spatial axis.
+    The caller has checked the arguments and sized ``out`` (output padding included).
+    Returns ``out``.
+    """
+    plan = plan_launch(
+        (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
+        None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
+        tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32, activation or "",
+        int64_forced())
+    launcher.launch(launcher.Request(
+        family="phase_gemm",
+        kernel=_phase_gemm_kernel,
+        args=(x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
+              negative_slope),
+        constants=plan.constants,
+        grid=plan.grid,
+        key=plan.key,
+        configs=plan.configs,
+        problem=plan.problem,
         device=x.device,
         output=out,
     ))

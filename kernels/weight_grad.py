@@ -12,6 +12,7 @@ over the split axis in a fixed order: no atomics, bitwise-identical runs.
 
 Grid: (row tiles × column tiles, tap, group × split).
 """
+import functools
 import math
 
 import torch
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import launcher
-from .common import INTERPRETING, allocated, input_precision, needs_int64, operand_dtype
+from .common import INTERPRETING, allocated, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
@@ -144,71 +145,97 @@ def default_split(pixels: int, programs: int, target_programs: int = 1024, min_p
     ``min_pixels`` (or 1 in the interpreter, where more programs only cost time)."""
     if INTERPRETING:
         return 1
-    return max(1, min(triton.cdiv(target_programs, programs), pixels // min_pixels))
+    return max(1, min(-(-target_programs // programs), pixels // min_pixels))
 
 
-def weight_grad(
-    x: torch.Tensor,
-    grad_y: torch.Tensor,
-    kernel_size: tuple[int, int, int],
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-    dilation: tuple[int, int, int],
-    groups: int,
-    allow_tf32: bool,
-    split: int | None = None,
-) -> torch.Tensor:
-    """``grad_w`` ``[C_in, C_out/groups, kD, kH, kW]`` (contiguous, ``x``'s dtype) of a
-    transposed convolution of ``x`` ``[N, C_in, D, H, W]`` that produced ``grad_y``
-    ``[N, C_out, D', H', W']`` (5-D views, any strides).  ``split`` overrides the
-    number of pixel ranges (default: ``default_split``)."""
-    n, c_in = x.shape[:2]
-    c_out = grad_y.shape[1]
-    c_in_g, c_out_g = c_in // groups, c_out // groups
+@functools.lru_cache(maxsize=4096)
+def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, stride: tuple, padding: tuple,
+                dilation: tuple, groups: int, dtype: torch.dtype, allow_tf32: bool, split: int | None,
+                int64_forced: bool) -> tuple[launcher.LaunchPlan, tuple]:
+    """The launch plan of ``weight_grad`` for tensors of these layouts (``(shape,
+    strides)`` pairs) and this geometry, and the workspace's shape.  Tensors of 1 or 2
+    spatial axes run on the kernel's three, the missing leading ones of size 1."""
+    lead = 3 - len(kernel_size)
+    (x_shape, x_strides), (gy_shape, gy_strides) = (padded(layout, lead) for layout in (x_layout, grad_y_layout))
+    kernel_size, stride = (1,) * lead + kernel_size, (1,) * lead + stride
+    padding, dilation = (0,) * lead + padding, (1,) * lead + dilation
+    n, c_in = x_shape[:2]
+    c_in_g, c_out_g = c_in // groups, gy_shape[1] // groups
     taps = math.prod(kernel_size)
-    pixels = n * math.prod(x.shape[2:])
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pixels = n * math.prod(x_shape[2:])
     if split is None:
-        split = default_split(pixels, taps * groups * triton.cdiv(c_in_g, 64) * triton.cdiv(c_out_g, 64))
-    per_split = triton.cdiv(pixels, split)
-    workspace = allocated(torch.empty((split, groups, *kernel_size, c_in_g, c_out_g), dtype=acc_dtype, device=x.device))
-
-    precision = input_precision(x.dtype, allow_tf32)
+        split = default_split(pixels, taps * groups * -(-c_in_g // 64) * -(-c_out_g // 64))
+    per_split = -(-pixels // split)
+    precision = input_precision(dtype, allow_tf32)
 
     def grid(meta):
-        return (triton.cdiv(c_in_g, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), taps, groups * split)
+        return (-(-c_in_g // meta["BLOCK_M"]) * -(-c_out_g // meta["BLOCK_N"]), taps, groups * split)
 
     def problem() -> Problem:
         """One GEMM per (tap, group, pixel range)."""
-        dtype = "tf32" if precision == "tf32" else str(x.dtype).removeprefix("torch.")
-        return Problem((Part(taps * groups * split, c_in_g, c_out_g, per_split, 1),), x.element_size(), dtype,
+        name = "tf32" if precision == "tf32" else str(dtype).removeprefix("torch.")
+        return Problem((Part(taps * groups * split, c_in_g, c_out_g, per_split, 1),), dtype.itemsize, name,
                        ("BLOCK_M", "BLOCK_N"))
 
-    launcher.launch(launcher.Request(
-        family="weight_grad",
-        kernel=_weight_grad_kernel,
-        args=(
-            x, grad_y, workspace,
+    plan = launcher.LaunchPlan(
+        scalars=(
             n, c_in_g, c_out_g,
-            *x.shape[2:], *grad_y.shape[2:],
-            *x.stride(), *grad_y.stride(),
+            *x_shape[2:], *gy_shape[2:],
+            *x_strides, *gy_strides,
             *kernel_size, *stride, *padding, *dilation,
             split, per_split,
         ),
-        constants=dict(INT64_INDEX=needs_int64(x, grad_y), OPERAND_DTYPE=operand_dtype(x.dtype), INPUT_PRECISION=precision),
+        constants=dict(INT64_INDEX=int64_forced or spans_int64(x_shape, x_strides) or spans_int64(gy_shape, gy_strides),
+                       OPERAND_DTYPE=operand_dtype(dtype), INPUT_PRECISION=precision),
         grid=grid,
         # The shape class a tuning is kept for: the GEMM's M and N (channels per group),
         # the groups, its K (pixels per split, bucketed), the geometry that decides which
         # pixels hit (kernel size, stride, padding, dilation), the access pattern
         # (channels-last or not), the dtype and dot precision.
-        key=(c_in_g, c_out_g, groups, *kernel_size, *stride, *padding, *dilation, str(x.dtype), precision,
-             x.stride(1) == 1 and c_in > 1, bucket(per_split)),
+        key=(c_in_g, c_out_g, groups, *kernel_size, *stride, *padding, *dilation, str(dtype), precision,
+             x_strides[1] == 1 and c_in > 1, bucket(per_split)),
         configs=lambda: configs(c_in_g, c_out_g),
         problem=problem,
+    )
+    return plan, (split, groups, *kernel_size, c_in_g, c_out_g)
+
+
+def weight_grad(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    allow_tf32: bool,
+    split: int | None = None,
+) -> torch.Tensor:
+    """``grad_w`` ``[C_in, C_out/groups, *kernel_size]`` (contiguous, ``x``'s dtype) of a
+    transposed convolution of ``x`` ``[N, C_in, *spatial]`` that produced ``grad_y``
+    ``[N, C_out, *spatial']`` (1 to 3 spatial axes, any strides; the geometry has one
+    entry per axis).  ``split`` overrides the number of pixel ranges (default:
+    ``default_split``)."""
+    plan, workspace_shape = plan_launch(
+        (x.shape, x.stride()), (grad_y.shape, grad_y.stride()), tuple(kernel_size), tuple(stride), tuple(padding),
+        tuple(dilation), groups, x.dtype, allow_tf32, split, int64_forced())
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    workspace = allocated(torch.empty(workspace_shape, dtype=acc_dtype, device=x.device))
+    launcher.launch(launcher.Request(
+        family="weight_grad",
+        kernel=_weight_grad_kernel,
+        args=(x, grad_y, workspace, *plan.scalars),
+        constants=plan.constants,
+        grid=plan.grid,
+        key=plan.key,
+        configs=plan.configs,
+        problem=plan.problem,
         device=x.device,
         output=workspace,
     ))
-    # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, kD, kH, kW].
-    total = workspace.sum(0) if split > 1 else workspace[0]
-    grad = allocated(torch.empty((c_in, c_out_g, *kernel_size), dtype=x.dtype, device=x.device))
-    return grad.copy_(total.permute(0, 4, 5, 1, 2, 3).reshape(c_in, c_out_g, *kernel_size))
+    # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, *kernel_size],
+    # written straight into the result (through a [groups, ci, co, kD, kH, kW] view of it).
+    total = workspace.sum(0) if workspace_shape[0] > 1 else workspace[0]
+    grad = allocated(torch.empty((x.shape[1], workspace_shape[-1], *kernel_size), dtype=x.dtype, device=x.device))
+    grad.view(groups, *workspace_shape[-2:], *workspace_shape[2:5]).copy_(total.permute(0, 4, 5, 1, 2, 3))
+    return grad

@@ -2,6 +2,7 @@
 CUDA graphs, memory bounds, a packed-weight cache that is never stale; and the suite's own
 checks catch a faulty kernel."""
 import dataclasses
+import gc
 import pickle
 import threading
 
@@ -11,12 +12,12 @@ import torch.nn.functional as F
 
 import tritondeconv
 import tritondeconv.kernels.phase_gemm
-import tritondeconv.ops
 import tritondeconv.kernels.weight_grad
 from conftest import require_launches
 from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, needs_int64, observe_launches, simulate_capture
+from tritondeconv.weights import PACKED
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -94,48 +95,44 @@ def test_threads_get_correct_results(device):
 
 
 @pytest.fixture
-def weight_copies(monkeypatch):
-    """A list that gets one ``(where, columns)`` entry per copy made to pack a weight:
-    ``"module"`` for a module's kept inference copy, ``"op"`` for a per-call one."""
-    copies = []
-    pack = tritondeconv.ops.pack_weight
-
-    def counting(where):
-        def pack_weight(w, columns=1):
-            packed = pack(w, columns)
-            if packed.data_ptr() != w.data_ptr():
-                copies.append((where, columns))
-            return packed
-        return pack_weight
-
-    monkeypatch.setattr(tritondeconv.nn, "pack_weight", counting("module"))
-    monkeypatch.setattr(tritondeconv.ops, "pack_weight", counting("op"))
-    return copies
+def weight_copies():
+    """How many copies have been made to pack weights since the test began
+    (``tritondeconv.weights.PACKED.copies``)."""
+    start = PACKED.copies
+    return lambda: PACKED.copies - start
 
 
-def test_packed_weight_is_kept_for_inference_and_never_stale(device, weight_copies):
+@pytest.mark.parametrize("api", ["module", "functional"])
+def test_packed_weight_is_kept_for_inference_and_never_stale(device, weight_copies, api):
     seed = fresh_seed()
     layer = tritondeconv.nn.ConvTranspose2d(6, 4, 3, 2, 1, 1).to(device, torch.float64)
     x = torch.randn(2, 6, 4, 5, device=device, dtype=torch.float64)
 
+    def forward(x):
+        if api == "module":
+            return layer(x)
+        return tritondeconv.conv_transpose2d(x, layer.weight, layer.bias, 2, 1, 1)
+
     @torch.no_grad()
     def check():
         ref = reference(x, layer.weight, layer.bias, 2, 1, 1, 1, 1)
-        assert relative_error(layer(x), ref) <= TOLERANCES["float64"], f"seed {seed}"
+        assert relative_error(forward(x), ref) <= TOLERANCES["float64"], f"seed {seed}"
 
     check()
     check()
-    assert weight_copies == [("module", 1)]  # inference: packed once, the op copies nothing
+    assert weight_copies() == 1  # inference: packed once
     with torch.no_grad():
         layer.weight.mul_(-2)  # an in-place update bumps the version counter
     check()
-    assert weight_copies == [("module", 1)] * 2
-    # Training: the op packs per call (forward, and C_in-innermost for grad_input).
+    assert weight_copies() == 2
+    # Training: the forward finds the current copy, the input gradient packs C_in
+    # innermost, and nothing is kept of a weight being trained.
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(x.detach().requires_grad_()).square().sum().backward()
+    forward(x.detach().requires_grad_()).square().sum().backward()
+    assert weight_copies() == 3 and tritondeconv.clear_weight_cache(torch.nn.Sequential(layer)) == 0
     optimizer.step()
     check()
-    assert weight_copies == [("module", 1)] * 2 + [("op", 1), ("op", 0), ("module", 1)]
+    assert weight_copies() == 4
     layer.weight.data.add_(1)  # invisible to the version counter: the documented escape hatch
     assert tritondeconv.clear_weight_cache(torch.nn.Sequential(layer)) == 1
     check()
@@ -145,23 +142,45 @@ def test_packed_weight_is_kept_for_inference_and_never_stale(device, weight_copi
         check()
         layer.weight.mul_(3)
         check()
-    assert weight_copies[5:] == [("module", 1)] * 3
+    assert weight_copies() == 7
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_weights_rebuilt_every_call_are_never_stale_and_not_kept(device, weight_copies):
+    """Old-style weight_norm rebuilds the weight at every forward: each call packs the new
+    tensor, and its copy goes when the tensor does."""
+    seed = fresh_seed()
+    layer = torch.nn.utils.weight_norm(tritondeconv.nn.ConvTranspose2d(6, 4, 3, 2, 1).to(device, torch.float64))
+    x = torch.randn(2, 6, 4, 5, device=device, dtype=torch.float64)
+    gc.collect()
+    kept = len(PACKED)
+    with torch.no_grad():
+        for scale in (1.0, -2.0):
+            layer.weight_g.mul_(scale)
+            assert relative_error(layer(x), reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1)) \
+                <= TOLERANCES["float64"], f"seed {seed}"
+    assert weight_copies() == 2
+    del layer.weight
+    gc.collect()
+    assert len(PACKED) == kept  # the rebuilt weights died, and their copies with them
 
 
 def test_modules_pack_per_call_during_capture(device, weight_copies):
-    """During CUDA-graph capture a module keeps no packed copy: the graph records the
-    packing, so a replay after an in-place update reads the new weight (on a CPU the same
-    branch runs under ``simulate_capture``)."""
+    """During CUDA-graph capture no packed copy is kept: the graph records the packing,
+    so a replay after an in-place update reads the new weight (on a CPU the same branch
+    runs under ``simulate_capture``)."""
     seed = fresh_seed()
     layer = tritondeconv.nn.ConvTranspose2d(16, 16, 3, 2, 1, 1).to(device, torch.float32)
     x = torch.randn(2, 16, 4, 5, device=device)
     with torch.no_grad():
         with simulate_capture():
             out = layer(x)
-        assert weight_copies == [("op", 1)]
+            layer(x)
+        assert weight_copies() == 2
         assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 1, 1, 1), "float32", seed)
         layer(x)
-    assert weight_copies == [("op", 1), ("module", 1)]  # outside the capture the module keeps its copy
+        layer(x)
+    assert weight_copies() == 3  # outside the capture the copy is kept
 
 
 def test_module_with_packed_weight_pickles(device):
@@ -307,7 +326,8 @@ def _faulty(fault: str):
             request = dataclasses.replace(request, args=(request.args[0], weight, *request.args[2:]))
         launcher.run_kernel(request, config)
         if fault == "corrupt-one-element":
-            request.output[0, 0, 0, 1, 1] += 0.02 * request.output.abs().max()
+            out = request.output
+            out[(0, 0, *[1] * (out.dim() - 2))] += 0.02 * out.abs().max()
     return launch
 
 

@@ -8,6 +8,7 @@ message that names the argument.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Sequence
@@ -74,10 +75,27 @@ def check_conv_transpose(
 ) -> ConvTransposeArgs:
     """Check every argument of a transposed convolution; ``input`` is batched here."""
     _check_tensors(input, weight, bias, op)
-    if weight.dim() != rank + 2:
+    geometry = (input.shape, weight.shape, None if bias is None else bias.shape, _hashable(stride), _hashable(padding),
+                _hashable(output_padding), groups, _hashable(dilation), rank, op)
+    try:
+        return _check_geometry(*geometry)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) cannot be cached
+        return _check_geometry.__wrapped__(*geometry)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_geometry(input_shape, weight_shape, bias_shape, stride, padding, output_padding, groups, dilation,
+                    rank: int, op: str) -> ConvTransposeArgs:
+    """The shape and integer checks of ``check_conv_transpose``, cached (a call that
+    raises is not)."""
+    if len(weight_shape) != rank + 2:
         raise RuntimeError(
             f"{op}: expected weight to be {rank + 2}-D [C_in, C_out/groups, *kernel_size], "
-            f"but got weight of size {list(weight.shape)}"
+            f"but got weight of size {list(weight_shape)}"
         )
     stride = ntuple(stride, rank, "stride", op)
     padding = ntuple(padding, rank, "padding", op)
@@ -102,30 +120,30 @@ def check_conv_transpose(
     if groups <= 0:
         raise RuntimeError(f"{op}: non-positive groups is not supported, but got groups={groups}")
 
-    n, c_in, *spatial = input.shape
-    w_in, c_out_g, *kernel = weight.shape
+    n, c_in, *spatial = input_shape
+    w_in, c_out_g, *kernel = weight_shape
     if w_in == 0 or w_in % groups != 0:
         raise RuntimeError(
             f"{op}: given groups={groups}, expected weight to be non-empty and divisible by {groups} "
-            f"at dimension 0, but got weight of size {list(weight.shape)}"
+            f"at dimension 0, but got weight of size {list(weight_shape)}"
         )
     if c_in != w_in:
         raise RuntimeError(
-            f"{op}: weight of size {list(weight.shape)} expects input to have {w_in} channels, "
-            f"but got input of size {list(input.shape)} with {c_in} channels"
+            f"{op}: weight of size {list(weight_shape)} expects input to have {w_in} channels, "
+            f"but got input of size {list(input_shape)} with {c_in} channels"
         )
     if c_out_g == 0 or min(kernel) == 0:
-        raise RuntimeError(f"{op}: expected a non-empty weight, but got weight of size {list(weight.shape)}")
+        raise RuntimeError(f"{op}: expected a non-empty weight, but got weight of size {list(weight_shape)}")
     if min(spatial) == 0:
-        raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input.shape)}")
+        raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input_shape)}")
     c_out = c_out_g * groups
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != c_out):
-        raise RuntimeError(f"{op}: expected bias to be 1-D with {c_out} elements, but got bias of size {list(bias.shape)}")
+    if bias_shape is not None and (len(bias_shape) != 1 or bias_shape[0] != c_out):
+        raise RuntimeError(f"{op}: expected bias to be 1-D with {c_out} elements, but got bias of size {list(bias_shape)}")
 
     out_spatial = [output_size(*axis) for axis in zip(spatial, kernel, stride, padding, dilation, output_padding)]
     if min(out_spatial) <= 0:
         raise RuntimeError(
-            f"{op}: output size is non-positive: input {list(input.shape)} with kernel {kernel}, stride "
+            f"{op}: output size is non-positive: input {list(input_shape)} with kernel {kernel}, stride "
             f"{list(stride)}, padding {list(padding)}, dilation {list(dilation)}, output_padding "
             f"{list(output_padding)} gives {out_spatial}"
         )

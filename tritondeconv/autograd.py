@@ -17,8 +17,8 @@ where ``g`` is the incoming gradient; ``T`` gets the output_padding that reprodu
 
 Two registrations of the same formulas:
 
-* on the ops (``torch.library.register_autograd``): what ``backward()``, double
-  backward and ``torch.compile`` use;
+* on the ops (an autograd kernel each, below): what ``backward()``, double backward
+  and ``torch.compile`` use;
 * as ``torch.autograd.Function``s with ``setup_context``, ``jvp`` and ``vmap``
   (``TransposedConv``, ``InputGrad``, ``WeightGrad``): what the public functions use
   while a ``torch.func`` transform (``grad``, ``jacrev``, ``hessian``, ``jvp``,
@@ -28,11 +28,14 @@ Two registrations of the same formulas:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .kernels.activations import TABLE as ACTIVATION_TABLE
-from .ops import tangents_carried, transposed_output_padding
+from .ops import IMPLEMENTATIONS, LIBRARY, tangents_carried, transposed_output_padding
+from .weights import PACKED
 
 ops = torch.ops.tritondeconv
 
@@ -50,6 +53,56 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
     """T(x, w) sized like ``grad_y_size``."""
     output_padding = transposed_output_padding(x.shape[2:], grad_y_size, w.shape[2:], stride, padding, dilation)
     return transposed_conv(x, w, None, stride, padding, output_padding, groups, dilation)
+
+
+# --------------------------------------------------------------- the ops' autograd kernels
+# What ``torch.library.register_autograd`` registers, without its per-call argument
+# normalisation (about 20 µs a call, most of a small layer's host time): a call that
+# records no graph goes straight below autograd; one that does runs a
+# ``torch.autograd.Function`` that calls the op below autograd and keeps what its
+# backward needs (``setup``).  Below autograd, a call on plain CPU or CUDA tensors (no
+# subclass, no mode, no functionalisation: nothing between autograd and the backend)
+# calls the op's implementation directly, which is where the dispatcher would send it,
+# sparing a second trip through it.
+
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_IN_PLACE_OR_VIEW = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)  # falls through for our ops
+_PLAIN = (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA))
+
+
+def _below_autograd(op, keyset, args):
+    """``op(*args)`` as the dispatcher runs it below autograd."""
+    below = keyset & _AFTER_AUTOGRAD
+    with torch._C._AutoDispatchBelowAutograd():
+        if below - _IN_PLACE_OR_VIEW in _PLAIN:
+            return IMPLEMENTATIONS[op.name()](*args)
+        return op.redispatch(below, *args)
+
+
+def _autograd_function(name: str, op, setup, backward) -> type:
+    """The ``torch.autograd.Function`` that records ``op`` for ``backward(ctx, grad,
+    needs)`` (``needs``: which of the op's arguments want a gradient)."""
+
+    def forward(ctx, keyset, *args):
+        with PACKED.trained():
+            out = _below_autograd(op, keyset, args)
+        setup(ctx, args, out)
+        return out
+
+    def backward_(ctx, grad):
+        with PACKED.trained():
+            return None, *backward(ctx, grad, ctx.needs_input_grad[1:])
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward_)})
+
+
+def _autograd_kernel(function: type, op, keyset, *args):
+    """The autograd kernel of ``op``: ``op(*args)``, recorded by ``function`` when a
+    gradient is wanted."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return function.apply(keyset, *args)
+    return _below_autograd(op, keyset, args)
 
 
 # --------------------------------------------------------------- conv_transpose
@@ -107,8 +160,19 @@ def _backward_conv_transpose(ctx, grad_y, needs=None):
     return _per_argument(input=grad_x, weight=grad_w, bias=grad_b, residual=grad_r)
 
 
-torch.library.register_autograd("tritondeconv::conv_transpose", _backward_conv_transpose,
-                                setup_context=_setup_conv_transpose)
+_ConvTranspose = _autograd_function("_ConvTranspose", ops.conv_transpose.default, _setup_conv_transpose,
+                                    _backward_conv_transpose)
+
+
+def _conv_transpose_autograd(keyset, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                             activation=None, negative_slope=0.01, residual=None):
+    """The op's autograd kernel (the op hands a Python kernel its trailing arguments only
+    where they differ from their defaults)."""
+    return _autograd_kernel(_ConvTranspose, ops.conv_transpose.default, keyset, input, weight, bias, stride, padding,
+                            output_padding, groups, dilation, activation, negative_slope, residual)
+
+
+LIBRARY.impl("conv_transpose", _conv_transpose_autograd, "Autograd", with_keyset=True)
 
 
 # --------------------------------------------------------------- I(gy, w) and W(x, gy)
@@ -120,34 +184,36 @@ def _setup_gradient_op(ctx, inputs, output):
     ctx.geometry = tuple(inputs[3:])
 
 
-def _backward_input_grad(ctx, g):
+def _backward_input_grad(ctx, g, needs=None):
+    needs = ctx.needs_input_grad if needs is None else needs
     grad_y, w = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     d_grad_y = d_w = None
-    if ctx.needs_input_grad[0]:
+    if needs[0]:
         d_grad_y = _T(g, w, grad_y.shape[2:], stride, padding, dilation, groups)
-    if ctx.needs_input_grad[1]:
+    if needs[1]:
         d_w = _weight_grad(g, grad_y, list(w.shape[2:]), stride, padding, dilation, groups)
     return d_grad_y, d_w, None, None, None, None, None
 
 
-def _backward_weight_grad(ctx, g):
+def _backward_weight_grad(ctx, g, needs=None):
+    needs = ctx.needs_input_grad if needs is None else needs
     x, grad_y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     d_x = d_grad_y = None
-    if ctx.needs_input_grad[0]:
+    if needs[0]:
         d_x = _input_grad(grad_y, g, list(x.shape[2:]), stride, padding, dilation, groups)
-    if ctx.needs_input_grad[1]:
+    if needs[1]:
         d_grad_y = _T(x, g, grad_y.shape[2:], stride, padding, dilation, groups)
     return d_x, d_grad_y, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "tritondeconv::conv_transpose_input_grad", _backward_input_grad, setup_context=_setup_gradient_op
-)
-torch.library.register_autograd(
-    "tritondeconv::conv_transpose_weight_grad", _backward_weight_grad, setup_context=_setup_gradient_op
-)
+for _name, _backward in (("conv_transpose_input_grad", _backward_input_grad),
+                         ("conv_transpose_weight_grad", _backward_weight_grad)):
+    _op = getattr(ops, _name).default
+    LIBRARY.impl(_name, functools.partial(_autograd_kernel, _autograd_function(f"_{_name}", _op, _setup_gradient_op,
+                                                                               _backward), _op),
+                 "Autograd", with_keyset=True)
 
 
 # --------------------------------------------------------------- function transforms

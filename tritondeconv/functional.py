@@ -31,10 +31,25 @@ _DOC = """Drop-in for ``torch.nn.functional.conv_transpose{rank}d``.
     """
 
 
+def _per_axis(value, rank: int):
+    """``value`` as one int per axis when it plainly is an int or ``rank`` of them (the
+    common case, decided quickly), else None."""
+    kind = type(value)
+    if kind is int:
+        return (value,) * rank
+    if (kind is tuple or kind is list) and len(value) == rank and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
 def _parse(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
     """The integer arguments as the op takes them (one entry per spatial axis), after
     PyTorch's functional API's own type checks."""
     check_tensor_types(input, weight, bias, op)
+    fast = (_per_axis(stride, rank), _per_axis(padding, rank), _per_axis(output_padding, rank), groups,
+            _per_axis(dilation, rank))
+    if type(groups) is int and None not in fast:
+        return fast
     return (*(ntuple(parse_int_argument(value, name, op), rank, name, op) for value, name in
               ((stride, "stride"), (padding, "padding"), (output_padding, "output_padding"))),
             parse_int_argument(groups, "groups", op), ntuple(parse_int_argument(dilation, "dilation", op), rank,

@@ -1,15 +1,13 @@
 """``torch.nn`` modules backed by the tritondeconv ops."""
 from __future__ import annotations
 
-import weakref
 from typing import NoReturn
 
 import torch
 
 from .folding import upsample_conv2d
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
-from .kernels.common import capturing
-from .ops import pack_weight, runs_triton
+from .weights import PACKED
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
 
@@ -26,15 +24,11 @@ def _refuse_scripting(module: torch.nn.Module) -> NoReturn:
 
 
 def clear_weight_cache(model: torch.nn.Module) -> int:
-    """Drop the packed inference weights of every tritondeconv transposed convolution in
-    ``model`` (needed only after changing a weight through ``.data``, which its version
-    counter does not see); returns how many modules had one."""
-    cleared = 0
-    for module in model.modules():
-        if isinstance(module, _TritonForward):
-            cleared += module._packed is not None
-            module.clear_packed_weight()
-    return cleared
+    """Forget the packed copies kept of the weights of ``model``'s transposed convolutions
+    (needed only after changing a weight through ``.data``, which its version counter does
+    not see; see ``tritondeconv.weights``); returns how many weights had one."""
+    return sum(PACKED.forget(module.weight) > 0 for module in model.modules()
+               if isinstance(module, _TritonForward))
 
 
 class _TritonForward:
@@ -58,55 +52,10 @@ class _TritonForward:
     # ``tritondeconv.conv_transpose2d``).
     activation: str | None = None
     negative_slope: float = 0.01
-    # The packed copy of the weight kept for inference, and what the weight was then.
-    _packed: torch.Tensor | None = None
-    _packed_from: tuple | None = None
 
     def __init__(self, *args, activation: str | None = None, negative_slope: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation, self.negative_slope = activation, negative_slope
-
-    def _weight(self) -> torch.Tensor:
-        """The weight to compute with.
-
-        In inference (no gradient wanted for the weight), a copy packed the way the
-        kernel reads it (``ops.pack_weight``), kept while the weight is unchanged: the
-        same tensor, storage, shape, strides and version counter. Every in-place update
-        through the tensor (``copy_`` or an optimizer step under ``no_grad``,
-        ``load_state_dict``) bumps the version, and the next call repacks. The copy is
-        made outside inference mode even when the call is inside it, so that it is an
-        ordinary tensor that later calls outside inference mode can use (and autograd
-        save, for an input's gradient). Otherwise the parameter itself (the op packs it
-        per call): when autograd needs it, while ``torch.compile`` or ``torch.jit.trace``
-        traces (a trace records the parameter, not a copy of it that the next call
-        would not make), during CUDA-graph capture (the graph then contains the
-        packing, so replaying it after an in-place update reads the new weight), for
-        inference tensors (no version counter) and where the kernels do not run. A
-        change made through ``weight.data`` bypasses the version counter: call
-        ``tritondeconv.clear_weight_cache(model)`` after one.
-        """
-        w = self.weight
-        if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or w.is_inference() or capturing(w.device)
-                or not runs_triton(w.device)):
-            return w
-        state = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
-        if self._packed_from is None or self._packed_from[0]() is not w or self._packed_from[1] != state:
-            with torch.inference_mode(False):
-                self._packed = pack_weight(w.detach())
-            self._packed_from = (weakref.ref(w), state)
-        return self._packed
-
-    def clear_packed_weight(self) -> None:
-        """Forget the packed inference copy (the next inference call repacks)."""
-        self._packed = self._packed_from = None
-
-    def __getstate__(self):
-        """Pickled without the packed copy (and its weak reference, which cannot be)."""
-        state = dict(super().__getstate__())
-        state.pop("_packed", None)
-        state.pop("_packed_from", None)
-        return state
 
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script`` first: refuses, saying what to use instead."""
@@ -118,7 +67,7 @@ class _TritonForward:
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
         return self._function(
-            input, self._weight(), self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
+            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
             activation=self.activation, negative_slope=self.negative_slope, residual=residual,
         )
 

@@ -31,7 +31,6 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -50,6 +49,7 @@ from .kernels.phase_gemm import phase_gemm
 from .kernels.tuning import NoConfigurationRan
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
+from .weights import PACKED
 
 def runs_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (see the module docstring;
@@ -118,32 +118,6 @@ def _computed(op: str, device: torch.device, kernels, aten, call: tuple = ()) ->
     except NoConfigurationRan as error:
         warnings.warn(f"{error}; computed by aten's convolution instead")
         return aten()
-
-
-def _as5d(t: torch.Tensor) -> torch.Tensor:
-    """``[N, C, *spatial]`` (1 to 3 spatial axes) as a ``[N, C, D, H, W]`` view."""
-    while t.dim() < 5:
-        t = t.unsqueeze(2)
-    return t
-
-
-def _geometry5d(rank: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
-    """Stride, padding and dilation padded to three axes: the missing leading axes get
-    stride 1, padding 0, dilation 1 (they have size 1)."""
-    lead = 3 - rank
-    return (1,) * lead + tuple(stride), (0,) * lead + tuple(padding), (1,) * lead + tuple(dilation)
-
-
-def pack_weight(weight: torch.Tensor, columns: int = 1) -> torch.Tensor:
-    """The weight ``[C_in, C_out/g, *k]`` with axis ``columns`` (the GEMM's columns: 1,
-    C_out, in the forward; 0, C_in, in the input gradient) innermost and the other
-    channel axis next: same logical shape, new strides, so that a tap's
-    ``[reduction, columns]`` tile is read along contiguous memory.  A weight already
-    laid out so is returned as it is (no copy): a module that keeps its weight packed
-    (``nn.ConvTranspose*d`` in inference) passes it through here for free."""
-    order = [*range(2, weight.dim()), 1 - columns, columns]
-    inverse = [order.index(i) for i in range(weight.dim())]
-    return weight.permute(order).contiguous().permute(inverse)
 
 
 def _allow_tf32() -> bool:
@@ -278,12 +252,9 @@ def launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTra
     out = _empty_output(x, weight, args)
     if out.numel() == 0:
         return out
-    stride, padding, dilation = _geometry5d(len(stride), stride, args.padding, args.dilation)
-    phase_gemm(
-        _as5d(out), _as5d(x), _as5d(pack_weight(weight, columns=1)), bias, stride, padding, dilation, args.groups,
-        transposed=True, allow_tf32=_allow_tf32(), activation=activation, negative_slope=negative_slope,
-        residual=None if residual is None else _as5d(residual),
-    )
+    phase_gemm(out, x, PACKED.get(weight, 1), bias, tuple(stride), args.padding, args.dilation, args.groups,
+               transposed=True, allow_tf32=_allow_tf32(), activation=activation, negative_slope=negative_slope,
+               residual=residual)
     return out
 
 
@@ -389,11 +360,8 @@ def _input_grad(grad_output, weight, input_size, stride, padding, dilation, grou
         return out.copy_(full[(..., *(slice(0, i) for i in input_size))])
 
     def kernels():
-        stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
-        phase_gemm(
-            _as5d(out), _as5d(grad_output), _as5d(pack_weight(weight, columns=0)), None, stride5, padding5, dilation5,
-            groups, transposed=False, allow_tf32=_allow_tf32(),
-        )
+        phase_gemm(out, grad_output, PACKED.get(weight, 0), None, tuple(stride), tuple(padding), tuple(dilation),
+                   groups, transposed=False, allow_tf32=_allow_tf32())
         return out
 
     return _computed("conv_transpose_input_grad", grad_output.device, kernels, aten,
@@ -418,12 +386,8 @@ def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, gro
         )[1].contiguous()
 
     def kernels():
-        stride5, padding5, dilation5 = _geometry5d(len(stride), stride, padding, dilation)
-        kernel5 = (1,) * (3 - len(kernel_size)) + tuple(kernel_size)
-        grad = weight_grad(
-            _as5d(input), _as5d(grad_output), kernel5, stride5, padding5, dilation5, groups, allow_tf32=_allow_tf32()
-        )
-        return grad.reshape(c_in, c_out_g, *kernel_size)
+        return weight_grad(input, grad_output, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
+                           allow_tf32=_allow_tf32())
 
     return _computed("conv_transpose_weight_grad", input.device, kernels, aten,
                      (input, grad_output, kernel_size, stride, padding, dilation, groups))
@@ -437,6 +401,11 @@ for _name, _impl, _fake in (("conv_transpose_input_grad", _input_grad, _input_gr
                             ("conv_transpose_weight_grad", _weight_grad, _weight_grad_fake)):
     LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"tritondeconv::{_name}", _fake, lib=LIBRARY)
+
+# Each op's implementation (its CPU and CUDA kernel), by op name, for the autograd
+# kernels, which call it directly on plain tensors.
+IMPLEMENTATIONS = {"tritondeconv::conv_transpose": _conv_transpose, "tritondeconv::conv_transpose_input_grad": _input_grad,
+                   "tritondeconv::conv_transpose_weight_grad": _weight_grad}
 
 
 # ---------------------------------------------------------------- autocast

@@ -77,6 +77,26 @@ def output_size(size_in: int, kernel: int, stride: int, padding: int, dilation: 
     return (size_in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
+def axis_constants(stride: int, dilation: int) -> tuple[int, int]:
+    """``g = gcd(d, s)`` and the inverse of ``d/g`` modulo ``s/g`` (0 when ``s/g`` is 1):
+    with them, the taps of a phase follow without searching (``phase_taps``), which is
+    how the kernel finds them on the device."""
+    g = math.gcd(dilation, stride)
+    modulus = stride // g
+    return g, (pow(dilation // g, -1, modulus) if modulus > 1 else 0)
+
+
+def phase_taps(residue: int, kernel: int, stride: int, dilation: int) -> range:
+    """The taps ``kk`` of phase ``r``: those with ``kk*d ≡ r (mod s)``.  With ``g, inv =
+    axis_constants(s, d)`` there are none unless ``g | r``; then they are every
+    ``(s/g)``-th tap from ``kk0 = (r/g)*inv mod (s/g)``."""
+    g, inverse = axis_constants(stride, dilation)
+    if residue % g:
+        return range(0)
+    step = stride // g
+    return range((residue // g) * inverse % step, kernel, step)
+
+
 def plan_axis(size_in: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1, output_padding: int = 0) -> AxisPlan:
     """Split one axis of a transposed convolution into its ``stride`` phases."""
     if min(size_in, kernel, stride, dilation) < 1 or min(padding, output_padding) < 0:
@@ -88,7 +108,7 @@ def plan_axis(size_in: int, kernel: int, stride: int, padding: int = 0, dilation
     size_out = output_size(size_in, kernel, stride, padding, dilation, output_padding)
     phases = []
     for r in range(stride):
-        taps = tuple(kk for kk in range(kernel) if (kk * dilation) % stride == r)
+        taps = tuple(phase_taps(r, kernel, stride, dilation))
         offsets = tuple((kk * dilation - r) // stride for kk in taps)
         # o = u*s - p + r must lie in [0, size_out):  u in [ceil((p-r)/s), floor((size_out-1+p-r)/s)].
         u_start = -((r - padding) // stride)
