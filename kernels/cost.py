@@ -134,7 +134,6 @@ def estimate(config: dict, problem: Problem, machine: Machine) -> float:
     """Predicted cycles of the launch with ``config`` (see the module docstring)."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     step = step_cycles(config, problem)
-    resident = resident_programs(config, problem, machine)
     programs = sum(p.count * math.ceil(p.rows / bm) * math.ceil(p.columns / bn) for p in problem.parts)
     busy = sum(p.count * math.ceil(p.rows / bm) * math.ceil(p.columns / bn) * p.taps * math.ceil(p.depth / bk)
                for p in problem.parts) * step

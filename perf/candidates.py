@@ -10,30 +10,27 @@ share compiles); on a GPU, compile them all before the stage runs.
                                                      # cache on every core, then report
 
 The ops run on CPU tensors (never written or read) with every launch intercepted; the
-GPU is described as an H100 (``hopper_compile.H100``), so pruning and ranking are the
+GPU is described as an H100 (``launcher.H100``), so pruning and ranking are the
 GPU's.
 """
 from __future__ import annotations
 
-import os
+import common  # noqa: I001 (first: the compiler's kernels (their parameters), not the interpreter's)
 
-os.environ["TRITON_INTERPRET"] = "0"  # the compiler's kernels (their parameters), not the interpreter's
+common.use_compiler()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import DTYPES, FUNCTIONS, SUITES, Cell, jobs_of  # noqa: E402
-from hopper_compile import H100, _specialise  # noqa: E402
-
 import tritondeconv  # noqa: E402
-from tritondeconv.kernels import launcher, tuning  # noqa: E402
+
+from bench import DTYPES, FUNCTIONS, Cell, jobs_of  # noqa: E402
 
 # gpu_check.sh's bench stages, as bench.py arguments.
 STAGES = {
@@ -71,15 +68,13 @@ def launches_of(stage: str) -> tuple[dict, dict]:
     keys: dict[tuple, tuple[int, int]] = {}
     compiles: dict = {}
 
-    def choose(request, candidates):
-        timed = candidates[:tuning.TIMED] if len(candidates) > 1 else candidates
+    def on_launch(request, candidates, timed):
         keys[(request.family, request.key)] = (len(candidates), len(timed))
-        for config in timed:
-            compiles.setdefault(_specialise(request.kernel, request.args, {**request.constants, **config}), (request, config))
-        return candidates[0]
+        for launch, config in timed:
+            compiles.setdefault(launch, (request, config))
 
     a = argparse.Namespace(quick=False, cells="", **STAGES[stage])
-    with launcher.intercept(choose=choose, launch=lambda request, config: None, device=H100):
+    with common.recording(on_launch):
         for cell, dtype_name, layout, pass_ in jobs_of(a):
             _run(cell, DTYPES[dtype_name], layout, pass_)
     return keys, compiles

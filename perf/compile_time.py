@@ -9,22 +9,21 @@ Prints seconds per compile (median, max) and the wall time of both ways.
 """
 from __future__ import annotations
 
-import os
+import common  # noqa: I001 (first: the real compiler's kernels)
 
-os.environ["TRITON_INTERPRET"] = "0"  # the real compiler (read at import)
+common.use_compiler()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from candidates import STAGES, launches_of  # noqa: E402
 from hopper_compile import KERNELS, TARGET  # noqa: E402
 

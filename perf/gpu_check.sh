@@ -21,7 +21,7 @@ shift
 STAGES=(smoke fwd-bf16-cl tune-check fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
-    smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo" ;;
+    smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
@@ -85,7 +85,10 @@ for stage in "$@"; do
     smoke)
       timeout "$budget" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_kernel_variants.py 2>&1 | tee "$work/smoke.log"
       rc="${PIPESTATUS[0]}"
-      timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt" ;;
+      timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt"
+      # Host time per call beside cuDNN's, with the launch's own share (Triton binding the arguments).
+      host_device="${dry:+cpu}"
+      timeout 120 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 | tee "$work/host.txt" ;;
     fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     tune-check)
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \

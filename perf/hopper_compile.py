@@ -28,19 +28,19 @@ static report: it predicts no time.
 """
 from __future__ import annotations
 
-import os
+import common  # noqa: I001 (first: the compiler's kernels must be defined before tritondeconv is imported)
 
-os.environ["TRITON_INTERPRET"] = "0"  # the real compiler, not the interpreter (read at import)
+common.use_compiler()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -53,17 +53,14 @@ import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
 from tritondeconv.kernels import launcher, phase_gemm, tuning, weight_grad  # noqa: E402
 from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
-from tritondeconv.kernels.common import force_int64_index  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
+from common import TYPES, Launch  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100 = launcher.H100
 REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
-OPTIONS = ("num_warps", "num_stages")
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
 API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
               (torch.float64, False)]
@@ -75,63 +72,12 @@ API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, T
 QUICK = [Cell("quick-wide", 1, 64, (8, 8), 64, 4, 2, 1), Cell("quick-rgb", 2, 32, (6, 6), 3, 4, 2, 1)]
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One launch to compile: the kernel, its signature and constants as Triton would
-    specialise them, the launch options, and a readable description of the tile."""
-
-    kernel: str
-    signature: tuple
-    constants: tuple
-    divisible: tuple
-    options: tuple
-
-    @property
-    def tile(self) -> str:
-        c, o = dict(self.constants), dict(self.options)
-        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{o['num_warps']} s{o['num_stages']}"
-
-
-def _specialise(kernel, args: tuple, kwargs: dict) -> Launch:
-    """What Triton's JIT makes of one call: pointers typed by dtype, integers equal to 1
-    turned into constants, and the pointers and integers divisible by 16 marked so."""
-    names = kernel.arg_names
-    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    signature, constants, divisible = {}, {}, []
-    for i, name in enumerate(names):
-        v = values[name]
-        if isinstance(v, torch.Tensor):
-            signature[name] = "*" + TYPES[v.dtype]
-            divisible.append(i)  # the caching allocator's blocks are 256-byte aligned
-        elif name in constexprs:
-            signature[name], constants[name] = "constexpr", v
-        elif isinstance(v, float):
-            signature[name] = "fp32"
-        elif v == 1:
-            signature[name], constants[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                divisible.append(i)
-    options = tuple((k, kwargs[k]) for k in OPTIONS)
-    return Launch(kernel.__name__, tuple(signature.items()), tuple(constants.items()), tuple(divisible), options)
-
-
 @contextmanager
-def recording(launches: set, int64: bool = False, per_key: int = tuning.TIMED):
-    """While inside: the ops take their Triton path on CPU tensors, as on an H100, and
-    the first ``per_key`` candidate configurations of every kernel launch, ranked as on
-    an H100 (by default the ``tuning.TIMED`` a first call compiles; 0: every pruned
-    candidate), land in ``launches`` (nothing runs; ``int64``: as if the tensors were
-    past 2**31 elements, indexed in 64 bits)."""
-    def candidates_compiled(request, candidates):
-        for config in candidates[:per_key or None]:
-            launches.add(_specialise(request.kernel, request.args, {**request.constants, **config}))
-        return candidates[0]
-
-    with launcher.intercept(choose=candidates_compiled, launch=lambda request, config: None, device=H100), \
-            (force_int64_index() if int64 else nullcontext()):
+def recording(launches: set, int64: bool = False, per_key: int | None = None):
+    """While inside: every launch's candidates that a first call compiles (``per_key``:
+    the best N, 0 for all; see ``common.recording``) land in ``launches``."""
+    with common.recording(lambda request, candidates, timed: launches.update(launch for launch, _ in timed),
+                          per_key, int64):
         yield
 
 

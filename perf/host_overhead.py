@@ -7,25 +7,28 @@ The Triton launch is replaced through the launcher's seam (``kernels.launcher.in
 by a no-op, so what is timed is everything before it: argument checks, the PyTorch
 dispatcher, planning, the tuning lookup, weight packing, allocation.  The tensors are
 small (1×8×4×4, 8 → 8 channels, k4 s2 p1), so aten's own call is mostly host time too.
-Reports the median of ``--repeat`` calls, one thread:
+Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, one thread:
 
 * the functional API and a module, forward (no grad) and forward+backward, each beside
   aten's, and their ratio (the targets: forward ≤ 0.5× aten, forward+backward ≤ 0.7×);
-* the forward's parts: the public function's own layer (argument parsing), the PyTorch
-  dispatcher (the op called through ``torch.ops`` against its implementation called
-  directly), our implementation (checks, planning, tuning lookup, packing, allocation),
-  and on a GPU the launch itself (Triton binding the kernel's arguments and the driver
-  call: the implementation with the real launch against the no-op one).
+* the forward's parts: our implementation (checks, planning, tuning lookup, packing,
+  allocation), the public function's own layer (argument parsing; on plain tensors it
+  reaches our autograd kernel without the dispatcher), the trip through PyTorch's
+  dispatcher that a call through ``torch.ops`` pays, and on a GPU the launch itself
+  (Triton binding the kernel's arguments and the driver call: the implementation with
+  the real launch against the no-op one).
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import tritondeconv
 from tritondeconv.kernels import launcher
@@ -43,6 +46,17 @@ def _median_us(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter_ns() - start)
     return statistics.median(times) / 1e3
+
+
+def _compare_us(ours, aten, repeat: int, rounds: int = 10) -> tuple[float, float]:
+    """(ours, aten's) µs: the medians over ``rounds`` alternating blocks of ``repeat /
+    rounds`` calls each, so that a drift of the machine's speed hits both alike."""
+    ours_us, aten_us = [], []
+    for _ in range(rounds):
+        with launcher.intercept(**NO_LAUNCH):
+            ours_us.append(_median_us(ours, max(1, repeat // rounds)))
+        aten_us.append(_median_us(aten, max(1, repeat // rounds)))
+    return statistics.median(ours_us), statistics.median(aten_us)
 
 
 def _tensors(device: str):
@@ -74,9 +88,7 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
     rows = []
     for name, (ours, aten) in cases.items():
         with torch.set_grad_enabled(name.endswith("backward")):
-            with launcher.intercept(**NO_LAUNCH):
-                ours_us = _median_us(ours, repeat)
-            rows.append((name, ours_us, _median_us(aten, repeat)))
+            rows.append((name, *_compare_us(ours, aten, repeat)))
     return rows
 
 
@@ -86,17 +98,25 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     geometry = ([2, 2], [1, 1], [0, 0], 1, [1, 1])
     op = torch.ops.tritondeconv.conv_transpose.default
     implementation = IMPLEMENTATIONS["tritondeconv::conv_transpose"]
+    calls = {"public": lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
+             "dispatched": lambda: op(x, w, b, *geometry),
+             "direct": lambda: implementation(x, w, b, *geometry)}
+    times = {name: [] for name in (*calls, "launched")}
+    rounds = 10
     with torch.no_grad():
-        with launcher.intercept(**NO_LAUNCH):
-            public = _median_us(lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1), repeat)
-            dispatched = _median_us(lambda: op(x, w, b, *geometry), repeat)
-            direct = _median_us(lambda: implementation(x, w, b, *geometry), repeat)
-        rows = [("public function's layer (parsing)", public - dispatched),
-                ("PyTorch dispatcher and our autograd kernel", dispatched - direct),
-                ("our implementation (checks, plan, tuning lookup, packing, allocation)", direct)]
-        if device == "cuda":
-            launched = _median_us(lambda: implementation(x, w, b, *geometry), repeat)
-            rows.append(("Triton's launch (argument binding, driver)", launched - direct))
+        for _ in range(rounds):  # alternating, so that a drift of the machine's speed hits every part alike
+            with launcher.intercept(**NO_LAUNCH):
+                for name, call in calls.items():
+                    times[name].append(_median_us(call, max(1, repeat // rounds)))
+            if device == "cuda":
+                times["launched"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
+    us = {name: statistics.median(t) for name, t in times.items() if t}
+    rows = [("our implementation, called directly (checks, plan, tuning lookup, packing, allocation)", us["direct"]),
+            ("the public function's own layer (parsing, the plain-call test, our autograd kernel)",
+             us["public"] - us["direct"]),
+            ("the trip through PyTorch's dispatcher, for calls through torch.ops", us["dispatched"] - us["direct"])]
+    if device == "cuda":
+        rows.append(("Triton's launch (argument binding, driver)", us["launched"] - us["direct"]))
     return rows
 
 
@@ -109,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print("host_overhead: --device cuda needs a CUDA GPU; this machine has none (use --device cpu)")
         return 2
     torch.set_num_threads(1)  # tiny tensors: one thread, and no spinning workers to skew the clock
-    print(f"torch {torch.__version__}; {a.device}; median of {a.repeat} calls; the launch itself replaced by a no-op")
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({platform.machine()}, one thread)"
+    print(f"torch {torch.__version__}, triton {triton.__version__}; {where}; {a.repeat} calls per case; "
+          "the launch itself replaced by a no-op")
     print("| call | ours µs | aten µs | ours / aten |")
     print("| --- | --- | --- | --- |")
     for name, ours, aten in measure(a.repeat, a.device):

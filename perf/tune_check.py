@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 import sys
 
+import common
+
 DRY = "--dry-run" in sys.argv
 if DRY:  # the GPU's candidate lists, from the compiler's kernels (never run), not the interpreter's
-    os.environ["TRITON_INTERPRET"] = "0"
+    common.use_compiler()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -8,23 +8,23 @@ import torch
 
 import tritondeconv
 from tritondeconv.explain import main as explain_main
-from tritondeconv.planner import output_size, plan, plan_axis
+from tritondeconv.planner import output_size, phase_taps, plan, plan_axis
 
 AXES = [
-    pytest.param(n, k, s, p, d, op, id=f"n{n}-k{k}-s{s}-p{p}-d{d}-op{op}")
+    pytest.param(n, k, s, p, d, extra, id=f"n{n}-k{k}-s{s}-p{p}-d{d}-op{extra}")
     for n, k, s, d in itertools.product((1, 4, 7), range(1, 6), range(1, 5), (1, 2, 3))
     for p in (0, 1, 3)
-    for op in range(max(s, d))
-    if output_size(n, k, s, p, d, op) > 0
+    for extra in range(max(s, d))
+    if output_size(n, k, s, p, d, extra) > 0
 ]
 
 
-@pytest.mark.parametrize("n, k, s, p, d, op", AXES)
-def test_phases_match_brute_force(n, k, s, p, d, op):
+@pytest.mark.parametrize("n, k, s, p, d, extra", AXES)
+def test_phases_match_brute_force(n, k, s, p, d, extra):
     """Every output lies in exactly one phase, and the phase's taps (read at their
     offsets) are exactly the (input, tap) pairs that scatter onto that output."""
-    axis = plan_axis(n, k, s, p, d, op)
-    assert axis.size_out == output_size(n, k, s, p, d, op)
+    axis = plan_axis(n, k, s, p, d, extra)
+    assert axis.size_out == output_size(n, k, s, p, d, extra)
     owners = [ph for o in range(axis.size_out) for ph in axis.phases if o in ph.out_indices]
     assert len(owners) == axis.size_out
     for o, ph in zip(range(axis.size_out), owners):
@@ -42,15 +42,15 @@ KERNEL_AXES = [pytest.param(*a, id=f"n{a[0]}-k{a[1]}-s{a[2]}-p{a[3]}-d{a[4]}-op{
 
 
 @pytest.mark.fma_only("one channel in and out: each output is read as a code of the (input, tap) pairs it gathered")
-@pytest.mark.parametrize("n, k, s, p, d, op", KERNEL_AXES)
-def test_the_kernel_gathers_what_the_planner_plans(device, n, k, s, p, d, op):
+@pytest.mark.parametrize("n, k, s, p, d, extra", KERNEL_AXES)
+def test_the_kernel_gathers_what_the_planner_plans(device, n, k, s, p, d, extra):
     """The kernel's own phase arithmetic against the planner's taps and offsets: input
     pixel i holds i + 1 and tap t weighs 1000**t, so output o = sum_t 1000**t * (i_t + 1)
     spells out exactly which input each tap brought to it (float64, exact)."""
-    axis = plan_axis(n, k, s, p, d, op)
+    axis = plan_axis(n, k, s, p, d, extra)
     x = torch.arange(1, n + 1, dtype=torch.float64, device=device).reshape(1, 1, n)
     w = (1000.0 ** torch.arange(k, dtype=torch.float64, device=device)).reshape(1, 1, k)
-    out = tritondeconv.conv_transpose1d(x, w, None, s, p, op, 1, d)[0, 0].tolist()
+    out = tritondeconv.conv_transpose1d(x, w, None, s, p, extra, 1, d)[0, 0].tolist()
     for o, value in enumerate(out):
         code, gathered = round(value), set()
         for t in range(k):
@@ -61,6 +61,14 @@ def test_the_kernel_gathers_what_the_planner_plans(device, n, k, s, p, d, op):
         u = (o + p) // s
         planned = {(u - off, t) for t, off in zip(ph.taps, ph.offsets) if 0 <= u - off < n}
         assert gathered == planned, f"output {o} (phase {ph.residue})"
+
+
+@pytest.mark.parametrize("stride", range(1, 7))
+def test_phase_taps_from_the_modular_inverse_match_a_search(stride):
+    """The closed form (every (s/g)-th tap from (r/g)*inv mod (s/g)) against a search."""
+    for kernel_size, dilation, residue in itertools.product(range(1, 9), range(1, 7), range(stride)):
+        searched = [kk for kk in range(kernel_size) if kk * dilation % stride == residue]
+        assert list(phase_taps(residue, kernel_size, stride, dilation)) == searched, (kernel_size, dilation, residue)
 
 
 def test_worked_example_from_the_design():
@@ -109,17 +117,17 @@ def test_plan_refuses_bad_arguments():
 
 
 def test_explain_prints_the_decomposition(capsys):
-    assert explain_main(["--kernel", "3", "--stride", "2", "--padding", "1"]) == 0
+    assert explain_main(["--kernel-size", "3", "--stride", "2", "--padding", "1"]) == 0
     out = capsys.readouterr().out
     assert "phase r=1: 8 outputs [0, 2, 4" in out and "taps [0, 2]" in out
     assert "naive zero-insertion 2,025; decomposed 484" in out
-    assert out.rstrip().endswith("counted from the plan; no kernel was run (python -m tritondeconv.demo runs one)")
+    assert out.rstrip().endswith("counted from the plan; no Triton kernel was run (python -m tritondeconv.demo runs one)")
     assert "ran:" not in out
 
 
 def test_explain_module_runs():
     proc = subprocess.run(
-        [sys.executable, "-m", "tritondeconv.explain", "--kernel", "2", "--stride", "2", "--dilation", "2"],
+        [sys.executable, "-m", "tritondeconv.explain", "--kernel-size", "2", "--stride", "2", "--dilation", "2"],
         capture_output=True, text=True, check=True,
     )
     assert "no taps: bias only" in proc.stdout
@@ -128,7 +136,7 @@ def test_explain_module_runs():
 def test_explain_plot_writes_a_picture(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the test and perf extras install it)")
     path = tmp_path / "decomposition.png"
-    assert explain_main(["--kernel", "3", "--stride", "2", "--padding", "1", "--plot", str(path)]) == 0
+    assert explain_main(["--kernel-size", "3", "--stride", "2", "--padding", "1", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
@@ -141,10 +149,10 @@ def test_plan_takes_ints_or_tuples_as_pytorch_does():
 
 
 @pytest.mark.parametrize("args, names, phases", [
-    (["--kernel", "4", "--stride", "2", "--rank", "1"], ["length"], "2 phases in 1-D"),
-    (["--kernel", "3", "--stride", "2"], ["height", "width"], "4 phases in 2-D"),
-    (["--kernel", "3", "3", "3", "--stride", "2"], ["depth", "height", "width"], "8 phases in 3-D"),
-    (["--kernel", "3", "--stride", "3", "2", "1", "--input-size", "4", "5", "6"], ["depth", "height", "width"],
+    (["--kernel-size", "4", "--stride", "2", "--rank", "1"], ["length"], "2 phases in 1-D"),
+    (["--kernel-size", "3", "--stride", "2"], ["height", "width"], "4 phases in 2-D"),
+    (["--kernel-size", "3", "3", "3", "--stride", "2"], ["depth", "height", "width"], "8 phases in 3-D"),
+    (["--kernel-size", "3", "--stride", "3", "2", "1", "--input-size", "4", "5", "6"], ["depth", "height", "width"],
      "6 phases in 3-D"),
 ], ids=["1-D", "2-D", "3-D", "3-D per axis"])
 def test_explain_handles_every_rank(capsys, args, names, phases):
@@ -156,19 +164,19 @@ def test_explain_handles_every_rank(capsys, args, names, phases):
 
 
 def test_explain_counts_in_singular_and_plural(capsys):
-    explain_main(["--kernel", "3", "--stride", "2", "--padding", "1", "--input-size", "1"])
+    explain_main(["--kernel-size", "3", "--stride", "2", "--padding", "1", "--input-size", "1"])
     out = capsys.readouterr().out
     assert "1 output [" in out and "1 tap [1]" in out and "2 taps [0, 2]" in out
     assert "1 outputs" not in out and "1 taps" not in out
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kernel", "4", "--stride", "2", "--output-padding", "2"], "output_padding must be smaller than either stride or dilation"),
-    (["--kernel", "3", "--in-channels", "3", "--groups", "2"], "in_channels must be divisible by groups"),
-    (["--kernel", "3", "--out-channels", "3", "--groups", "3", "--in-channels", "6", "--out-channels", "4"],
+    (["--kernel-size", "4", "--stride", "2", "--output-padding", "2"], "output_padding must be smaller than either stride or dilation"),
+    (["--kernel-size", "3", "--in-channels", "3", "--groups", "2"], "in_channels must be divisible by groups"),
+    (["--kernel-size", "3", "--out-channels", "3", "--groups", "3", "--in-channels", "6", "--out-channels", "4"],
      "out_channels must be divisible by groups"),
-    (["--kernel", "3", "3", "--stride", "1", "1", "1"], "--kernel needs 1 or 3 values for a 3-D geometry"),
-    (["--kernel", "5", "--input-size", "1", "--padding", "3"], "output size"),
+    (["--kernel-size", "3", "3", "--stride", "1", "1", "1"], "--kernel-size needs 1 or 3 values for a 3-D geometry"),
+    (["--kernel-size", "5", "--input-size", "1", "--padding", "3"], "output size"),
 ], ids=["output_padding", "in_channels", "out_channels", "ranks", "empty output"])
 def test_explain_refuses_what_the_op_refuses(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
@@ -195,8 +203,8 @@ def test_explain_plot_legend_colours_and_errors(tmp_path, capsys):
     assert len(dilated.axes[1].texts) == 9
     plt.close(dilated)
     with pytest.raises(SystemExit):
-        explain_main(["--kernel", "3", "--stride", "2", "--plot", str(tmp_path / "missing" / "x.png")])
+        explain_main(["--kernel-size", "3", "--stride", "2", "--plot", str(tmp_path / "missing" / "x.png")])
     assert "--plot cannot write" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        explain_main(["--kernel", "3", "3", "3", "--stride", "2", "--plot", str(tmp_path / "x.png")])
+        explain_main(["--kernel-size", "3", "3", "3", "--stride", "2", "--plot", str(tmp_path / "x.png")])
     assert "--plot draws 2-D geometries" in capsys.readouterr().err

@@ -155,3 +155,76 @@ def test_compile_training_with_inductor(device, groups):
     assert_close(loss.detach().reshape(1), ref.detach().reshape(1), "float64", seed)
     assert_close(x.grad, xr.grad, "float64", seed)
     assert_close(model.up.weight.grad, ref_model.weight.grad, "float64", seed)
+
+
+# ---------------------------------------------------------------- the public functions' short cut
+# On plain tensors with nothing watching, the public functions call the op's autograd
+# kernel without a trip through the dispatcher; whatever a dispatcher key or mode would
+# observe must still see the op.
+
+def _observed_by_dispatch_mode(call):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Record():
+        call()
+    return seen
+
+
+def _observed_by_function_mode(call):
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Record():
+        call()
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_what_watches_a_call_sees_the_op(device, grad):
+    x, w, b = _sample(device)
+    x, w = x.requires_grad_(grad), w.requires_grad_(grad)
+    op, input_grad = torch.ops.tritondeconv.conv_transpose.default, torch.ops.tritondeconv.conv_transpose_input_grad.default
+
+    def call():
+        y = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
+        if grad:
+            y.sum().backward()
+
+    assert op in _observed_by_dispatch_mode(call)
+    assert op in _observed_by_function_mode(call)
+    if grad:  # the backward's gradient ops too
+        assert input_grad in _observed_by_dispatch_mode(call)
+    with torch.autocast(device, dtype=torch.bfloat16):  # autocast's kernel casts the float32 call
+        assert tritondeconv.conv_transpose2d(x.float(), w.float(), b.float(), 2, 1, 1, 2).dtype == torch.bfloat16
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fake:
+        y = tritondeconv.conv_transpose2d(fake.from_tensor(x), fake.from_tensor(w), fake.from_tensor(b), 2, 1, 1, 2)
+    assert y.shape == torch.nn.functional.conv_transpose2d(x.detach(), w.detach(), b, 2, 1, 1, 2).shape
+    traced = torch.jit.trace(lambda x, w, b: tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2),
+                             (x.detach(), w.detach(), b), check_trace=False)
+    assert "tritondeconv::conv_transpose" in str(traced.graph)
+
+
+def test_the_short_cut_computes_what_the_op_computes(device):
+    seed = fresh_seed()
+    x, w, b = _sample(device)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    ours = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
+    via_op = torch.ops.tritondeconv.conv_transpose2d(x, w, b, [2, 2], [1, 1], [1, 1], 2, [1, 1])
+    assert torch.equal(ours, via_op), f"seed {seed}"
+    gy = torch.randn_like(ours)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, (x, w), gy),
+                                                  torch.autograd.grad(via_op, (x, w), gy))), f"seed {seed}"
+    assert_close(ours, reference(x, w, b, 2, 1, 1, 2, 1), "float64", seed)

@@ -598,7 +598,7 @@ def test_auto_backend_races_aten_per_op_and_remembers(device, first_calls, winne
 
     tritondeconv.set_backend("auto")
     with launcher.intercept(tune=True, clock=clock):
-        with observe_launches() as launched:
+        with observe_launches():
             out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
             out.backward(torch.ones_like(out))
         timed = len(calls)

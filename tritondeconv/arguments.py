@@ -208,16 +208,16 @@ def _check_tensors(input, weight, bias, op: str) -> None:
             raise RuntimeError(f"{op}: expected {name} to be on the input's device {input.device}, but got {t.device}")
 
 
-def _strides_like_channels_last(t: torch.Tensor) -> bool:
-    """Whether ``t`` (4-D or 5-D) has channels-last strides, decided exactly as aten's
-    ``suggest_memory_format`` decides it: the strides must grow in the order C, W, H,
-    (D,) N, with the ambiguous cases (a zero channel stride, size-1 axes that leave the
-    order open) counted as contiguous."""
-    sizes, strides = t.shape, t.stride()
-    if t.dim() not in (4, 5) or strides[1] == 0:
+def _strides_like_channels_last(sizes, strides) -> bool:
+    """Whether a 4-D or 5-D tensor of these sizes and strides has channels-last strides,
+    decided exactly as aten's ``suggest_memory_format`` decides it: the strides must grow
+    in the order C, W, H, (D,) N, with the ambiguous cases (a zero channel stride, size-1
+    axes that leave the order open) counted as contiguous."""
+    dims = len(sizes)
+    if dims not in (4, 5) or strides[1] == 0:
         return False
     smallest = 0
-    for d in (1, *range(t.dim() - 1, 1, -1), 0):
+    for d in (1, *range(dims - 1, 1, -1), 0):
         if sizes[d] == 0 or strides[d] < smallest:
             return False
         if d == 0 and smallest == strides[1]:
@@ -234,10 +234,23 @@ def output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.mem
     contiguous.  A 1-D convolution runs in aten as a 2-D one of height 1, and its
     output has its channels innermost (``channels_last`` here, for a 3-D tensor) when
     the weight has; its input's layout does not count (aten makes it contiguous)."""
-    if input.dtype == torch.float64 and (input.is_cuda or input.dim() == 5):
+    layouts = (input.shape, input.stride(), weight.shape, weight.stride(), input.dtype == torch.float64, input.is_cuda)
+    try:
+        return _output_memory_format(*layouts)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) cannot be cached
+        return _output_memory_format.__wrapped__(*layouts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_memory_format(input_shape, input_strides, weight_shape, weight_strides, float64: bool,
+                          cuda: bool) -> torch.memory_format:
+    dims = len(input_shape)
+    if float64 and (cuda or dims == 5):
         return torch.contiguous_format
-    if input.dim() == 3:
-        return torch.channels_last if _strides_like_channels_last(weight.unsqueeze(2)) else torch.contiguous_format
-    if _strides_like_channels_last(input) or _strides_like_channels_last(weight):
-        return torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+    if dims == 3:  # the weight as aten's 2-D convolution sees it: [C_in, C_out/g, 1, k]
+        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
+        weight_strides = (*weight_strides[:2], weight_strides[2] * weight_shape[3], weight_strides[2])
+        return torch.channels_last if _strides_like_channels_last(weight_shape, weight_strides) else torch.contiguous_format
+    if _strides_like_channels_last(input_shape, input_strides) or _strides_like_channels_last(weight_shape, weight_strides):
+        return torch.channels_last if dims == 4 else torch.channels_last_3d
     return torch.contiguous_format

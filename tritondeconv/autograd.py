@@ -44,9 +44,15 @@ _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", 
               "negative_slope", "residual")
 
 
+_SLOT = {name: i for i, name in enumerate(_ARGUMENTS)}
+
+
 def _per_argument(**gradients) -> tuple:
     """The gradients named, ``None`` for every other argument of the op, in its order."""
-    return tuple(gradients.get(name) for name in _ARGUMENTS)
+    slots = [None] * len(_ARGUMENTS)
+    for name, gradient in gradients.items():
+        slots[_SLOT[name]] = gradient
+    return tuple(slots)
 
 
 def _T(x, w, grad_y_size, stride, padding, dilation, groups):
@@ -66,15 +72,17 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
 # sparing a second trip through it.
 
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
-_IN_PLACE_OR_VIEW = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)  # falls through for our ops
-_PLAIN = (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA))
+# Keys that fall through for our ops (no kernel of their own; the dispatcher skips them).
+_FALLTHROUGH = (torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+                | torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect))
+_BACKENDS = frozenset(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k)).raw_repr() for k in ("CPU", "CUDA"))
 
 
 def _below_autograd(op, keyset, args):
     """``op(*args)`` as the dispatcher runs it below autograd."""
-    below = keyset & _AFTER_AUTOGRAD
+    below = (keyset & _AFTER_AUTOGRAD) - _FALLTHROUGH
     with torch._C._AutoDispatchBelowAutograd():
-        if below - _IN_PLACE_OR_VIEW in _PLAIN:
+        if below.raw_repr() in _BACKENDS:
             return IMPLEMENTATIONS[op.name()](*args)
         return op.redispatch(below, *args)
 
@@ -173,6 +181,7 @@ def _conv_transpose_autograd(keyset, input, weight, bias, stride, padding, outpu
 
 
 LIBRARY.impl("conv_transpose", _conv_transpose_autograd, "Autograd", with_keyset=True)
+_AUTOGRAD_KERNELS = {ops.conv_transpose.default: _conv_transpose_autograd}  # by op, for ``_call``
 
 
 # --------------------------------------------------------------- I(gy, w) and W(x, gy)
@@ -211,9 +220,9 @@ def _backward_weight_grad(ctx, g, needs=None):
 for _name, _backward in (("conv_transpose_input_grad", _backward_input_grad),
                          ("conv_transpose_weight_grad", _backward_weight_grad)):
     _op = getattr(ops, _name).default
-    LIBRARY.impl(_name, functools.partial(_autograd_kernel, _autograd_function(f"_{_name}", _op, _setup_gradient_op,
-                                                                               _backward), _op),
-                 "Autograd", with_keyset=True)
+    _AUTOGRAD_KERNELS[_op] = functools.partial(
+        _autograd_kernel, _autograd_function(f"_{_name}", _op, _setup_gradient_op, _backward), _op)
+    LIBRARY.impl(_name, _AUTOGRAD_KERNELS[_op], "Autograd", with_keyset=True)
 
 
 # --------------------------------------------------------------- function transforms
@@ -236,20 +245,52 @@ def transposed_conv(x, w, b, stride, padding, output_padding, groups, dilation, 
     if transforms_active():
         return TransposedConv.apply(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
                                     residual)
-    return ops.conv_transpose.default(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
-                                      residual)
+    return _call(ops.conv_transpose.default, (x, w, b, residual), x, w, b, stride, padding, output_padding, groups,
+                 dilation, activation, slope, residual)
 
 
 def _input_grad(grad_y, w, input_size, stride, padding, dilation, groups):
     if transforms_active():
         return InputGrad.apply(grad_y, w, input_size, stride, padding, dilation, groups)
-    return ops.conv_transpose_input_grad.default(grad_y, w, input_size, stride, padding, dilation, groups)
+    return _call(ops.conv_transpose_input_grad.default, (grad_y, w), grad_y, w, input_size, stride, padding, dilation,
+                 groups)
 
 
 def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
     if transforms_active():
         return WeightGrad.apply(x, grad_y, kernel_size, stride, padding, dilation, groups)
-    return ops.conv_transpose_weight_grad.default(x, grad_y, kernel_size, stride, padding, dilation, groups)
+    return _call(ops.conv_transpose_weight_grad.default, (x, grad_y), x, grad_y, kernel_size, stride, padding, dilation,
+                 groups)
+
+
+def _key_set(*keys: str) -> int:
+    return functools.reduce(lambda a, b: a | b, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
+                                                 for k in keys)).raw_repr()
+
+
+# The dispatch key sets of a call on plain tensors with nothing active around it but
+# (perhaps) no_grad or inference_mode: the dispatcher then runs the op's autograd kernel
+# and nothing else.
+_PLAIN_CALLS = frozenset(_key_set(*keys) for device in ("CPU", "CUDA")
+                         for keys in ((device, "BackendSelect", "ADInplaceOrView", f"Autograd{device}"),
+                                      (device, "BackendSelect")))
+
+
+def _call(op, tensors: tuple, *args):
+    """``op(*args)`` (``tensors``: the tensor arguments, or None).  Where the dispatcher
+    would run nothing but the op's autograd kernel (plain CPU or CUDA tensors; no
+    ``__torch_function__``, mode, autocast, tracing, fake tensor or compilation), that
+    kernel is called directly, with the key set the dispatcher would have computed:
+    the same computation, without a trip through the dispatcher."""
+    if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
+        keys = torch._C._dispatch_tls_local_include_set()
+        for t in tensors:
+            if t is not None:
+                keys = keys | torch._C._dispatch_keys(t)
+        keys = keys - torch._C._dispatch_tls_local_exclude_set()
+        if keys.raw_repr() in _PLAIN_CALLS:
+            return _AUTOGRAD_KERNELS[op](keys, *args)
+    return op(*args)
 
 
 def _add(a, b):

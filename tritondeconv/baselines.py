@@ -22,7 +22,7 @@ def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], ou
     ``(n - 1)*s + 1 + output_padding`` per axis, laid out as the output of a convolution
     of ``x`` by ``weight``."""
     spatial = x.shape[2:]
-    shape = (*x.shape[:2], *((n - 1) * s + 1 + op for n, s, op in zip(spatial, stride, output_padding)))
+    shape = (*x.shape[:2], *((n - 1) * s + 1 + extra for n, s, extra in zip(spatial, stride, output_padding)))
     up = _empty(shape, x, output_memory_format(x, weight))
     up.zero_()[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(spatial, stride)))] = x
     return up

@@ -1,8 +1,8 @@
 """Print the stride-phase decomposition of a transposed convolution.
 
-    python -m tritondeconv.explain --kernel 3 --stride 2 --padding 1 [--plot decomposition.png]
-    python -m tritondeconv.explain --kernel 3 3 3 --stride 2     # 3-D (one value per axis)
-    python -m tritondeconv.explain --kernel 4 --stride 2 --rank 1
+    python -m tritondeconv.explain --kernel-size 3 --stride 2 --padding 1 [--plot decomposition.png]
+    python -m tritondeconv.explain --kernel-size 3 3 3 --stride 2     # 3-D (one value per axis)
+    python -m tritondeconv.explain --kernel-size 4 --stride 2 --rank 1
 
 Each size argument takes one int (every axis) or one per axis; the rank is the longest
 (or ``--rank``, default 2).  The arguments are checked by the op itself (on meta
@@ -10,7 +10,7 @@ tensors), so a geometry the op refuses is refused here with the op's message.
 ``--plot`` draws a 2-D decomposition (needs matplotlib: ``pip install -e ".[perf]"``).
 
 It only plans: the phases and multiply-add counts are derived from the geometry, and no
-kernel runs (``python -m tritondeconv.demo`` runs one).
+Triton kernel runs (``python -m tritondeconv.demo`` runs one).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _plural(n: int, word: str) -> str:
 def describe_axis(name: str, axis: AxisPlan) -> list[str]:
     lines = [
         f"{name}: input {axis.size_in} -> output {axis.size_out} "
-        f"(kernel {axis.kernel}, stride {axis.stride}, padding {axis.padding}, "
+        f"(kernel_size {axis.kernel_size}, stride {axis.stride}, padding {axis.padding}, "
         f"dilation {axis.dilation}, output_padding {axis.output_padding})"
     ]
     for ph in axis.phases:
@@ -68,7 +68,7 @@ def describe(p: Plan, batch: int, in_channels: int, out_channels: int, groups: i
         f"the decomposition skips {saved:,} multiply-adds ({saved / max(macs['naive'], 1):.1%} of naive), "
         f"{macs['naive'] / max(macs['decomposed'], 1):.2f}x fewer"
     )
-    lines.append("counted from the plan; no kernel was run (python -m tritondeconv.demo runs one)")
+    lines.append("counted from the plan; no Triton kernel was run (python -m tritondeconv.demo runs one)")
     return "\n".join(lines)
 
 
@@ -85,7 +85,7 @@ def draw(p: Plan, path: str, batch: int = 1, in_channels: int = 1, out_channels:
 
 def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1, groups: int = 1):
     """A picture of the decomposition of a 2-D plan: the output grid coloured by phase,
-    the kernel's taps coloured by the phase that uses them, the multiply-adds of the
+    the weight's taps coloured by the phase that uses them, the multiply-adds of the
     naive and the decomposed methods, and a legend of the phases' colours."""
     import matplotlib
 
@@ -122,8 +122,8 @@ def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1,
     ax_out.set_title(f"output pixels by phase (first {h_show}x{w_show});\nnumber = taps it needs")
     ax_out.set_xticks([]), ax_out.set_yticks([])
 
-    # Kernel taps, each coloured by the phase whose sub-kernel holds it.
-    k_h, k_w = axis_h.kernel, axis_w.kernel
+    # The weight's taps, each coloured by the phase whose sub-filter holds it.
+    k_h, k_w = axis_h.kernel_size, axis_w.kernel_size
     owner = [[((kh * axis_h.dilation) % axis_h.stride) * n_w + (kw * axis_w.dilation) % axis_w.stride
               for kw in range(k_w)] for kh in range(k_h)]
     ax_k.imshow(owner, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5)
@@ -132,7 +132,7 @@ def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1,
         for kw in range(k_w):
             ax_k.text(kw, kh, f"w[{kh},{kw}]", ha="center", va="center", fontsize=8 if k_h * k_w <= 25 else 5,
                       color="white")
-    ax_k.set_title(f"{k_h}x{k_w} kernel: each tap belongs to one phase's\nsub-kernel (same colour as its outputs)"
+    ax_k.set_title(f"{k_h}x{k_w} weight taps: each belongs to one phase's\nsub-filter (same colour as its outputs)"
                    + ("" if labelled else "; tap labels omitted"))
     ax_k.set_xticks([]), ax_k.set_yticks([])
 
@@ -151,7 +151,7 @@ def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1,
     fig.legend(handles=handles, title="phase (r_h, r_w)", loc="lower center", ncol=min(n_phases, 16),
                fontsize=7 if n_phases <= 16 else 5, title_fontsize=7, frameon=False)
     fig.suptitle(
-        f"Transposed convolution, kernel {k_h}x{k_w}, stride {axis_h.stride}x{axis_w.stride}, padding "
+        f"Transposed convolution, kernel_size {k_h}x{k_w}, stride {axis_h.stride}x{axis_w.stride}, padding "
         f"{axis_h.padding}x{axis_w.padding}, dilation {axis_h.dilation}x{axis_w.dilation}, input "
         f"{axis_h.size_in}x{axis_w.size_in}: {len(p.phases)} dense stride-1 convolutions, one per output phase"
     )
@@ -179,7 +179,7 @@ def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> N
         if getattr(a, name) % a.groups:
             raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(a, name)}, groups={a.groups}")
     x = torch.empty(a.batch, a.in_channels, *geometry["input_size"], device="meta")
-    w = torch.empty(a.in_channels, a.out_channels // a.groups, *geometry["kernel"], device="meta")
+    w = torch.empty(a.in_channels, a.out_channels // a.groups, *geometry["kernel_size"], device="meta")
     getattr(torch.ops.tritondeconv, f"conv_transpose{rank}d")(
         x, w, None, list(geometry["stride"]), list(geometry["padding"]), list(geometry["output_padding"]), a.groups,
         list(geometry["dilation"]))
@@ -187,7 +187,8 @@ def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritondeconv.explain", description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", type=int, nargs="+", required=True)
+    ap.add_argument("--kernel-size", "--kernel", type=int, nargs="+", required=True, dest="kernel_size",
+                    help="the weight's size (one value, or one per axis; --kernel is the older spelling)")
     ap.add_argument("--stride", type=int, nargs="+", default=[1])
     ap.add_argument("--padding", type=int, nargs="+", default=[0])
     ap.add_argument("--dilation", type=int, nargs="+", default=[1])
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--plot", metavar="FILE.png", help="also draw the decomposition (2-D) to this file")
     a = ap.parse_args(argv)
-    given = {"input_size": a.input_size, "kernel": a.kernel, "stride": a.stride, "padding": a.padding,
+    given = {"input_size": a.input_size, "kernel_size": a.kernel_size, "stride": a.stride, "padding": a.padding,
              "dilation": a.dilation, "output_padding": a.output_padding}
     rank = a.rank or max(2, *(len(v) for v in given.values()))
     try:

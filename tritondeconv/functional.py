@@ -37,8 +37,11 @@ def _per_axis(value, rank: int):
     kind = type(value)
     if kind is int:
         return (value,) * rank
-    if (kind is tuple or kind is list) and len(value) == rank and all(type(v) is int for v in value):
-        return tuple(value)
+    if (kind is tuple or kind is list) and len(value) == rank:
+        for v in value:
+            if type(v) is not int:
+                return None
+        return value if kind is tuple else tuple(value)
     return None
 
 

@@ -63,7 +63,7 @@ class _TritonForward:
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(
+        output_padding = self.output_padding if output_size is None else self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
         return self._function(

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-import torch.nn.functional as F
 
 from .arguments import (
     ConvTransposeArgs,
@@ -128,8 +127,8 @@ def _allow_tf32() -> bool:
     "tf32".  The legacy ``torch.backends.cudnn.allow_tf32`` writes the convolution's
     setting, so it is honoured too; its getter is never called (it raises once the two
     APIs have been mixed)."""
-    for backend, op in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
-        precision = torch._C._get_fp32_precision_getter(backend, op)
+    for backend, operation in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
+        precision = torch._C._get_fp32_precision_getter(backend, operation)
         if precision != "none":
             return precision == "tf32"
     return False
