@@ -162,30 +162,20 @@ def test_compile_training_with_inductor(device, groups):
 # kernel without a trip through the dispatcher; whatever a dispatcher key or mode would
 # observe must still see the op.
 
-def _observed_by_dispatch_mode(call):
+def _observed(call, kind: str) -> list:
+    """What a ``TorchDispatchMode`` (``kind="dispatch"``) or a ``TorchFunctionMode``
+    (``"function"``) sees while ``call()`` runs."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
+    def record(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return func(*args, **(kwargs or {}))
 
+    base, hook = {"dispatch": (TorchDispatchMode, "__torch_dispatch__"),
+                  "function": (TorchFunctionMode, "__torch_function__")}[kind]
     seen = []
-    with Record():
-        call()
-    return seen
-
-
-def _observed_by_function_mode(call):
-    from torch.overrides import TorchFunctionMode
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    seen = []
-    with Record():
+    with type("Record", (base,), {hook: record})():
         call()
     return seen
 
@@ -202,10 +192,10 @@ def test_what_watches_a_call_sees_the_op(device, grad):
         if grad:
             y.sum().backward()
 
-    assert op in _observed_by_dispatch_mode(call)
-    assert op in _observed_by_function_mode(call)
+    assert op in _observed(call, "dispatch")
+    assert op in _observed(call, "function")
     if grad:  # the backward's gradient ops too
-        assert input_grad in _observed_by_dispatch_mode(call)
+        assert input_grad in _observed(call, "dispatch")
     with torch.autocast(device, dtype=torch.bfloat16):  # autocast's kernel casts the float32 call
         assert tritondeconv.conv_transpose2d(x.float(), w.float(), b.float(), 2, 1, 1, 2).dtype == torch.bfloat16
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -165,6 +165,23 @@ def test_weights_rebuilt_every_call_are_never_stale_and_not_kept(device, weight_
     assert len(PACKED) == kept  # the rebuilt weights died, and their copies with them
 
 
+def test_compiled_calls_reuse_the_packed_weight(device, weight_copies):
+    """Under torch.compile the op stays opaque and packs through the same cache: repeated
+    compiled calls pack the weight once, and again only after it changes."""
+    seed = fresh_seed()
+    layer = tritondeconv.nn.ConvTranspose2d(16, 16, 3, 2, 1).to(device)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 16, 4, 5, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(x)
+        assert weight_copies() == 1
+        assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "float32", seed)
+        layer.weight.mul_(-1)
+        assert_close(compiled(x), reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "float32", seed)
+    assert weight_copies() == 2
+
+
 def test_modules_pack_per_call_during_capture(device, weight_copies):
     """During CUDA-graph capture no packed copy is kept: the graph records the packing,
     so a replay after an in-place update reads the new weight (on a CPU the same branch

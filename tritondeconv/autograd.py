@@ -264,6 +264,7 @@ def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
 
 
 def _key_set(*keys: str) -> int:
+    """The raw form of the dispatch key set of these key names."""
     return functools.reduce(lambda a, b: a | b, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
                                                  for k in keys)).raw_repr()
 
@@ -277,11 +278,11 @@ _PLAIN_CALLS = frozenset(_key_set(*keys) for device in ("CPU", "CUDA")
 
 
 def _call(op, tensors: tuple, *args):
-    """``op(*args)`` (``tensors``: the tensor arguments, or None).  Where the dispatcher
-    would run nothing but the op's autograd kernel (plain CPU or CUDA tensors; no
-    ``__torch_function__``, mode, autocast, tracing, fake tensor or compilation), that
-    kernel is called directly, with the key set the dispatcher would have computed:
-    the same computation, without a trip through the dispatcher."""
+    """``op(*args)`` (``tensors``: its tensor arguments, None for an absent optional
+    one).  Where the dispatcher would run nothing but the op's autograd kernel (plain
+    CPU or CUDA tensors; no ``__torch_function__``, mode, autocast, tracing, fake tensor
+    or compilation), that kernel is called directly, with the key set the dispatcher
+    would have computed: the same computation, without a trip through the dispatcher."""
     if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
         keys = torch._C._dispatch_tls_local_include_set()
         for t in tensors:
