@@ -57,9 +57,12 @@ def spans_int64(shape, strides) -> bool:
 
 def padded(layout: tuple, lead: int) -> tuple:
     """A ``(shape, strides)`` of ``[N, C, *spatial]`` with ``lead`` more spatial axes of
-    size 1 in front (how the kernels run 1-D and 2-D tensors on their three axes)."""
+    size 1 in front (how the kernels run 1-D and 2-D tensors on their three axes), with
+    the strides ``unsqueeze`` gives them (the first spatial axis's extent), so that
+    Triton specialises the launch as it would the unsqueezed tensor."""
     shape, strides = layout
-    return (*shape[:2], *(1,) * lead, *shape[2:]), (*strides[:2], *(0,) * lead, *strides[2:])
+    extent = strides[2] * shape[2]
+    return (*shape[:2], *(1,) * lead, *shape[2:]), (*strides[:2], *(extent,) * lead, *strides[2:])
 
 
 def needs_int64(*tensors) -> bool:

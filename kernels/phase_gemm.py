@@ -278,9 +278,9 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
     of 1 or 2 spatial axes run on the kernel's three, the missing leading ones of size 1
     (stride 1, padding 0, dilation 1)."""
     lead = 5 - len(x_layout[0])
-    x_layout, weight_layout, out_layout = (padded(layout, lead) for layout in (x_layout, weight_layout, out_layout))
-    if residual_strides is not None:
+    if residual_strides is not None:  # (the residual is shaped like the output)
         residual_strides = padded((out_layout[0], residual_strides), lead)[1]
+    x_layout, weight_layout, out_layout = (padded(layout, lead) for layout in (x_layout, weight_layout, out_layout))
     stride, padding, dilation = (1,) * lead + stride, (0,) * lead + padding, (1,) * lead + dilation
     (x_shape, x_strides), (w_shape, w_strides), (out_shape, out_strides) = x_layout, weight_layout, out_layout
     n = x_shape[0]

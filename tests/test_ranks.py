@@ -136,3 +136,22 @@ def test_reference_is_pytorch():
     """The 1-D/3-D reference dispatches on the weight's rank."""
     x, w = torch.randn(1, 2, 5), torch.randn(2, 3, 3)
     assert torch.equal(reference(x, w, None, 2, 1, 1, 1, 1), F.conv_transpose1d(x.double(), w.double(), None, 2, 1, 1))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_lower_ranks_launch_as_their_unsqueezed_tensors_would(rank, kind):
+    """The kernels run 1-D and 2-D tensors on three spatial axes: the added axes get the
+    sizes and strides ``unsqueeze`` gives them, so that Triton specialises a launch (its
+    1-valued and 16-divisible integers) exactly as it would the unsqueezed tensor's."""
+    from tritondeconv.kernels.common import padded
+
+    t = torch.empty(2, 24, *(5,) * rank)
+    if kind == "channels_last":
+        t = t.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif kind == "sliced":
+        t = t[:, ::2, ..., 1:]
+    unsqueezed = t
+    while unsqueezed.dim() < 5:
+        unsqueezed = unsqueezed.unsqueeze(2)
+    assert padded((t.shape, t.stride()), 3 - rank) == (unsqueezed.shape, unsqueezed.stride())
