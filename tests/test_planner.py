@@ -71,7 +71,7 @@ def test_phase_taps_from_the_modular_inverse_match_a_search(stride):
         assert list(phase_taps(residue, kernel_size, stride, dilation)) == searched, (kernel_size, dilation, residue)
 
 
-def test_worked_example_from_the_design():
+def test_worked_example_k3_s2_p1():
     """k=3, s=2, p=1: even outputs use tap 1 only, odd outputs taps 0 and 2."""
     axis = plan_axis(4, 3, 2, 1)
     by_parity = {ph.out_start % 2: ph.taps for ph in axis.phases}
