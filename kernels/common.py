@@ -65,13 +65,6 @@ def padded(layout: tuple, lead: int) -> tuple:
     return (*shape[:2], *(1,) * lead, *shape[2:]), (*strides[:2], *(extent,) * lead, *strides[2:])
 
 
-def needs_int64(*tensors) -> bool:
-    """Whether some element of these tensors lies 2**31 or more elements from its base, so
-    that the kernels must index in 64 bits (otherwise they keep 32-bit index arithmetic),
-    or ``force_int64_index`` is in force."""
-    return int64_forced() or any(spans_int64(t.shape, t.stride()) for t in tensors if t is not None)
-
-
 _SIMULATED_CAPTURE: list[bool] = []
 
 

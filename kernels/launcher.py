@@ -52,6 +52,11 @@ class LaunchPlan:
     configs: Callable[[], list[dict]]  # the candidate table
     problem: Callable[[], Problem]  # the GEMMs the launch computes, for the cost model
 
+    def request(self, family: str, kernel, args: tuple, device: torch.device, output: torch.Tensor) -> "Request":
+        """The ``Request`` of one call of this class (``args``: all the kernel's arguments)."""
+        return Request(family, kernel, args, self.constants, self.grid, self.key, self.configs, self.problem, device,
+                       output)
+
 
 @dataclass(frozen=True)
 class DeviceInfo:

@@ -380,19 +380,11 @@ def phase_gemm(
         None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
         tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32, activation or "",
         int64_forced())
-    launcher.launch(launcher.Request(
-        family="phase_gemm",
-        kernel=_phase_gemm_kernel,
-        args=(x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
-              negative_slope),
-        constants=plan.constants,
-        grid=plan.grid,
-        key=plan.key,
-        configs=plan.configs,
-        problem=plan.problem,
-        device=x.device,
-        output=out,
-    ))
+    launcher.launch(plan.request(
+        "phase_gemm", _phase_gemm_kernel,
+        (x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
+         negative_slope),
+        x.device, out))
     return out
 
 

@@ -97,7 +97,7 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     x, w, b = _tensors(device)
     geometry = ([2, 2], [1, 1], [0, 0], 1, [1, 1])
     op = torch.ops.tritondeconv.conv_transpose.default
-    implementation = IMPLEMENTATIONS["tritondeconv::conv_transpose"]
+    implementation = IMPLEMENTATIONS[op]
     calls = {"public": lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
              "dispatched": lambda: op(x, w, b, *geometry),
              "direct": lambda: implementation(x, w, b, *geometry)}

@@ -16,7 +16,7 @@ import tritondeconv.kernels.weight_grad
 from conftest import require_launches
 from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels import launcher
-from tritondeconv.kernels.common import force_int64_index, needs_int64, observe_launches, simulate_capture
+from tritondeconv.kernels.common import force_int64_index, observe_launches, simulate_capture, spans_int64
 from tritondeconv.weights import PACKED
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -24,11 +24,14 @@ needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_int64_indexing_is_chosen_per_launch():
+    def spans(t):
+        return spans_int64(t.shape, t.stride())
+
     small = torch.empty(2, 3, 4, 5, device="meta")
     big = torch.empty(1, 2, 2**15, 2**15 + 1, device="meta")  # 2**31 + 2**16 elements
-    assert not needs_int64(small) and needs_int64(small, big)
-    assert needs_int64(torch.empty(1, device="meta").as_strided((2,), (2**31,)))  # a view with a huge stride
-    assert not needs_int64(torch.empty(0, 2**20, 2**20, device="meta"))
+    assert not spans(small) and spans(big)
+    assert spans(torch.empty(1, device="meta").as_strided((2,), (2**31,)))  # a view with a huge stride
+    assert not spans(torch.empty(0, 2**20, 2**20, device="meta"))
 
 
 @pytest.fixture

@@ -75,19 +75,31 @@ def check_conv_transpose(
 ) -> ConvTransposeArgs:
     """Check every argument of a transposed convolution; ``input`` is batched here."""
     _check_tensors(input, weight, bias, op)
-    geometry = (input.shape, weight.shape, None if bias is None else bias.shape, _hashable(stride), _hashable(padding),
-                _hashable(output_padding), groups, _hashable(dilation), rank, op)
-    try:
-        return _check_geometry(*geometry)
-    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) cannot be cached
-        return _check_geometry.__wrapped__(*geometry)
+    return _check_geometry(input.shape, weight.shape, None if bias is None else bias.shape, _hashable(stride),
+                           _hashable(padding), _hashable(output_padding), groups, _hashable(dilation), rank, op)
 
 
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-@functools.lru_cache(maxsize=4096)
+def _cached(function):
+    """``function`` remembered per arguments (the last 4096), except for arguments that
+    cannot be hashed, such as symbolic sizes under ``torch.compile`` with dynamic shapes,
+    which are computed every time.  A call that raises is not remembered."""
+    cached = functools.lru_cache(maxsize=4096)(function)
+
+    @functools.wraps(function)
+    def call(*args):
+        try:
+            return cached(*args)
+        except TypeError:
+            return function(*args)
+
+    return call
+
+
+@_cached
 def _check_geometry(input_shape, weight_shape, bias_shape, stride, padding, output_padding, groups, dilation,
                     rank: int, op: str) -> ConvTransposeArgs:
     """The shape and integer checks of ``check_conv_transpose``, cached (a call that
@@ -234,14 +246,11 @@ def output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.mem
     contiguous.  A 1-D convolution runs in aten as a 2-D one of height 1, and its
     output has its channels innermost (``channels_last`` here, for a 3-D tensor) when
     the weight has; its input's layout does not count (aten makes it contiguous)."""
-    layouts = (input.shape, input.stride(), weight.shape, weight.stride(), input.dtype == torch.float64, input.is_cuda)
-    try:
-        return _output_memory_format(*layouts)
-    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) cannot be cached
-        return _output_memory_format.__wrapped__(*layouts)
+    return _output_memory_format(input.shape, input.stride(), weight.shape, weight.stride(),
+                                 input.dtype == torch.float64, input.is_cuda)
 
 
-@functools.lru_cache(maxsize=4096)
+@_cached
 def _output_memory_format(input_shape, input_strides, weight_shape, weight_strides, float64: bool,
                           cuda: bool) -> torch.memory_format:
     dims = len(input_shape)

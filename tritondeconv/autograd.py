@@ -83,7 +83,7 @@ def _below_autograd(op, keyset, args):
     below = (keyset & _AFTER_AUTOGRAD) - _FALLTHROUGH
     with torch._C._AutoDispatchBelowAutograd():
         if below.raw_repr() in _BACKENDS:
-            return IMPLEMENTATIONS[op.name()](*args)
+            return IMPLEMENTATIONS[op](*args)
         return op.redispatch(below, *args)
 
 

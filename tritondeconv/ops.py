@@ -401,10 +401,11 @@ for _name, _impl, _fake in (("conv_transpose_input_grad", _input_grad, _input_gr
     LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"tritondeconv::{_name}", _fake, lib=LIBRARY)
 
-# Each op's implementation (its CPU and CUDA kernel), by op name, for the autograd
-# kernels, which call it directly on plain tensors.
-IMPLEMENTATIONS = {"tritondeconv::conv_transpose": _conv_transpose, "tritondeconv::conv_transpose_input_grad": _input_grad,
-                   "tritondeconv::conv_transpose_weight_grad": _weight_grad}
+# Each op's implementation (its CPU and CUDA kernel), by op, for the autograd kernels,
+# which call it directly on plain tensors.
+IMPLEMENTATIONS = {torch.ops.tritondeconv.conv_transpose.default: _conv_transpose,
+                   torch.ops.tritondeconv.conv_transpose_input_grad.default: _input_grad,
+                   torch.ops.tritondeconv.conv_transpose_weight_grad.default: _weight_grad}
 
 
 # ---------------------------------------------------------------- autocast
