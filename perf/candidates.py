@@ -27,6 +27,7 @@ import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 import tritondeconv  # noqa: E402
 
@@ -62,8 +63,9 @@ def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
-def launches_of(stage: str) -> tuple[dict, dict]:
-    """One stage's first calls: ``{(family, key): (offered, timed)}`` and the distinct
+def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
+    """One stage's first calls (``cells``: only the layers whose labels contain one of
+    these comma-separated words): ``{(family, key): (offered, timed)}`` and the distinct
     compiles of the timed candidates, ``{specialisation: (request, config)}``."""
     keys: dict[tuple, tuple[int, int]] = {}
     compiles: dict = {}
@@ -73,7 +75,7 @@ def launches_of(stage: str) -> tuple[dict, dict]:
         for launch, config in timed:
             compiles.setdefault(launch, (request, config))
 
-    a = argparse.Namespace(quick=False, cells="", **STAGES[stage])
+    a = argparse.Namespace(quick=False, cells=cells, **STAGES[stage])
     with common.recording(on_launch):
         for cell, dtype_name, layout, pass_ in jobs_of(a):
             _run(cell, DTYPES[dtype_name], layout, pass_)
@@ -94,11 +96,15 @@ def jit_compile(request, config) -> None:
     request.kernel.warmup(*request.args, grid=request.grid, **request.constants, **config)
 
 
-def warm(stage: str, compile_one=jit_compile, workers: int | None = None) -> tuple[int, int, float]:
-    """Compile every distinct launch a stage's first calls would time, on ``workers``
-    threads (default: every core); ``(compiled, failed, seconds)``.  A later first call
-    then finds its candidates in Triton's cache."""
-    _, compiles = launches_of(stage)
+def warm(stage: str, compile_one=jit_compile, workers: int | None = None, cells: str = "") -> tuple[int, int, int, float]:
+    """Compile every distinct launch a stage's first calls would time (``cells`` as in
+    ``launches_of``), on ``workers`` threads (default: every core); ``(compiled,
+    failed, found in Triton's cache, seconds)``.  A later first call then finds its
+    candidates in Triton's cache."""
+    _, compiles = launches_of(stage, cells)
+    hits = []
+    listener, triton.knobs.compilation.listener = (triton.knobs.compilation.listener,
+                                                   lambda cache_hit, **_: hits.append(cache_hit))
     start = time.perf_counter()
 
     def one(launch) -> bool:
@@ -109,9 +115,12 @@ def warm(stage: str, compile_one=jit_compile, workers: int | None = None) -> tup
             print(f"warm: {launch[0].family} {launch[1]} failed: {type(error).__name__}: {error}", flush=True)
             return False
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        done = list(pool.map(one, compiles.values()))
-    return sum(done), len(done) - sum(done), time.perf_counter() - start
+    try:
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            done = list(pool.map(one, compiles.values()))
+    finally:
+        triton.knobs.compilation.listener = listener
+    return sum(done), len(done) - sum(done), sum(hits), time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             print("candidates: --warm compiles for this machine's GPU, and there is none")
             return 2
         for stage in a.stages.split(","):
-            compiled, failed, seconds = warm(stage)
-            print(f"{stage}: compiled {compiled} kernels ({failed} failed) in {seconds:.1f} s on {os.cpu_count()} threads",
-                  flush=True)
+            compiled, failed, hits, seconds = warm(stage)
+            print(f"{stage}: compiled {compiled} kernels ({failed} failed; {hits} found in Triton's cache) in "
+                  f"{seconds:.1f} s on {os.cpu_count()} threads", flush=True)
         return 0
     print("| stage | tuning keys | candidates offered (median, max per key) | candidates timed | distinct compiles |")
     print("| --- | --- | --- | --- | --- |")

@@ -1,6 +1,6 @@
 """What the perf scripts share: Triton's compiler kernels rather than its interpreter's,
-what Triton's JIT makes of one launch, and the record of every launch a call would
-compile on an H100.
+what Triton's JIT makes of one launch, the record of every launch a call would
+compile on an H100, and Triton's JIT compiling for an H100 on a machine without one.
 
 The scripts run as ``python perf/<script>.py`` (which puts this folder on the import
 path); a script that reads the compiler's kernels calls ``use_compiler()`` before it
@@ -72,6 +72,35 @@ def specialise(kernel, args: tuple, kwargs: dict) -> Launch:
                 divisible.append(i)
     options = tuple((k, kwargs[k]) for k in OPTIONS)
     return Launch(kernel.__name__, tuple(signature.items()), tuple(constants.items()), tuple(divisible), options)
+
+
+class _Hopper:
+    """What Triton's JIT asks of a driver before it compiles (the device, its stream and
+    its target), answered for an sm_90 GPU; nothing here can launch."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+@contextmanager
+def hopper_jit():
+    """While inside: Triton's JIT compiles for an H100 (sm_90) on this machine, GPU or
+    not, so a kernel's ``warmup`` puts exactly what a GPU's first launch would look up
+    into Triton's cache (the cache key is the JIT's own)."""
+    from triton.runtime import driver
+
+    driver.set_active(_Hopper())
+    try:
+        yield
+    finally:
+        driver.set_active(None)  # back to "the machine's own driver, when first asked"
 
 
 @contextmanager

@@ -9,6 +9,9 @@
 # leaves two files. A later call with the same OUT_DIR continues the archive (its bench
 # stages append to the same bench.csv); archives of separate device calls merge with
 #   python3 perf/bench.py --merge A/bench.csv B/bench.csv --out perf/results/<gpu>
+# A carried Triton cache (perf/triton-cache-sm90.tar.gz, built on the CPU machine with the
+# GPU's Triton by `python perf/triton_cache.py build` and carried with the working tree) is
+# unpacked into Triton's cache first; smoke reports how many of a stage's kernels it held.
 # Only python3 is assumed (the GPU image has no `python` or `pip` command). BENCH_ARGS adds
 # options to the bench stages. GPU_CHECK_DRY=1 rehearses the whole run on a CPU (a test does,
 # in CI): nothing is installed, the bench stages run their --quick layers in the Triton
@@ -21,7 +24,7 @@ shift
 STAGES=(smoke fwd-bf16-cl tune-check fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
-    smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call" ;;
+    smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
@@ -57,6 +60,12 @@ if [ -n "$dry" ]; then
 else
   python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || { cat "$work/install.log"; exit 1; }
 fi
+carried="none (perf/triton_cache.py build makes one)"
+if [ -n "$dry" ]; then
+  carried="not used in a dry run"
+elif [ -f perf/triton-cache-sm90.tar.gz ]; then
+  carried="$(python3 perf/triton_cache.py unpack 2>&1)"
+fi
 {
   if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   else echo "no nvidia-smi"; fi
@@ -88,7 +97,12 @@ for stage in "$@"; do
       timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt"
       # Host time per call beside cuDNN's, with the launch's own share (Triton binding the arguments).
       host_device="${dry:+cpu}"
-      timeout 120 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 | tee "$work/host.txt" ;;
+      timeout 120 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 | tee "$work/host.txt"
+      # Did the kernels compiled on the CPU machine hit? The first bench stage's, looked up.
+      if [ -f perf/triton-cache-sm90.tar.gz ] && [ -z "$dry" ]; then
+        carried="$carried; $(timeout 300 python3 perf/candidates.py --stages fwd-bf16-cl --warm 2>&1 | tail -n 1)"
+      fi
+      echo "carried-cache: $carried" | tee -a "$out/summary.txt" ;;
     fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     tune-check)
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \

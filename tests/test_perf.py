@@ -194,6 +194,7 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
             assert summary[stage] == "skipped (no compute-sanitizer)"
         else:
             assert summary[stage].startswith("stopped at its budget of 30 s (partial)"), (stage, summary[stage])
+    assert summary["carried-cache"] == "not used in a dry run"
     unpacked = tmp_path / "results"
     unpacked.mkdir()
     subprocess.run(["tar", "xzf", str(out / "results.tar.gz"), "-C", str(unpacked)], check=True)
@@ -211,7 +212,7 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
 def test_candidates_counts_and_warms_a_stage():
     """perf/candidates.py knows every launch a stage's first calls time (as on an H100):
     fewer timed than offered, at most 6 per key; ``warm`` compiles each distinct one
-    once, on several threads (here with the compile replaced: the JIT needs a GPU)."""
+    once, on several threads (here with the compile replaced by one that shows them)."""
     script = (
         "import sys, threading; sys.path.insert(0, sys.argv[1]); import candidates\n"
         "r = candidates.count('nd'); print(r['keys'], r['offered'], r['timed'], r['compiles'])\n"
@@ -266,3 +267,30 @@ def test_plot_figures_read_at_a_glance():
 def test_plot_without_a_csv_says_where_it_looked_and_what_to_run(tmp_path):
     run = subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], capture_output=True, text=True)
     assert run.returncode == 1 and "does not exist" in run.stdout and "perf/bench.py" in run.stdout
+
+
+def test_a_carried_triton_cache_holds_what_a_first_launch_looks_up(tmp_path):
+    """perf/triton_cache.py compiles a stage's launches for sm_90 with Triton's own JIT
+    (no GPU needed) and packs them; unpacked elsewhere, as on the GPU machine, a new
+    process's JIT finds every one of them under its own cache key and compiles nothing."""
+    archive, cache = tmp_path / "cache.tar.gz", tmp_path / "unpacked"
+    cells = ["--stages", "fwd-bf16-cl", "--cells", "FCN"]
+    build = subprocess.run([sys.executable, str(PERF / "triton_cache.py"), "build", *cells, "--out", str(archive)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    unpack = subprocess.run([sys.executable, str(PERF / "triton_cache.py"), "unpack", str(archive), str(cache)],
+                            capture_output=True, text=True, timeout=600)
+    assert unpack.returncode == 0, unpack.stderr[-3000:]
+    kernels = int(unpack.stdout.split()[0])
+    entries = sorted(p.name for p in cache.iterdir())
+    assert kernels > 0 and len(entries) == kernels + 1  # one folder per kernel, and the manifest
+    assert not list(cache.glob("*/*.ptx")) and not list(cache.glob("*/*.llir"))  # only what a launch loads
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import common; common.use_compiler(); import candidates\n"
+        "with common.hopper_jit(): print(candidates.warm('fwd-bf16-cl', cells='FCN')[:3])\n"
+    )
+    again = subprocess.run([sys.executable, "-c", script, str(PERF)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TRITON_CACHE_DIR": str(cache)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[-1] == f"({kernels}, 0, {kernels})"  # compiled, failed, found in the cache
+    assert sorted(p.name for p in cache.iterdir()) == entries
