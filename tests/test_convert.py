@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 import tritondeconv
-from reference import TOLERANCES, assert_close, fresh_seed, relative_error
+from reference import TOLERANCES, assert_close, fresh_seed, judged_as, layout, relative_error
 from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64
@@ -444,3 +444,142 @@ def test_upsample_conv2d_from_modules_shares_parameters_and_refuses_what_it_cann
         tritondeconv.nn.UpsampleConv2d.from_modules(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(3, 4, 3, 2))
     with pytest.raises(ValueError, match="mode='nearest'"):
         tritondeconv.nn.UpsampleConv2d.from_modules(torch.nn.Upsample(scale_factor=2, mode="bilinear"), conv)
+
+
+# ---------------------------------------------------------------- fuse=True (inference)
+
+ACTIVATION_MODULES = [torch.nn.ReLU(), torch.nn.LeakyReLU(0.2), torch.nn.SiLU(), torch.nn.GELU(), torch.nn.Tanh(),
+                      torch.nn.Sigmoid()]
+BATCH_NORMS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+PRECISION = {torch.float64: "float64", torch.float32: "float32"}
+
+
+def _batch_norm(rank, channels, affine=True):
+    """A batch norm in eval mode with running statistics and affine parameters far from
+    their initial values (so that a fold that ignored one of them would show)."""
+    bn = BATCH_NORMS[rank](channels, affine=affine, dtype=F64).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return bn
+
+
+def _decoder_blocks(rank, first_activation):
+    """Three decoder blocks: deconv (2 groups) + BN + activation, deconv + BN without
+    affine parameters, deconv + SiLU; 16 channels so that the tensor-core tiles run."""
+    return torch.nn.Sequential(
+        _deconv(rank=rank, in_channels=16, out_channels=16, kernel_size=4, groups=2),
+        _batch_norm(rank, 16), first_activation,
+        _deconv(rank=rank, in_channels=16, out_channels=16),
+        _batch_norm(rank, 16, affine=False),
+        _deconv(rank=rank, in_channels=16, out_channels=4, kernel_size=2, padding=0), torch.nn.SiLU(),
+    ).eval()
+
+
+@pytest.mark.parametrize("rank, kind, dtype, activation", [
+    *((2, "channels_last", torch.float64, module) for module in ACTIVATION_MODULES),
+    (1, "nchw", torch.float64, torch.nn.ReLU()), (2, "nchw", torch.float64, torch.nn.LeakyReLU(0.2)),
+    (2, "channels_last", torch.float32, torch.nn.SiLU()), (3, "channels_last", torch.float64, torch.nn.Tanh()),
+], ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else str(v).removeprefix("torch."))
+def test_fuse_folds_batch_norms_and_activations_into_one_kernel_per_block(device, rank, kind, dtype, activation):
+    seed = fresh_seed()
+    model = _decoder_blocks(rank, activation).to(device)
+    reference = copy.deepcopy(model)
+    x = layout(torch.randn(1, 16, *(3 if rank < 3 else 2,) * rank, device=device, dtype=F64), kind)
+    expected = reference(x)
+    fused, count = tritondeconv.convert(model.to(dtype), fuse=True, return_count=True)
+    assert fused is model and count == 3 + 3  # three converted, three blocks fused
+    assert [type(m).__name__ for m in fused] == [OURS[rank].__name__, "Identity", "Identity", OURS[rank].__name__,
+                                                 "Identity", OURS[rank].__name__, "Identity"]
+    with torch.no_grad(), observe_launches() as launches:
+        out = fused(x.to(dtype))
+    assert len(launches) == 3  # one kernel per block
+    assert_close(out, expected, judged_as(PRECISION[dtype], device), seed)
+
+
+@pytest.mark.no_kernel("nothing is fused: the checks are on what convert leaves")
+def test_fuse_leaves_a_model_in_training_mode_unfused_with_a_warning(device):
+    model = _decoder_blocks(2, torch.nn.ReLU()).to(device).train()
+    with pytest.warns(UserWarning, match="training mode: call model.eval"):
+        _, count = tritondeconv.convert(model, fuse=True, return_count=True)
+    assert count == 3 and isinstance(model[1], torch.nn.BatchNorm2d) and isinstance(model[2], torch.nn.ReLU)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("batch norm training", "the batch norm is in training mode"),
+    ("no running statistics", "keeps no running statistics"),
+    ("hook", "has hooks"),
+    ("activation already", "already applies an activation"),
+    ("shared", "also used elsewhere"),
+])
+def test_fuse_leaves_and_names_what_it_cannot_fuse(case, reason):
+    block = _decoder_blocks(2, torch.nn.ReLU())
+    model = torch.nn.ModuleList([block, block[0]]).eval() if case == "shared" else block
+    if case == "batch norm training":
+        block[1].train()
+    elif case == "no running statistics":
+        block[1] = torch.nn.BatchNorm2d(16, track_running_stats=False, dtype=F64).eval()
+    elif case == "hook":
+        block[2].register_forward_hook(lambda module, args, out: None)
+    elif case == "activation already":
+        tritondeconv.convert(block)
+        block[0].activation = "tanh"
+    before = [type(m) for m in block][1:3]
+    with pytest.warns(UserWarning, match=reason):
+        tritondeconv.convert(model, fuse=True)
+    assert [type(m) for m in block][1:3] == before  # the batch norm and the activation stay
+
+
+def test_fuse_keeps_an_approximate_gelu_as_a_module():
+    """The epilogue's GELU is the exact one: a tanh-approximated GELU stays a module (the
+    batch norm before it is still folded)."""
+    model = _decoder_blocks(2, torch.nn.GELU(approximate="tanh"))
+    tritondeconv.convert(model, fuse=True)
+    assert isinstance(model[1], torch.nn.Identity) and isinstance(model[2], torch.nn.GELU)
+    assert model[0].activation is None
+
+
+class _NormalisedUpBlock(torch.nn.Module):
+    """A decoder block written as forward code: deconv, batch norm, activation, then a
+    skip connection (``reuse``: the batch norm's output is used twice, so the
+    activation cannot fold into the convolution; the batch norm still can)."""
+
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.up = _deconv(in_channels=16, out_channels=16, kernel_size=4)
+        self.bn = _batch_norm(2, 16)
+        self.act = torch.nn.LeakyReLU(0.1)
+        self.reuse = reuse
+
+    def forward(self, x, skip):
+        y = self.bn(self.up(x))
+        return torch.cat([self.act(y) + y if self.reuse else self.act(y), skip], 1)
+
+
+def test_fuse_folds_forward_code_too_and_leaves_the_original_model_working(device):
+    seed = fresh_seed()
+    model = _NormalisedUpBlock().to(device).eval()
+    x = torch.randn(1, 16, 3, 3, device=device, dtype=F64)
+    skip = torch.randn(1, 2, 6, 6, device=device, dtype=F64)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x, skip)
+        fused, count = tritondeconv.convert(model, fuse=True, return_count=True)
+        assert count == 1 + 1 and isinstance(fused, torch.fx.GraphModule)
+        assert fused.up.activation == "leaky_relu" and fused.up.negative_slope == 0.1
+        assert "bn" not in fused.code and "act" not in fused.code
+        with observe_launches() as launches:
+            out = fused(x, skip)
+        assert len(launches) == 1
+        assert_close(out, expected, "float64", seed)
+        assert fused.up.weight is not model.up.weight  # the folded parameters are the fused model's own
+        assert_close(model(x, skip), expected, "float64", seed)  # the model passed in still computes as before
+
+
+@pytest.mark.no_kernel("nothing runs: the check is on what convert folds")
+def test_fuse_in_forward_code_folds_only_what_alone_uses_a_value(device):
+    model = _NormalisedUpBlock(reuse=True).to(device).eval()
+    fused = tritondeconv.convert(model, fuse=True)
+    assert fused.up.activation is None and "act" in fused.code and "bn" not in fused.code

@@ -12,13 +12,14 @@ from ours.
 from __future__ import annotations
 
 import collections
+import copy
 import warnings
 import weakref
 
 import torch
 from torch.nn.utils import parametrize
 
-from . import nn
+from . import fusing, nn
 from .arguments import SUPPORTED_DTYPES
 
 # PyTorch's module -> ours.
@@ -166,6 +167,58 @@ def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
     return folded
 
 
+def _fuse_refusal(conv: torch.nn.Module, registrations: int) -> str | None:
+    """Why what follows our transposed convolution ``conv`` (registered
+    ``registrations`` times) cannot be fused into it, or None."""
+    if registrations > 1:
+        return "the convolution is also used elsewhere in the model"
+    if parametrize.is_parametrized(conv):
+        return "the convolution is parametrized"
+    if conv.activation is not None:
+        return "the convolution already applies an activation"
+    return None
+
+
+def _fuse_sequentials(model: torch.nn.Module, left: list[str]) -> int:
+    """In every ``nn.Sequential``: fold each batch norm that directly follows one of our
+    transposed convolutions into it, and the activation module after them (or directly
+    after the convolution) into its epilogue; their places take ``Identity`` modules.
+    Returns how many convolutions took something in."""
+    registrations = collections.Counter(
+        id(child) for module in model.modules() for child in module._modules.values() if child is not None)
+    fused = 0
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for i, name in enumerate(names[:-1]):
+            conv, after = seq._modules[name], names[i + 1:i + 3]
+            if not isinstance(conv, _OURS):
+                continue
+            block = [name] + [n for n in after[:1] if isinstance(seq._modules[n], torch.nn.modules.batchnorm._BatchNorm)]
+            rest = after[len(block) - 1:][:1]
+            activation = rest and fusing.epilogue_of(seq._modules[rest[0]])
+            if len(block) == 1 and not activation:
+                continue
+            where = f"{seq_name + '.' if seq_name else ''}{'+'.join(block + rest[:bool(activation)])}"
+            why = _fuse_refusal(conv, registrations[id(conv)])
+            if why is None and len(block) == 2:
+                why = fusing.batch_norm_refusal(conv, seq._modules[block[1]])
+            if why is None and any(_has_hooks(seq._modules[n]) for n in block + rest[:bool(activation)]):
+                why = "a module of the block has hooks, which would not see the values they see now"
+            if why is not None:
+                left.append(f"{where} ({why})")
+                continue
+            if len(block) == 2:
+                fusing.fold_batch_norm(conv, seq._modules[block[1]])
+                seq._modules[block[1]] = torch.nn.Identity()
+            if activation:
+                conv.activation, conv.negative_slope = activation
+                seq._modules[rest[0]] = torch.nn.Identity()
+            fused += 1
+    return fused
+
+
 class _Tracer(torch.fx.Tracer):
     """``torch.fx``'s tracer, keeping our modules whole (as it keeps ``torch.nn``'s)."""
 
@@ -195,21 +248,25 @@ def _nearest_upsampler(node: torch.fx.Node, root: torch.nn.Module) -> torch.nn.U
     return torch.nn.Upsample(scale_factor=tuple(scale) if isinstance(scale, (tuple, list)) else scale, mode="nearest")
 
 
-def _fold_traced(model: torch.nn.Module, left: list[str]) -> tuple[torch.nn.Module, int]:
-    """Fold, in ``model``'s forward code as ``torch.fx`` traces it, every nearest
-    upsampling (``F.interpolate`` or an ``nn.Upsample`` called in ``forward``) whose only
-    use is a ``Conv2d`` module's input.  Returns a ``torch.fx.GraphModule`` holding the
-    folded layers (new ``UpsampleConv2d`` modules sharing the convolutions' parameters,
-    at the convolutions' paths; the original model is left working as it was), or
-    ``model`` itself when nothing was folded; and how many pairs were folded.  A model
-    that does not trace is left, named."""
+def _traced(model: torch.nn.Module, left: list[str]) -> torch.fx.GraphModule | None:
+    """``model``'s forward code as ``torch.fx`` traces it (sharing ``model``'s modules),
+    or None, named in ``left``, when it does not trace."""
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)
     except Exception as error:  # noqa: BLE001 (any tracing failure: the forward stays as written)
         left.append(f"the forward code (not traceable by torch.fx: {type(error).__name__}: {str(error).splitlines()[0]})")
-        return model, 0
-    traced = torch.fx.GraphModule(tracer.root, graph)
+        return None
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
+def _fold_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
+    """Fold, in the traced forward code, every nearest upsampling (``F.interpolate`` or an
+    ``nn.Upsample`` called in ``forward``) whose only use is a ``Conv2d`` module's input,
+    into a new ``UpsampleConv2d`` module sharing the convolution's parameters, at the
+    convolution's path (the traced model's own: the original model keeps its module).
+    Returns how many pairs were folded."""
+    graph = traced.graph
     registrations = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     folded = 0
     for node in list(graph.nodes):
@@ -227,20 +284,77 @@ def _fold_traced(model: torch.nn.Module, left: list[str]) -> tuple[torch.nn.Modu
         if why is not None:
             left.append(f"{source.name}+{node.target} in the forward code ({why})")
             continue
-        parent, _, name = node.target.rpartition(".")
-        setattr(traced.get_submodule(parent), name, nn.UpsampleConv2d.from_modules(up, conv))
+        _replace_module(traced, node.target, nn.UpsampleConv2d.from_modules(up, conv))
         node.args = (source.args[0],)
         graph.erase_node(source)
         folded += 1
-    if not folded:
-        return model, 0
-    graph.lint()
-    traced.recompile()
-    return traced, folded
+    return folded
 
 
-def convert(model: torch.nn.Module, fold_upsample: bool = False,
-            return_count: bool = False) -> torch.nn.Module | tuple[torch.nn.Module, int]:
+def _replace_module(traced: torch.fx.GraphModule, path: str, module: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(traced.get_submodule(parent), name, module)
+
+
+def _sole_module_user(node: torch.fx.Node, traced: torch.fx.GraphModule) -> torch.nn.Module | None:
+    """The module that alone uses ``node``'s value, as its only argument, or None."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        return None
+    return traced.get_submodule(user.target)
+
+
+def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
+    """In the traced forward code, fuse what ``_fuse_sequentials`` fuses in an
+    ``nn.Sequential``: a batch-norm module that alone uses one of our transposed
+    convolutions' output, and an activation module that alone uses theirs, into a new
+    module at the convolution's path (the traced model's own: the original model keeps
+    its modules and computes as before).  Returns how many convolutions took something in."""
+    graph = traced.graph
+    registrations = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(traced.get_submodule(node.target), _OURS):
+            continue
+        conv, chain, last = traced.get_submodule(node.target), [], node
+        bn = _sole_module_user(last, traced)
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            last = next(iter(last.users))
+            chain.append(last)
+        else:
+            bn = None
+        activation_module = _sole_module_user(last, traced)
+        activation = activation_module is not None and fusing.epilogue_of(activation_module)
+        if activation:
+            chain.append(next(iter(last.users)))
+        if not chain:
+            continue
+        why = _fuse_refusal(conv, registrations[node.target])
+        if why is None and bn is not None:
+            why = fusing.batch_norm_refusal(conv, bn)
+        if why is None and any(_has_hooks(traced.get_submodule(n.target)) for n in [node, *chain]):
+            why = "a module of the block has hooks, which would not see the values they see now"
+        if why is not None:
+            left.append(f"{'+'.join(n.target for n in [node, *chain])} in the forward code ({why})")
+            continue
+        fused_conv = copy.copy(conv)
+        fused_conv._parameters = dict(conv._parameters)  # its own parameters: the original keeps conv's
+        if bn is not None:
+            fusing.fold_batch_norm(fused_conv, bn)
+        if activation:
+            fused_conv.activation, fused_conv.negative_slope = activation
+        _replace_module(traced, node.target, fused_conv)
+        for folded in chain:
+            folded.replace_all_uses_with(node)
+            graph.erase_node(folded)
+        fused += 1
+    return fused
+
+
+def convert(model: torch.nn.Module, fold_upsample: bool = False, return_count: bool = False,
+            fuse: bool = False) -> torch.nn.Module | tuple[torch.nn.Module, int]:
     """Turn every ``torch.nn.ConvTranspose{1,2,3}d`` in ``model`` (``model`` itself
     included) into ``tritondeconv.nn.ConvTranspose{1,2,3}d``, in place, and return
     ``model`` (so ``model = convert(model)`` works too).
@@ -260,10 +374,21 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False,
     model is then a ``torch.fx.GraphModule`` sharing the parameters (use the return
     value; the model passed in keeps working unfolded).
 
+    With ``fuse``, for inference (a model in eval mode; a model in training mode is left
+    unfused, with the warning): inside every ``nn.Sequential``, each ``BatchNorm{1,2,3}d``
+    directly after a converted transposed convolution is folded into its weight and
+    bias (new parameters), and a following activation module (``ReLU``, ``LeakyReLU``,
+    ``SiLU``, exact ``GELU``, ``Tanh``, ``Sigmoid``), or one directly after the
+    convolution, into its epilogue; their places take ``Identity`` modules, so the
+    block is one kernel.  The model then computes the same in inference, but its state
+    dict holds the folded parameters (the batch norms' entries are gone): fuse a copy
+    to keep the original.  A convolution used elsewhere too, parametrized, already
+    applying an activation, or a block with hooks is left, named.
+
     What it cannot take is left as it is, named in one warning: subclasses of PyTorch's
     modules with behaviour of their own, unsupported dtypes, uninitialised lazy
     modules.  With ``return_count``, returns ``(model, count)``: how many modules were
-    converted and pairs folded.
+    converted, pairs folded and blocks fused.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert: expected model to be a torch.nn.Module, but got {type(model).__name__}")
@@ -277,10 +402,21 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False,
             converted += 1
         else:
             left.append(f"{name or 'the model itself'} ({why})")
+    if fuse and model.training:
+        left.append("the batch norms and activations after the transposed convolutions (fuse=True is for inference, "
+                    "and the model is in training mode: call model.eval() first)")
+        fuse = False
+    if fuse:
+        converted += _fuse_sequentials(model, left)
     if fold_upsample:
         converted += _fold_upsamples(model, left)
-        model, traced_folds = _fold_traced(model, left)
-        converted += traced_folds
+    traced = _traced(model, left) if fuse or fold_upsample else None
+    if traced is not None:
+        changed = (_fuse_traced(traced, left) if fuse else 0) + (_fold_traced(traced, left) if fold_upsample else 0)
+        if changed:
+            traced.graph.lint()
+            traced.recompile()
+            model, converted = traced, converted + changed
     if left:
         warnings.warn(f"tritondeconv.convert left {len(left)} module(s) unchanged: " + "; ".join(left), stacklevel=2)
     return (model, converted) if return_count else model
