@@ -136,6 +136,19 @@ def _fold_refusal(up: torch.nn.Upsample, conv: torch.nn.Conv2d, registrations: i
     return None
 
 
+def _registrations(model: torch.nn.Module) -> collections.Counter:
+    """How many times each module (by id) is registered as a child in ``model``."""
+    return collections.Counter(
+        id(child) for module in model.modules() for child in module._modules.values() if child is not None)
+
+
+def _sequentials(model: torch.nn.Module) -> list[tuple[str, torch.nn.Sequential, list[str]]]:
+    """Every ``nn.Sequential`` in ``model``: the prefix that names its children, it, and
+    its children's names (taken before anything is replaced)."""
+    return [(f"{name}." if name else "", seq, list(seq._modules))
+            for name, seq in model.named_modules() if isinstance(seq, torch.nn.Sequential)]
+
+
 def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
     """Fold every ``Upsample(mode="nearest")`` directly followed by a ``Conv2d`` inside an
     ``nn.Sequential``: the upsampler's place takes an ``Identity`` and the convolution
@@ -143,13 +156,9 @@ def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
     state-dict keys and state-dict hooks kept).  A pair whose convolution is registered
     elsewhere too, or with forward or backward hooks, is left and named.  Returns how
     many pairs were folded."""
-    registrations = collections.Counter(
-        id(child) for module in model.modules() for child in module._modules.values() if child is not None)
+    registrations = _registrations(model)
     folded = 0
-    for seq_name, seq in list(model.named_modules()):
-        if not isinstance(seq, torch.nn.Sequential):
-            continue
-        names = list(seq._modules)
+    for prefix, seq, names in _sequentials(model):
         for a, b in zip(names, names[1:]):
             up, conv = seq._modules[a], seq._modules[b]
             if not (isinstance(up, torch.nn.Upsample) and up.mode == "nearest" and isinstance(conv, torch.nn.Conv2d)):
@@ -163,7 +172,7 @@ def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
                 conv.scale_factor = _integer_scale(up)
                 folded += 1
             else:
-                left.append(f"{seq_name + '.' if seq_name else ''}{a}+{b} ({why})")
+                left.append(f"{prefix}{a}+{b} ({why})")
     return folded
 
 
@@ -184,13 +193,9 @@ def _fuse_sequentials(model: torch.nn.Module, left: list[str]) -> int:
     transposed convolutions into it, and the activation module after them (or directly
     after the convolution) into its epilogue; their places take ``Identity`` modules.
     Returns how many convolutions took something in."""
-    registrations = collections.Counter(
-        id(child) for module in model.modules() for child in module._modules.values() if child is not None)
+    registrations = _registrations(model)
     fused = 0
-    for seq_name, seq in list(model.named_modules()):
-        if not isinstance(seq, torch.nn.Sequential):
-            continue
-        names = list(seq._modules)
+    for prefix, seq, names in _sequentials(model):
         for i, name in enumerate(names[:-1]):
             conv, after = seq._modules[name], names[i + 1:i + 3]
             if not isinstance(conv, _OURS):
@@ -200,7 +205,7 @@ def _fuse_sequentials(model: torch.nn.Module, left: list[str]) -> int:
             activation = rest and fusing.epilogue_of(seq._modules[rest[0]])
             if len(block) == 1 and not activation:
                 continue
-            where = f"{seq_name + '.' if seq_name else ''}{'+'.join(block + rest[:bool(activation)])}"
+            where = f"{prefix}{'+'.join(block + rest[:bool(activation)])}"
             why = _fuse_refusal(conv, registrations[id(conv)])
             if why is None and len(block) == 2:
                 why = fusing.batch_norm_refusal(conv, seq._modules[block[1]])
