@@ -124,3 +124,30 @@ def on_path(path: str):
 
     with launcher.intercept(choose=choose):
         yield
+
+
+def allocated_during(call, device: str):
+    """``call()``'s result and the most bytes it held allocated at once beyond what was
+    allocated when it began, with the allocator's rounding allowed for: the CUDA caching
+    allocator's peak on a GPU; on a CPU, PyTorch's profiler, which reports every CPU
+    allocation and free with the allocator's running total."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = call()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - base, 2 * 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        result = call()
+
+    def events(nodes):
+        for node in nodes:
+            yield node
+            yield from events(node.children)
+    allocations = sorted((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated)
+                         for e in events(profile.profiler.kineto_results.experimental_event_tree())
+                         if e.tag == torch._C._profiler._EventType.Allocation)
+    assert allocations, "the profiler saw no allocation: the measurement is broken"
+    base = allocations[0][2] - allocations[0][1]
+    return result, max(total for _, _, total in allocations) - base, 0

@@ -567,7 +567,8 @@ def test_fuse_folds_forward_code_too_and_leaves_the_original_model_working(devic
     with torch.no_grad():
         expected = copy.deepcopy(model)(x, skip)
         fused, count = tritondeconv.convert(model, fuse=True, return_count=True)
-        assert count == 1 + 1 and isinstance(fused, torch.fx.GraphModule)
+        assert count == 1 + 2 and isinstance(fused, torch.fx.GraphModule)  # converted, fused, concatenating
+        assert type(fused.up) is tritondeconv.nn.ConcatUpsample2d
         assert fused.up.activation == "leaky_relu" and fused.up.negative_slope == 0.1
         assert "bn" not in fused.code and "act" not in fused.code
         with observe_launches() as launches:

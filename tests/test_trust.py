@@ -14,7 +14,7 @@ import tritondeconv
 import tritondeconv.kernels.phase_gemm
 import tritondeconv.kernels.weight_grad
 from conftest import require_launches
-from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
+from reference import DTYPES, TOLERANCES, allocated_during, assert_close, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches, simulate_capture, spans_int64
 from tritondeconv.weights import PACKED
@@ -234,33 +234,6 @@ def test_cuda_graph_capture_and_replay(_):
         assert torch.equal(out, tritondeconv.conv_transpose2d(x, w, b, 2, 1))
 
 
-def _allocated_during(call, device: str):
-    """``call()``'s result and the most bytes it held allocated at once beyond what was
-    allocated when it began, with the allocator's rounding allowed for: the CUDA caching
-    allocator's peak on a GPU; on a CPU, PyTorch's profiler, which reports every CPU
-    allocation and free with the allocator's running total."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        result = call()
-        torch.cuda.synchronize()
-        return result, torch.cuda.max_memory_allocated() - base, 2 * 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        result = call()
-
-    def events(nodes):
-        for node in nodes:
-            yield node
-            yield from events(node.children)
-    allocations = sorted((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated)
-                         for e in events(profile.profiler.kineto_results.experimental_event_tree())
-                         if e.tag == torch._C._profiler._EventType.Allocation)
-    assert allocations, "the profiler saw no allocation: the measurement is broken"
-    base = allocations[0][2] - allocations[0][1]
-    return result, max(total for _, _, total in allocations) - base, 0
-
-
 def _sizes(device):
     """A layer the size of a real one on a GPU; on a CPU one the interpreter runs quickly,
     still with >= 16 channels (the tensor-core tiles)."""
@@ -277,7 +250,7 @@ def test_forward_allocates_only_output_and_packed_weight(device):
     x = torch.randn(n, c_in, size, size, device=device, dtype=dtype)
     w = torch.randn(c_in, c_out, 4, 4, device=device, dtype=dtype)
     tritondeconv.conv_transpose2d(x, w, None, 2, 1)  # compile and tune first
-    out, extra, rounding = _allocated_during(lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1), device)
+    out, extra, rounding = allocated_during(lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1), device)
     allowed = _nbytes(out, w) + rounding
     assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight = {allowed}"
 
@@ -291,7 +264,7 @@ def test_backward_allocates_only_gradients_and_split_workspace(device):
     out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
     gy = torch.randn_like(out)
     torch.autograd.grad(out, (x, w, b), gy, retain_graph=True)  # compile and tune first
-    grads, extra, rounding = _allocated_during(lambda: torch.autograd.grad(out, (x, w, b), gy), device)
+    grads, extra, rounding = allocated_during(lambda: torch.autograd.grad(out, (x, w, b), gy), device)
     split = tritondeconv.kernels.weight_grad.default_split(n * size * size, 16 * -(-c_in // 64) * -(-c_out // 64))
     # The gradients, plus the weight gradient's fp32 partial sums (split of them) and
     # their fp32 total, and the allocator's rounding.

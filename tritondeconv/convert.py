@@ -358,6 +358,51 @@ def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
     return fused
 
 
+def _concatenated_upsampling(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """``(up, skip)`` where ``node`` is ``torch.cat([up, skip], 1)`` (or ``dim=1``), else None."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return None
+    normalized = torch.fx.operator_schemas.normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    tensors = normalized.kwargs.get("tensors") if normalized else None
+    if normalized is None or normalized.kwargs.get("dim", 0) != 1 or not isinstance(tensors, (list, tuple)) \
+            or len(tensors) != 2 or not all(isinstance(t, torch.fx.Node) for t in tensors):
+        return None
+    return tensors[0], tensors[1]
+
+
+def _concat_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
+    """In the traced forward code, turn each ``torch.cat([up(x), skip], 1)`` whose first
+    tensor is one of our transposed convolutions' output, used there alone, into one
+    call of a ``ConcatUpsample`` copy of that convolution (sharing its parameters, at
+    its path: the original model keeps its module).  Returns how many were turned."""
+    graph = traced.graph
+    registrations = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    turned = 0
+    for cat in list(graph.nodes):
+        pair = _concatenated_upsampling(cat)
+        if pair is None or pair[0].op != "call_module":
+            continue
+        up, skip = pair
+        conv = traced.get_submodule(up.target)
+        if type(conv) not in nn.CONCAT or len(up.args) != 1 or up.kwargs or len(up.users) != 1:
+            continue
+        why = "the convolution is also used elsewhere in the model" if registrations[up.target] > 1 else \
+            "the convolution has hooks, which would see the concatenation" if _has_hooks(conv) else None
+        if why is not None:
+            left.append(f"{up.target}+{cat.name} in the forward code ({why})")
+            continue
+        concatenating = copy.copy(conv)
+        concatenating._parameters = dict(conv._parameters)
+        concatenating.__class__ = nn.CONCAT[type(conv)]
+        _replace_module(traced, up.target, concatenating)
+        up.args = (up.args[0], skip)
+        cat.replace_all_uses_with(up)
+        graph.erase_node(cat)
+        turned += 1
+    return turned
+
+
 def convert(model: torch.nn.Module, fold_upsample: bool = False, return_count: bool = False,
             fuse: bool = False) -> torch.nn.Module | tuple[torch.nn.Module, int]:
     """Turn every ``torch.nn.ConvTranspose{1,2,3}d`` in ``model`` (``model`` itself
@@ -387,8 +432,13 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False, return_count: b
     convolution, into its epilogue; their places take ``Identity`` modules, so the
     block is one kernel.  The model then computes the same in inference, but its state
     dict holds the folded parameters (the batch norms' entries are gone): fuse a copy
-    to keep the original.  A convolution used elsewhere too, parametrized, already
-    applying an activation, or a block with hooks is left, named.
+    to keep the original.  Then the forward code is traced with ``torch.fx``: the same
+    blocks written there are fused into new modules, and each ``torch.cat([up(x), skip],
+    1)`` of one of our convolutions' output becomes a ``ConcatUpsample`` (the
+    convolution writing straight into the concatenation); the returned model is then a
+    ``torch.fx.GraphModule`` and the model passed in keeps computing as before.  A
+    convolution used elsewhere too, parametrized, already applying an activation, or a
+    block with hooks is left, named.
 
     What it cannot take is left as it is, named in one warning: subclasses of PyTorch's
     modules with behaviour of their own, unsupported dtypes, uninitialised lazy
@@ -417,7 +467,8 @@ def convert(model: torch.nn.Module, fold_upsample: bool = False, return_count: b
         converted += _fold_upsamples(model, left)
     traced = _traced(model, left) if fuse or fold_upsample else None
     if traced is not None:
-        changed = (_fuse_traced(traced, left) if fuse else 0) + (_fold_traced(traced, left) if fold_upsample else 0)
+        changed = (_fuse_traced(traced, left) + _concat_traced(traced, left) if fuse else 0) + \
+            (_fold_traced(traced, left) if fold_upsample else 0)
         if changed:
             traced.graph.lint()
             traced.recompile()

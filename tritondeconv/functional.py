@@ -15,6 +15,7 @@ import torch
 from . import baselines  # noqa: F401  (registers naive_conv_transpose2d)
 from .arguments import check_tensor_types, ntuple, parse_int_argument
 from .autograd import transposed_conv
+from .ops import conv_transpose_into
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d"]
 
@@ -23,6 +24,11 @@ _DOC = """Drop-in for ``torch.nn.functional.conv_transpose{rank}d``.
     Optionally fused into the kernel's epilogue: ``activation`` (``"relu"``,
     ``"leaky_relu"`` with ``negative_slope``, ``"silu"``, ``"gelu"``, ``"tanh"``,
     ``"sigmoid"``) applied after the bias, then ``residual`` (the output's shape) added.
+
+    ``out``: for inference, the result written into this tensor (any strides, a slice of
+    a larger one among them) and returned, by PyTorch's ``out=`` rules: the output's
+    shape (an empty tensor is resized), the input's dtype and device, no memory shared
+    with an argument, and an error where autograd would have to record the call.
 
     Non-finite values: a NaN or an infinity in ``input`` reaches exactly the outputs
     PyTorch's reach.  An infinite *weight* tap that meets no input pixel at the border
@@ -63,9 +69,14 @@ def _conv_transpose_function(rank: int):
     name = f"conv_transpose{rank}d"
 
     def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                       activation=None, negative_slope=0.01, residual=None):
+                       activation=None, negative_slope=0.01, residual=None, out=None):
         stride, padding, output_padding, groups, dilation = _parse(
             name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"{name}(): argument 'out' must be Tensor, not {type(out).__name__}")
+            return conv_transpose_into(out, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                       activation, float(negative_slope), residual)
         return transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
                                float(negative_slope), residual)
 

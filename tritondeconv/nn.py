@@ -5,11 +5,13 @@ from typing import NoReturn
 
 import torch
 
+from .concat import conv_transpose_cat
 from .folding import upsample_conv2d
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .weights import PACKED
 
-__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ConcatUpsample1d", "ConcatUpsample2d",
+           "ConcatUpsample3d", "UpsampleConv2d", "clear_weight_cache"]
 
 
 def _refuse_scripting(module: torch.nn.Module) -> NoReturn:
@@ -92,6 +94,39 @@ class ConvTranspose3d(_TritonForward, torch.nn.ConvTranspose3d):
     """Drop-in for ``torch.nn.ConvTranspose3d`` (with the optional epilogue of ``_TritonForward``)."""
 
     _rank, _function = 3, staticmethod(conv_transpose3d)
+
+
+class _ConcatForward:
+    """``forward(input, skip, output_size=None)``: ``torch.cat([up(input), skip], dim=1)``
+    (the U-Net decoder's upsampling and skip connection), where ``up`` is the transposed
+    convolution (with its epilogue) that this module is; the concatenation is allocated
+    once and the convolution written straight into it (``tritondeconv.concat``), with its
+    own backward.  Otherwise the same module as the transposed convolution: constructor,
+    parameters, state dict (so ``convert(model, fuse=True)`` makes one from a traced
+    ``torch.cat([up(x), skip], 1)`` by a change of class)."""
+
+    def forward(self, input: torch.Tensor, skip: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self.output_padding if output_size is None else self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
+        )
+        return conv_transpose_cat(input, skip, self.weight, self.bias, self.stride, self.padding, output_padding,
+                                  self.groups, self.dilation, activation=self.activation,
+                                  negative_slope=self.negative_slope)
+
+
+class ConcatUpsample1d(_ConcatForward, ConvTranspose1d):
+    """``torch.cat([ConvTranspose1d(...)(input), skip], dim=1)`` in one buffer (``_ConcatForward``)."""
+
+
+class ConcatUpsample2d(_ConcatForward, ConvTranspose2d):
+    """``torch.cat([ConvTranspose2d(...)(input), skip], dim=1)`` in one buffer (``_ConcatForward``)."""
+
+
+class ConcatUpsample3d(_ConcatForward, ConvTranspose3d):
+    """``torch.cat([ConvTranspose3d(...)(input), skip], dim=1)`` in one buffer (``_ConcatForward``)."""
+
+
+CONCAT = {ConvTranspose1d: ConcatUpsample1d, ConvTranspose2d: ConcatUpsample2d, ConvTranspose3d: ConcatUpsample3d}
 
 
 class UpsampleConv2d(torch.nn.Conv2d):

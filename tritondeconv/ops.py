@@ -284,6 +284,51 @@ def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups
     return out.squeeze(0) if call.unbatched else out
 
 
+def conv_transpose_into(out: torch.Tensor, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                        activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
+    """``conv_transpose`` (arguments parsed: one entry per spatial axis) written into
+    ``out``, any strides (a slice of a larger tensor among them), by PyTorch's ``out=``
+    rules: ``out`` has the output's shape (a tensor with no elements is resized to it),
+    the input's dtype and device, and shares no memory with an argument; and autograd
+    cannot record it (an error where it would have to).  Returns ``out``."""
+    call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
+    arguments = {"input": input, "weight": weight, "bias": bias, "residual": residual}
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, *arguments.values())):
+        raise RuntimeError(f"{call.name}(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad")
+    shape = call.args.output_shape[call.unbatched:]
+    if out.numel() == 0 and tuple(out.shape) != shape:
+        out.resize_(shape)
+    if tuple(out.shape) != shape:
+        raise RuntimeError(f"{call.name}: expected out to have the output's size {list(shape)}, but got {list(out.shape)}")
+    if out.dtype != input.dtype or out.device != input.device:
+        raise RuntimeError(f"{call.name}: expected out to have the input's dtype {input.dtype} and device "
+                           f"{input.device}, but got {out.dtype} on {out.device}")
+    for name, tensor in arguments.items():
+        if tensor is not None and torch._C._overlaps(out, tensor):
+            raise RuntimeError(f"{call.name}: out shares memory with {name}; out= needs memory of its own")
+    if out.numel() == 0:
+        return out
+    target, x, args, r = out.unsqueeze(0) if call.unbatched else out, call.x, call.args, call.residual
+    if (torch.compiler.is_compiling() or torch._C._has_torch_function((out, input, weight))
+            or torch._C._functorch.peek_interpreter_stack() is not None):  # (through the op, then copied)
+        return out.copy_(conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                        activation, negative_slope, residual))
+
+    def kernels():
+        phase_gemm(target, x, PACKED.get(weight, 1), bias, tuple(args.stride), args.padding, args.dilation,
+                   args.groups, transposed=True, allow_tf32=_allow_tf32(), activation=activation,
+                   negative_slope=negative_slope, residual=r)
+        return target
+
+    _computed(call.name, x.device, kernels,
+              lambda: target.copy_(aten_transposed(x, weight, bias, args.stride, args, args.output_padding,
+                                                   activation, negative_slope, r)),
+              (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation,
+               activation, negative_slope, r))
+    return out
+
+
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
                          negative_slope=0.01, residual=None):
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)

@@ -1,0 +1,87 @@
+"""The U-Net decoder's ``torch.cat([conv_transpose(x, w), skip], dim=1)`` in one buffer:
+the concatenation is allocated once, the kernel writes the convolution's output straight
+into its leading channels (it writes through any output strides), and only ``skip`` is
+copied, one output's worth of memory and one copy fewer than the two-step form.
+
+PyTorch's ``out=`` arguments are not differentiable, so the block has its own backward:
+the gradient of the leading channels goes to the convolution (its usual gradients,
+through the ops, so they are differentiable again), the rest to ``skip``.  While a
+``torch.func`` transform is active, or ``torch.compile`` traces, it is computed as the
+two steps (the compiler plans its own buffers).
+"""
+from __future__ import annotations
+
+import torch
+
+from .arguments import _strides_like_channels_last, output_memory_format
+from .autograd import _backward_conv_transpose, _setup_conv_transpose, transforms_active, transposed_conv
+from .functional import _parse
+from .ops import _empty, conv_transpose_into, prepare
+
+
+def _concatenation_format(up_shape: tuple, up_format: torch.memory_format, skip: torch.Tensor) -> torch.memory_format:
+    """The memory format ``torch.cat`` gives the convolution's output (``up_shape``, laid
+    out as ``up_format``) and ``skip``: channels-last where both have channels-last
+    strides (as aten's ``suggest_memory_format`` decides it), contiguous otherwise."""
+    if len(up_shape) not in (4, 5) or up_format == torch.contiguous_format:
+        return torch.contiguous_format
+    up_strides = torch.empty(up_shape, device="meta", memory_format=up_format).stride()
+    both = _strides_like_channels_last(up_shape, up_strides) and _strides_like_channels_last(skip.shape, skip.stride())
+    return up_format if both else torch.contiguous_format
+
+
+class _ConcatTransposed(torch.autograd.Function):
+    """``torch.cat([activation(T(x, w) + b), skip], 1)``, written in one buffer."""
+
+    @staticmethod
+    def forward(ctx, input, skip, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                slope):
+        inputs = (input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, None)
+        up_shape = prepare(*inputs[:8], activation, None).args.output_shape
+        buffer = _empty((up_shape[0], up_shape[1] + skip.shape[1], *up_shape[2:]), input,
+                        _concatenation_format(up_shape, output_memory_format(input, weight), skip))
+        conv_transpose_into(buffer[:, :up_shape[1]], *inputs)
+        buffer[:, up_shape[1]:].copy_(skip)
+        _setup_conv_transpose(ctx, inputs, buffer)
+        ctx.up_channels = up_shape[1]
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad  # (input, skip, weight, bias, ...)
+        up_needs = (needs[0], needs[2], needs[3]) + (False,) * 8  # the convolution's arguments, in the op's order
+        grad_x, grad_w, grad_b = _backward_conv_transpose(ctx, grad[:, :ctx.up_channels], up_needs)[:3]
+        grad_skip = grad[:, ctx.up_channels:] if needs[1] else None
+        return grad_x, grad_skip, grad_w, grad_b, *(None,) * 7
+
+
+def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                       activation=None, negative_slope=0.01) -> torch.Tensor:
+    """``torch.cat([conv_transpose(input, weight, bias, ...), skip], dim=1)`` (the rank is
+    the weight's), the convolution written straight into the concatenation (see the
+    module docstring); ``activation`` as for the convolution functions.  ``input`` is
+    batched; ``skip`` has the convolution output's batch and spatial sizes, and the
+    input's dtype and device."""
+    rank = weight.dim() - 2 if isinstance(weight, torch.Tensor) else 0
+    name = f"conv_transpose{rank}d"
+    stride, padding, output_padding, groups, dilation = _parse(
+        name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
+    if input.dim() != rank + 2:
+        raise RuntimeError(f"{name}: concatenating with skip needs a batched input of {rank + 2} dimensions, "
+                           f"but got input of size {list(input.shape)}")
+    if not isinstance(skip, torch.Tensor):
+        raise TypeError(f"{name}(): argument 'skip' must be Tensor, not {type(skip).__name__}")
+    up_shape = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                       None).args.output_shape
+    if skip.dim() != rank + 2 or skip.shape[0] != up_shape[0] or tuple(skip.shape[2:]) != up_shape[2:]:
+        raise RuntimeError(f"{name}: expected skip of size [{up_shape[0]}, *, {', '.join(map(str, up_shape[2:]))}] "
+                           f"(the output's batch and spatial sizes), but got {list(skip.shape)}")
+    if skip.dtype != input.dtype or skip.device != input.device:
+        raise RuntimeError(f"{name}: expected skip to have the input's dtype and device, but got {skip.dtype} on "
+                           f"{skip.device}")
+    if transforms_active() or torch.compiler.is_compiling():
+        up = transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                             float(negative_slope))
+        return torch.cat([up, skip], 1)
+    return _ConcatTransposed.apply(input, skip, weight, bias, stride, padding, output_padding, groups, dilation,
+                                   activation, float(negative_slope))
