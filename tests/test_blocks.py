@@ -99,6 +99,15 @@ def test_concat_upsample_holds_one_output_less_than_the_two_steps(device):
     assert fused_bytes <= two_steps_bytes - output_bytes + rounding, (fused_bytes, two_steps_bytes, output_bytes)
 
 
+def test_concat_upsample_compiles_without_graph_breaks(device):
+    seed = fresh_seed()
+    module, x, skip = _up_and_skip(device, 2, F64, "channels_last", "channels_last", activation="silu")
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        assert_close(compiled(x, skip), _two_steps(module, x, skip), "float64", seed)
+
+
 @pytest.mark.no_kernel("refused before any launch")
 @pytest.mark.parametrize("case, error, match", [
     ("unbatched", RuntimeError, "batched input"),

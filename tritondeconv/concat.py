@@ -71,6 +71,10 @@ def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, outp
                            f"but got input of size {list(input.shape)}")
     if not isinstance(skip, torch.Tensor):
         raise TypeError(f"{name}(): argument 'skip' must be Tensor, not {type(skip).__name__}")
+    if transforms_active() or torch.compiler.is_compiling():
+        up = transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                             float(negative_slope))
+        return torch.cat([up, skip], 1)
     up_shape = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
                        None).args.output_shape
     if skip.dim() != rank + 2 or skip.shape[0] != up_shape[0] or tuple(skip.shape[2:]) != up_shape[2:]:
@@ -79,9 +83,5 @@ def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, outp
     if skip.dtype != input.dtype or skip.device != input.device:
         raise RuntimeError(f"{name}: expected skip to have the input's dtype and device, but got {skip.dtype} on "
                            f"{skip.device}")
-    if transforms_active() or torch.compiler.is_compiling():
-        up = transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                             float(negative_slope))
-        return torch.cat([up, skip], 1)
     return _ConcatTransposed.apply(input, skip, weight, bias, stride, padding, output_padding, groups, dilation,
                                    activation, float(negative_slope))
