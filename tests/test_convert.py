@@ -584,3 +584,12 @@ def test_fuse_in_forward_code_folds_only_what_alone_uses_a_value(device):
     model = _NormalisedUpBlock(reuse=True).to(device).eval()
     fused = tritondeconv.convert(model, fuse=True)
     assert fused.up.activation is None and "act" in fused.code and "bn" not in fused.code
+
+
+@pytest.mark.parametrize("options", [dict(fuse=True), dict(fold_upsample=True)], ids=["fuse", "fold_upsample"])
+def test_a_single_layer_is_not_traced(options):
+    """A bare layer has no forward code of its own to fold: no tracing, no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(tritondeconv.convert(_deconv().eval(), **options)) is OURS[2]
+        assert type(tritondeconv.convert(torch.nn.Conv2d(2, 2, 3).eval(), **options)) is torch.nn.Conv2d

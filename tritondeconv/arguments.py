@@ -220,7 +220,7 @@ def _check_tensors(input, weight, bias, op: str) -> None:
             raise RuntimeError(f"{op}: expected {name} to be on the input's device {input.device}, but got {t.device}")
 
 
-def _strides_like_channels_last(sizes, strides) -> bool:
+def strides_like_channels_last(sizes, strides) -> bool:
     """Whether a 4-D or 5-D tensor of these sizes and strides has channels-last strides,
     decided exactly as aten's ``suggest_memory_format`` decides it: the strides must grow
     in the order C, W, H, (D,) N, with the ambiguous cases (a zero channel stride, size-1
@@ -259,7 +259,7 @@ def _output_memory_format(input_shape, input_strides, weight_shape, weight_strid
     if dims == 3:  # the weight as aten's 2-D convolution sees it: [C_in, C_out/g, 1, k]
         weight_shape = (*weight_shape[:2], 1, weight_shape[2])
         weight_strides = (*weight_strides[:2], weight_strides[2] * weight_shape[3], weight_strides[2])
-        return torch.channels_last if _strides_like_channels_last(weight_shape, weight_strides) else torch.contiguous_format
-    if _strides_like_channels_last(input_shape, input_strides) or _strides_like_channels_last(weight_shape, weight_strides):
+        return torch.channels_last if strides_like_channels_last(weight_shape, weight_strides) else torch.contiguous_format
+    if strides_like_channels_last(input_shape, input_strides) or strides_like_channels_last(weight_shape, weight_strides):
         return torch.channels_last if dims == 4 else torch.channels_last_3d
     return torch.contiguous_format

@@ -118,7 +118,7 @@ def _autograd_kernel(function: type, op, keyset, *args):
 # z = T(x, w) + b recomputed (one more forward, instead of keeping z in memory).
 
 
-def _setup_conv_transpose(ctx, inputs, output):
+def setup_conv_transpose(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
     ctx.save_for_backward(input, weight, bias)
     ctx.has_bias = bias is not None
@@ -155,7 +155,7 @@ def _activation_slope(ctx, x, w, b):
     return ACTIVATION_TABLE[activation].derivative(z.to(torch.promote_types(z.dtype, torch.float32)), slope)
 
 
-def _backward_conv_transpose(ctx, grad_y, needs=None):
+def backward_conv_transpose(ctx, grad_y, needs=None):
     """The gradients of every argument (``needs``: the flags of the op's arguments;
     default ``ctx.needs_input_grad``)."""
     needs = ctx.needs_input_grad if needs is None else needs
@@ -168,8 +168,8 @@ def _backward_conv_transpose(ctx, grad_y, needs=None):
     return _per_argument(input=grad_x, weight=grad_w, bias=grad_b, residual=grad_r)
 
 
-_ConvTranspose = _autograd_function("_ConvTranspose", ops.conv_transpose.default, _setup_conv_transpose,
-                                    _backward_conv_transpose)
+_ConvTranspose = _autograd_function("_ConvTranspose", ops.conv_transpose.default, setup_conv_transpose,
+                                    backward_conv_transpose)
 
 
 def _conv_transpose_autograd(keyset, input, weight, bias, stride, padding, output_padding, groups, dilation,
@@ -324,12 +324,12 @@ class TransposedConv(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_conv_transpose(ctx, inputs, output)
+        setup_conv_transpose(ctx, inputs, output)
         ctx.save_for_forward(*inputs[:3])
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward_conv_transpose(ctx, grad_y)
+        return backward_conv_transpose(ctx, grad_y)
 
     @staticmethod
     def jvp(ctx, dx, dw, db, d_stride, d_padding, d_output_padding, d_groups, d_dilation, d_activation, d_slope, dr):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .arguments import output_memory_format
-from .ops import LIBRARY, _computed, _empty, aten_transposed, launch_transposed, prepare, register_autocast
+from .ops import LIBRARY, _computed, aten_transposed, empty_in_format, launch_transposed, prepare, register_autocast
 
 
 def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
@@ -23,7 +23,7 @@ def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], ou
     of ``x`` by ``weight``."""
     spatial = x.shape[2:]
     shape = (*x.shape[:2], *((n - 1) * s + 1 + extra for n, s, extra in zip(spatial, stride, output_padding)))
-    up = _empty(shape, x, output_memory_format(x, weight))
+    up = empty_in_format(shape, x, output_memory_format(x, weight))
     up.zero_()[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(spatial, stride)))] = x
     return up
 
@@ -46,7 +46,7 @@ def _naive(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_paddi
 def _naive_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
                 dilation=(1, 1)):
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, None, None)
-    out = _empty(call.args.output_shape, call.x, output_memory_format(call.x, weight))
+    out = empty_in_format(call.args.output_shape, call.x, output_memory_format(call.x, weight))
     return out.squeeze(0) if call.unbatched else out
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import _strides_like_channels_last, output_memory_format
-from .autograd import _backward_conv_transpose, _setup_conv_transpose, transforms_active, transposed_conv
-from .functional import _parse
-from .ops import _empty, conv_transpose_into, prepare
+from .arguments import strides_like_channels_last, output_memory_format
+from .autograd import backward_conv_transpose, setup_conv_transpose, transforms_active, transposed_conv
+from .functional import parse_arguments
+from .ops import conv_transpose_into, empty_in_format, prepare
 
 
 def _concatenation_format(up_shape: tuple, up_format: torch.memory_format, skip: torch.Tensor) -> torch.memory_format:
@@ -26,7 +26,7 @@ def _concatenation_format(up_shape: tuple, up_format: torch.memory_format, skip:
     if len(up_shape) not in (4, 5) or up_format == torch.contiguous_format:
         return torch.contiguous_format
     up_strides = torch.empty(up_shape, device="meta", memory_format=up_format).stride()
-    both = _strides_like_channels_last(up_shape, up_strides) and _strides_like_channels_last(skip.shape, skip.stride())
+    both = strides_like_channels_last(up_shape, up_strides) and strides_like_channels_last(skip.shape, skip.stride())
     return up_format if both else torch.contiguous_format
 
 
@@ -38,11 +38,11 @@ class _ConcatTransposed(torch.autograd.Function):
                 slope):
         inputs = (input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, None)
         up_shape = prepare(*inputs[:8], activation, None).args.output_shape
-        buffer = _empty((up_shape[0], up_shape[1] + skip.shape[1], *up_shape[2:]), input,
+        buffer = empty_in_format((up_shape[0], up_shape[1] + skip.shape[1], *up_shape[2:]), input,
                         _concatenation_format(up_shape, output_memory_format(input, weight), skip))
         conv_transpose_into(buffer[:, :up_shape[1]], *inputs)
         buffer[:, up_shape[1]:].copy_(skip)
-        _setup_conv_transpose(ctx, inputs, buffer)
+        setup_conv_transpose(ctx, inputs, buffer)
         ctx.up_channels = up_shape[1]
         return buffer
 
@@ -50,7 +50,7 @@ class _ConcatTransposed(torch.autograd.Function):
     def backward(ctx, grad):
         needs = ctx.needs_input_grad  # (input, skip, weight, bias, ...)
         up_needs = (needs[0], needs[2], needs[3]) + (False,) * 8  # the convolution's arguments, in the op's order
-        grad_x, grad_w, grad_b = _backward_conv_transpose(ctx, grad[:, :ctx.up_channels], up_needs)[:3]
+        grad_x, grad_w, grad_b = backward_conv_transpose(ctx, grad[:, :ctx.up_channels], up_needs)[:3]
         grad_skip = grad[:, ctx.up_channels:] if needs[1] else None
         return grad_x, grad_skip, grad_w, grad_b, *(None,) * 7
 
@@ -64,7 +64,7 @@ def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, outp
     input's dtype and device."""
     rank = weight.dim() - 2 if isinstance(weight, torch.Tensor) else 0
     name = f"conv_transpose{rank}d"
-    stride, padding, output_padding, groups, dilation = _parse(
+    stride, padding, output_padding, groups, dilation = parse_arguments(
         name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
     if input.dim() != rank + 2:
         raise RuntimeError(f"{name}: concatenating with skip needs a batched input of {rank + 2} dimensions, "

@@ -255,9 +255,12 @@ def _nearest_upsampler(node: torch.fx.Node, root: torch.nn.Module) -> torch.nn.U
 
 def _traced(model: torch.nn.Module, left: list[str]) -> torch.fx.GraphModule | None:
     """``model``'s forward code as ``torch.fx`` traces it (sharing ``model``'s modules),
-    or None, named in ``left``, when it does not trace."""
+    or None: for a module the tracer keeps whole (a single layer: nothing to fold in
+    it), and, named in ``left``, when it does not trace."""
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):
+        return None
     try:
-        tracer = _Tracer()
         graph = tracer.trace(model)
     except Exception as error:  # noqa: BLE001 (any tracing failure: the forward stays as written)
         left.append(f"the forward code (not traceable by torch.fx: {type(error).__name__}: {str(error).splitlines()[0]})")

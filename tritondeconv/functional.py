@@ -51,7 +51,7 @@ def _per_axis(value, rank: int):
     return None
 
 
-def _parse(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
+def parse_arguments(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
     """The integer arguments as the op takes them (one entry per spatial axis), after
     PyTorch's functional API's own type checks."""
     check_tensor_types(input, weight, bias, op)
@@ -70,7 +70,7 @@ def _conv_transpose_function(rank: int):
 
     def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        activation=None, negative_slope=0.01, residual=None, out=None):
-        stride, padding, output_padding, groups, dilation = _parse(
+        stride, padding, output_padding, groups, dilation = parse_arguments(
             name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
         if out is not None:
             if not isinstance(out, torch.Tensor):
@@ -93,5 +93,5 @@ conv_transpose3d = _conv_transpose_function(3)
 def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """The zero-insertion baseline, same signature as ``conv_transpose2d`` (forward only:
     it has no gradient of its own)."""
-    args = _parse("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+    args = parse_arguments("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
     return torch.ops.tritondeconv.naive_conv_transpose2d.default(input, weight, bias, *args)

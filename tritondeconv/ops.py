@@ -134,7 +134,7 @@ def _allow_tf32() -> bool:
     return False
 
 
-def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+def empty_in_format(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """A new tensor of ``shape`` in ``like``'s dtype and device and in ``memory_format``
     (every tensor the ops return is allocated here, and filled if
     ``kernels.common.poison_allocations`` asks; ``channels_last`` for a 3-D shape puts
@@ -148,16 +148,16 @@ def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> tor
 def _empty_output(x: torch.Tensor, weight: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
     """The output of a transposed convolution of batched ``x`` by ``weight``, laid out as
     aten lays out its output (``arguments.output_memory_format``)."""
-    return _empty(args.output_shape, x, output_memory_format(x, weight))
+    return empty_in_format(args.output_shape, x, output_memory_format(x, weight))
 
 
 def _as_aten_would(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """aten's own result, in the memory format our fake implementation promises (aten's
     CPU backends sometimes pick another layout by heuristics of their own)."""
     memory_format = output_memory_format(x, weight)
-    if out.stride() == _empty(out.shape, out.to("meta"), memory_format).stride():  # (strides without allocating)
+    if out.stride() == empty_in_format(out.shape, out.to("meta"), memory_format).stride():  # (strides without allocating)
         return out
-    return _empty(out.shape, out, memory_format).copy_(out)
+    return empty_in_format(out.shape, out, memory_format).copy_(out)
 
 
 # ---------------------------------------------------------------- conv_transpose{1,2,3}d
@@ -380,7 +380,7 @@ def transposed_output_padding(input_size, output_size_, kernel_size, stride, pad
 def _input_grad_empty(grad_output: torch.Tensor, weight: torch.Tensor, input_size) -> torch.Tensor:
     """grad_input, laid out as aten lays out the convolution of grad_output by weight."""
     shape = (grad_output.shape[0], weight.shape[0], *input_size)
-    return _empty(shape, grad_output, output_memory_format(grad_output, weight))
+    return empty_in_format(shape, grad_output, output_memory_format(grad_output, weight))
 
 
 LIBRARY.define("conv_transpose_input_grad(Tensor grad_output, Tensor weight, int[] input_size, int[] stride, "
