@@ -176,15 +176,21 @@ def _fold_upsamples(model: torch.nn.Module, left: list[str]) -> int:
     return folded
 
 
-def _fuse_refusal(conv: torch.nn.Module, registrations: int) -> str | None:
-    """Why what follows our transposed convolution ``conv`` (registered
-    ``registrations`` times) cannot be fused into it, or None."""
+def _fuse_refusal(conv: torch.nn.Module, registrations: int, bn: torch.nn.Module | None,
+                  members: list[torch.nn.Module]) -> str | None:
+    """Why the block ``members`` (our transposed convolution ``conv``, registered
+    ``registrations`` times, then the batch norm ``bn`` if any, then an activation)
+    cannot be fused into ``conv``, or None."""
     if registrations > 1:
         return "the convolution is also used elsewhere in the model"
     if parametrize.is_parametrized(conv):
         return "the convolution is parametrized"
     if conv.activation is not None:
         return "the convolution already applies an activation"
+    if bn is not None and (why := fusing.batch_norm_refusal(conv, bn)) is not None:
+        return why
+    if any(_has_hooks(module) for module in members):
+        return "a module of the block has hooks, which would not see the values they see now"
     return None
 
 
@@ -196,30 +202,27 @@ def _fuse_sequentials(model: torch.nn.Module, left: list[str]) -> int:
     registrations = _registrations(model)
     fused = 0
     for prefix, seq, names in _sequentials(model):
-        for i, name in enumerate(names[:-1]):
-            conv, after = seq._modules[name], names[i + 1:i + 3]
+        for i, name in enumerate(names):
+            conv = seq._modules[name]
             if not isinstance(conv, _OURS):
                 continue
-            block = [name] + [n for n in after[:1] if isinstance(seq._modules[n], torch.nn.modules.batchnorm._BatchNorm)]
-            rest = after[len(block) - 1:][:1]
-            activation = rest and fusing.epilogue_of(seq._modules[rest[0]])
-            if len(block) == 1 and not activation:
+            after = names[i + 1:i + 3]
+            bn = after[0] if after and isinstance(seq._modules[after[0]], torch.nn.modules.batchnorm._BatchNorm) else None
+            act = after[1 if bn else 0] if len(after) > (1 if bn else 0) else None
+            epilogue = fusing.epilogue_of(seq._modules[act]) if act else None
+            members = [n for n in (name, bn, epilogue and act) if n]
+            if len(members) == 1:
                 continue
-            where = f"{prefix}{'+'.join(block + rest[:bool(activation)])}"
-            why = _fuse_refusal(conv, registrations[id(conv)])
-            if why is None and len(block) == 2:
-                why = fusing.batch_norm_refusal(conv, seq._modules[block[1]])
-            if why is None and any(_has_hooks(seq._modules[n]) for n in block + rest[:bool(activation)]):
-                why = "a module of the block has hooks, which would not see the values they see now"
+            why = _fuse_refusal(conv, registrations[id(conv)], bn and seq._modules[bn], [seq._modules[n] for n in members])
             if why is not None:
-                left.append(f"{where} ({why})")
+                left.append(f"{prefix}{'+'.join(members)} ({why})")
                 continue
-            if len(block) == 2:
-                fusing.fold_batch_norm(conv, seq._modules[block[1]])
-                seq._modules[block[1]] = torch.nn.Identity()
-            if activation:
-                conv.activation, conv.negative_slope = activation
-                seq._modules[rest[0]] = torch.nn.Identity()
+            if bn:
+                fusing.fold_batch_norm(conv, seq._modules[bn])
+                seq._modules[bn] = torch.nn.Identity()
+            if epilogue:
+                conv.activation, conv.negative_slope = epilogue
+                seq._modules[act] = torch.nn.Identity()
             fused += 1
     return fused
 
@@ -326,24 +329,22 @@ def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(traced.get_submodule(node.target), _OURS):
             continue
-        conv, chain, last = traced.get_submodule(node.target), [], node
-        bn = _sole_module_user(last, traced)
+        conv = traced.get_submodule(node.target)
+        chain = []  # the nodes folded in: a batch norm's, then an activation's
+        bn = _sole_module_user(node, traced)
         if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-            last = next(iter(last.users))
-            chain.append(last)
+            chain.append(next(iter(node.users)))
         else:
             bn = None
-        activation_module = _sole_module_user(last, traced)
-        activation = activation_module is not None and fusing.epilogue_of(activation_module)
-        if activation:
+        last = chain[-1] if chain else node
+        act = _sole_module_user(last, traced)
+        epilogue = fusing.epilogue_of(act) if act is not None else None
+        if epilogue:
             chain.append(next(iter(last.users)))
         if not chain:
             continue
-        why = _fuse_refusal(conv, registrations[node.target])
-        if why is None and bn is not None:
-            why = fusing.batch_norm_refusal(conv, bn)
-        if why is None and any(_has_hooks(traced.get_submodule(n.target)) for n in [node, *chain]):
-            why = "a module of the block has hooks, which would not see the values they see now"
+        why = _fuse_refusal(conv, registrations[node.target], bn,
+                            [traced.get_submodule(n.target) for n in [node, *chain]])
         if why is not None:
             left.append(f"{'+'.join(n.target for n in [node, *chain])} in the forward code ({why})")
             continue
@@ -351,8 +352,8 @@ def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
         fused_conv._parameters = dict(conv._parameters)  # its own parameters: the original keeps conv's
         if bn is not None:
             fusing.fold_batch_norm(fused_conv, bn)
-        if activation:
-            fused_conv.activation, fused_conv.negative_slope = activation
+        if epilogue:
+            fused_conv.activation, fused_conv.negative_slope = epilogue
         _replace_module(traced, node.target, fused_conv)
         for folded in chain:
             folded.replace_all_uses_with(node)
