@@ -363,14 +363,16 @@ def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
 
 
 def _concatenated_upsampling(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """``(up, skip)`` where ``node`` is ``torch.cat([up, skip], 1)`` (or ``dim=1``), else None."""
-    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+    """``(up, skip)`` where ``node`` is ``torch.cat([up, skip], 1)`` (or ``dim=1``), else
+    None.  (Read off the call directly: ``torch.fx``'s argument normalisation finds
+    ``cat``'s two schemas ambiguous on some PyTorch versions.)"""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat) or len(node.args) > 2 \
+            or set(node.kwargs) - {"tensors", "dim"}:
         return None
-    normalized = torch.fx.operator_schemas.normalize_function(
-        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    tensors = normalized.kwargs.get("tensors") if normalized else None
-    if normalized is None or normalized.kwargs.get("dim", 0) != 1 or not isinstance(tensors, (list, tuple)) \
-            or len(tensors) != 2 or not all(isinstance(t, torch.fx.Node) for t in tensors):
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim != 1 or not isinstance(tensors, (list, tuple)) or len(tensors) != 2 \
+            or not all(isinstance(t, torch.fx.Node) for t in tensors):
         return None
     return tensors[0], tensors[1]
 
