@@ -307,6 +307,15 @@ def _replace_module(traced: torch.fx.GraphModule, path: str, module: torch.nn.Mo
     setattr(traced.get_submodule(parent), name, module)
 
 
+def _copy_of(conv: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A new module of class ``cls`` with ``conv``'s attributes and parameters, held in
+    its own table (so the traced model can replace them; the original keeps ``conv``)."""
+    copied = copy.copy(conv)
+    copied._parameters = dict(conv._parameters)
+    copied.__class__ = cls
+    return copied
+
+
 def _sole_module_user(node: torch.fx.Node, traced: torch.fx.GraphModule) -> torch.nn.Module | None:
     """The module that alone uses ``node``'s value, as its only argument, or None."""
     if len(node.users) != 1:
@@ -348,8 +357,7 @@ def _fuse_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
         if why is not None:
             left.append(f"{'+'.join(n.target for n in [node, *chain])} in the forward code ({why})")
             continue
-        fused_conv = copy.copy(conv)
-        fused_conv._parameters = dict(conv._parameters)  # its own parameters: the original keeps conv's
+        fused_conv = _copy_of(conv, type(conv))
         if bn is not None:
             fusing.fold_batch_norm(fused_conv, bn)
         if epilogue:
@@ -398,10 +406,7 @@ def _concat_traced(traced: torch.fx.GraphModule, left: list[str]) -> int:
         if why is not None:
             left.append(f"{up.target}+{cat.name} in the forward code ({why})")
             continue
-        concatenating = copy.copy(conv)
-        concatenating._parameters = dict(conv._parameters)
-        concatenating.__class__ = nn.CONCAT[type(conv)]
-        _replace_module(traced, up.target, concatenating)
+        _replace_module(traced, up.target, _copy_of(conv, nn.CONCAT[type(conv)]))
         up.args = (up.args[0], skip)
         cat.replace_all_uses_with(up)
         graph.erase_node(cat)

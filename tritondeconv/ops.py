@@ -243,12 +243,12 @@ def prepare(input, weight, bias, stride, padding, output_padding, groups, dilati
 
 
 def launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTransposeArgs, stride,
-                      activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
-    """Run the phase kernel with the given stride (the naive baseline passes 1) into a
-    new output laid out as aten lays out its own, with an optional fused epilogue.
-    Every rank runs on the kernel's three spatial axes, the missing leading ones of
-    size 1."""
-    out = _empty_output(x, weight, args)
+                      activation=None, negative_slope=0.01, residual=None, out=None) -> torch.Tensor:
+    """Run the phase kernel with the given stride (the naive baseline passes 1) into
+    ``out`` (batched, any strides) or a new output laid out as aten lays out its own,
+    with an optional fused epilogue.  Every rank runs on the kernel's three spatial
+    axes, the missing leading ones of size 1."""
+    out = _empty_output(x, weight, args) if out is None else out
     if out.numel() == 0:
         return out
     phase_gemm(out, x, PACKED.get(weight, 1), bias, tuple(stride), args.padding, args.dilation, args.groups,
@@ -267,20 +267,30 @@ def aten_transposed(x, weight, bias, stride, args: ConvTransposeArgs, output_pad
     return _as_aten_would(out if residual is None else out + residual, x, weight)
 
 
+def _transposed(call: Call, weight, bias, activation, negative_slope, out=None) -> torch.Tensor:
+    """The checked ``call``'s transposed convolution (batched), by the kernels or by aten
+    (``_computed`` decides), into ``out`` or a new output."""
+    x, args, r = call.x, call.args, call.residual
+
+    def aten():
+        result = aten_transposed(x, weight, bias, args.stride, args, args.output_padding, activation, negative_slope, r)
+        return result if out is None else out.copy_(result)
+
+    return _computed(
+        call.name, x.device,
+        lambda: launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r, out), aten,
+        (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation, activation,
+         negative_slope, r),
+    )
+
+
 def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
                     negative_slope=0.01, residual=None):
     """``activation(conv_transpose(input, weight) + bias) + residual``, the activation
     and the residual applied in the kernel's epilogue (one pass over the output)."""
     _refuse_forward_ad("conv_transpose", input, weight, bias, residual)
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
-    x, args, r = call.x, call.args, call.residual
-    out = _computed(
-        call.name, x.device,
-        lambda: launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r),
-        lambda: aten_transposed(x, weight, bias, args.stride, args, args.output_padding, activation, negative_slope, r),
-        (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation, activation,
-         negative_slope, r),
-    )
+    out = _transposed(call, weight, bias, activation, negative_slope)
     return out.squeeze(0) if call.unbatched else out
 
 
@@ -309,23 +319,11 @@ def conv_transpose_into(out: torch.Tensor, input, weight, bias, stride, padding,
             raise RuntimeError(f"{call.name}: out shares memory with {name}; out= needs memory of its own")
     if out.numel() == 0:
         return out
-    target, x, args, r = out.unsqueeze(0) if call.unbatched else out, call.x, call.args, call.residual
     if (torch.compiler.is_compiling() or torch._C._has_torch_function((out, input, weight))
             or torch._C._functorch.peek_interpreter_stack() is not None):  # (through the op, then copied)
         return out.copy_(conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation,
                                         activation, negative_slope, residual))
-
-    def kernels():
-        phase_gemm(target, x, PACKED.get(weight, 1), bias, tuple(args.stride), args.padding, args.dilation,
-                   args.groups, transposed=True, allow_tf32=_allow_tf32(), activation=activation,
-                   negative_slope=negative_slope, residual=r)
-        return target
-
-    _computed(call.name, x.device, kernels,
-              lambda: target.copy_(aten_transposed(x, weight, bias, args.stride, args, args.output_padding,
-                                                   activation, negative_slope, r)),
-              (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation,
-               activation, negative_slope, r))
+    _transposed(call, weight, bias, activation, negative_slope, out.unsqueeze(0) if call.unbatched else out)
     return out
 
 
