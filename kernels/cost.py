@@ -75,12 +75,19 @@ class Part:
 @dataclass(frozen=True)
 class Problem:
     """What one launch computes, for the cost model: its GEMM parts, the operands'
-    element size and dtype name (``"float16"``, ..., ``"tf32"`` for fp32 with TF32), and
-    which two tile sides must be at least 16 for the tile to run on tensor cores."""
+    element size and dtype name (``"float16"``, ..., ``"tf32"`` for fp32 with TF32),
+    which two tile sides must be at least 16 for the tile to run on tensor cores, and
+    the kernel's variants that cut the same work into other GEMMs: ``(constant, parts)``
+    pairs, a configuration that sets that compile-time constant computing ``parts``."""
     parts: tuple[Part, ...]
     element_size: int
     dtype: str
     dot_sides: tuple[str, str]
+    variants: tuple[tuple[str, tuple[Part, ...]], ...] = ()
+
+    def parts_of(self, config: dict) -> tuple[Part, ...]:
+        """The GEMM parts ``config`` computes."""
+        return next((parts for constant, parts in self.variants if config.get(constant)), self.parts)
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,10 @@ def estimate(config: dict, problem: Problem, machine: Machine) -> float:
     """Predicted cycles of the launch with ``config`` (see the module docstring)."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     step = step_cycles(config, problem)
-    programs = sum(p.count * math.ceil(p.rows / bm) * math.ceil(p.columns / bn) for p in problem.parts)
+    parts = problem.parts_of(config)
+    programs = sum(p.count * math.ceil(p.rows / bm) * math.ceil(p.columns / bn) for p in parts)
     busy = sum(p.count * math.ceil(p.rows / bm) * math.ceil(p.columns / bn) * p.taps * math.ceil(p.depth / bk)
-               for p in problem.parts) * step
+               for p in parts) * step
     # Each SM gets ceil(programs / SMs) programs (the last wave pays in full however few
     # it holds); programs resident side by side share the SM, so they add up.
     per_sm = math.ceil(programs / machine.sms)
@@ -155,20 +163,29 @@ def prune(candidates: list[dict], problem: Problem, shared_memory: int | None) -
     Drop tiles larger than the problem rounds up to (a 128-wide column tile for 3 output
     channels is 97% waste), never below the smallest tile of the same path (tensor-core
     tiles are at least 16 a side, so a 3-channel layer keeps its 16-wide tensor-core
-    tiles beside its 4-wide FMA tiles); and drop tiles whose pipelined operands
+    tiles beside its 4-wide FMA tiles; each variant by its own GEMMs); and drop tiles whose pipelined operands
     (``num_stages`` copies of the A and B tiles) exceed the GPU's shared memory
     (``None``: unknown, keep).  Never returns an empty list: if nothing fits, the
     smallest candidate.
     """
-    sizes = {"BLOCK_M": max(p.rows for p in problem.parts), "BLOCK_N": max(p.columns for p in problem.parts),
-             "BLOCK_K": max(p.depth for p in problem.parts)}
-    # Per path (tensor cores or not), the largest tile side the problem needs.
-    limits = {path: {block: max(min(d[block] for d in candidates if uses_dot(d, problem) == path),
-                                triton.next_power_of_2(size)) for block, size in sizes.items()}
-              for path in {uses_dot(c, problem) for c in candidates}}
+    def sizes(c: dict) -> dict:
+        parts = problem.parts_of(c)
+        return {"BLOCK_M": max(p.rows for p in parts), "BLOCK_N": max(p.columns for p in parts),
+                "BLOCK_K": max(p.depth for p in parts)}
+
+    # Per path (tensor cores or not) and variant, the largest tile side the problem needs.
+    def path(c: dict) -> tuple:
+        return uses_dot(c, problem), problem.parts_of(c)
+
+    limits = {}
+    for c in candidates:
+        if path(c) not in limits:
+            same = [d for d in candidates if path(d) == path(c)]
+            limits[path(c)] = {block: max(min(d[block] for d in same), triton.next_power_of_2(size))
+                               for block, size in sizes(c).items()}
 
     def fits(c: dict) -> bool:
-        if any(c[block] > limit for block, limit in limits[uses_dot(c, problem)].items()):
+        if any(c[block] > limit for block, limit in limits[path(c)].items()):
             return False
         tiles = (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * problem.element_size
         return shared_memory is None or c["num_stages"] * tiles <= shared_memory

@@ -29,6 +29,7 @@ the direct convolution reads it with the first two axes swapped (columns = C_in)
 ``tritondeconv.planner`` does the transposed arithmetic in plain Python.
 """
 import functools
+import itertools
 import math
 
 import torch
@@ -42,11 +43,14 @@ from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
 
-def configs(c_red: int, c_col: int, interpreter: bool = INTERPRETING) -> list[dict]:
+def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, interpreter: bool = INTERPRETING) -> list[dict]:
     """Launch configurations to choose from for a GEMM that reduces over ``c_red``
     channels per group and produces ``c_col`` (the launcher prunes them to the problem
     and the GPU and the cost model ranks them; with no GPU to rank for, the order here
-    stands: tensor cores first).
+    stands: tensor cores first).  Where the layer is also one GEMM of
+    ``one_gemm_columns`` columns (``ONE_GEMM``; 0: it is not), that variant's
+    configurations follow each of the phase GEMM's, alternately, so that the cost
+    model's ties put both in front of the tuner.
 
     Two paths, chosen by the channels (``tl.dot`` needs tiles of at least 16 a side):
 
@@ -62,6 +66,15 @@ def configs(c_red: int, c_col: int, interpreter: bool = INTERPRETING) -> list[di
     ``interpreter``: the list for the Triton interpreter (nothing can be timed there):
     one small tile per path.
     """
+    phases = [dict(c, ONE_GEMM=False) for c in _tiles(c_red, c_col, interpreter)]
+    if not one_gemm_columns:
+        return phases
+    one = [dict(c, ONE_GEMM=True) for c in _tiles(c_red, one_gemm_columns, interpreter)]
+    return [c for pair in itertools.zip_longest(phases, one) for c in pair if c is not None]
+
+
+def _tiles(c_red: int, c_col: int, interpreter: bool) -> list[dict]:
+    """The tiles of ``configs`` for one GEMM shape."""
     n_fma, k_fma = min(triton.next_power_of_2(c_col), 16), min(triton.next_power_of_2(c_red), 16)
     if interpreter:
         fma = [config(32, n_fma, k_fma, GROUP_M=1)]
@@ -115,6 +128,14 @@ def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _inside(o_row, o_col, size):
+    """Whether output positions ``o_row[m] + o_col[j]`` lie in ``[0, size)``, as a
+    ``[rows, columns]`` mask."""
+    o = o_row[:, None] + o_col[None, :]
+    return (o >= 0) & (o < size)
+
+
+@triton.jit
 def _phase_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr,
     N, C_red_g, C_col_g,
@@ -128,6 +149,7 @@ def _phase_gemm_kernel(
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
     M_MAX, negative_slope,
     TRANSPOSED: tl.constexpr,
+    ONE_GEMM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -154,21 +176,26 @@ def _phase_gemm_kernel(
     M_MAX:   rows of the largest phase; the grid's row tiles are laid out for it.
     negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
+    ONE_GEMM: (transposed; the launcher offers it only where every output gathers
+             exactly one (input pixel, tap) pair, as with kernel size = stride and no
+             padding) the whole layer as one GEMM without phases: rows = input pixels,
+             columns = (tap, output channel), reading each input tile once; each result
+             goes to ``o = i*s - p + kk*d`` (a pixel shuffle in the store).
     HAS_BIAS: add the bias in the epilogue.
     ACTIVATION: apply this activation after the bias (``""``: none; see ``activations``).
     HAS_RESIDUAL: add the residual after the activation.
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
-    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, columns (produced channels), reduced
-             channels; all of at least 16 multiply on tensor cores (``tl.dot``), smaller
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, columns (produced channels, with ``ONE_GEMM``
+             (tap, channel) pairs), reduced channels; all of at least 16 multiply on tensor cores (``tl.dot``), smaller
              ones by FMA (see ``configs``).
     GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
     """
     # The phase varies fastest: the s^d programs of one (row tile, column tile) run side
     # by side and read overlapping input rows (the same rows when k == s), which they
     # then find in L2 instead of each fetching them from memory.
-    n_phases = S_D * S_H * S_W if TRANSPOSED else 1
+    n_phases = S_D * S_H * S_W if TRANSPOSED and not ONE_GEMM else 1
     pid = tl.program_id(0) // n_phases
     phase = tl.program_id(0) % n_phases
     group = tl.program_id(1)
@@ -178,23 +205,30 @@ def _phase_gemm_kernel(
         group = group.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
 
+    # This program's phase (r_d, r_h, r_w) and each axis's affine maps.
+    r_w = phase % S_W
+    r_h = (phase // S_W) % S_H
+    r_d = phase // (S_W * S_H)
+    if ONE_GEMM:  # rows t = the input pixels i, outputs i*s - p (plus the column's tap, below)
+        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = 0, 1, 1, 0, 1, 0, -P_D, S_D, I_D
+        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = 0, 1, 1, 0, 1, 0, -P_H, S_H, I_H
+        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = 0, 1, 1, 0, 1, 0, -P_W, S_W, I_W
+        n_cols = C_col_g * K_D * K_H * K_W
+    else:
+        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
+        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
+        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
+        n_cols = C_col_g
+    M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
+
     # Grouped ordering of (row tile, column tile) for L2 reuse.
-    num_pid_m = tl.cdiv(M_MAX, BLOCK_M)
-    num_pid_n = tl.cdiv(C_col_g, BLOCK_N)
+    num_pid_m = tl.cdiv(M if ONE_GEMM else M_MAX, BLOCK_M)
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
     pids_in_group = GROUP_M * num_pid_n
     first_m = (pid // pids_in_group) * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % pids_in_group) % group_rows
     pid_n = (pid % pids_in_group) // group_rows
-
-    # This program's phase (r_d, r_h, r_w) and each axis's affine maps.
-    r_w = phase % S_W
-    r_h = (phase // S_W) % S_H
-    r_d = phase // (S_W * S_H)
-    kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
-    kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
-    kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
-    M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
 
     # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,25 +245,42 @@ def _phase_gemm_kernel(
     in_w = iw0 + t_w * iw_step
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C_col_g
+    mask_n = offs_n < n_cols
+    if ONE_GEMM:
+        # Column j = ((kd*K_H + kh)*K_W + kw)*C_col_g + channel: its tap's weight, and the
+        # tap's share kk*d of the output position o = i*s - p + kk*d.
+        channel = offs_n % C_col_g
+        tap_n = offs_n // C_col_g
+        col_kw = tap_n % K_W
+        col_kh = (tap_n // K_W) % K_H
+        col_kd = tap_n // (K_W * K_H)
+        w_tap_cols = col_kd * swd + col_kh * swh + col_kw * sww
+        col_od = col_kd * D_D
+        col_oh = col_kh * D_H
+        col_ow = col_kw * D_W
+    else:
+        channel = offs_n
+        w_tap_cols = 0
 
     x_rows = x_ptr + n * sxn + (group * C_red_g) * sxc
-    w_cols = w_ptr + group * swg + offs_n * swc
+    w_cols = w_ptr + group * swg + channel * swc + w_tap_cols
 
     acc_dtype = tl.float64 if OPERAND_DTYPE == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
 
     # Reduction over (tap_d, tap_h, tap_w, channel block), flattened into one loop so that
-    # it pipelines; a tile past the end of its phase reduces over nothing.
+    # it pipelines; a tile past the end of its phase reduces over nothing.  The position
+    # (jd, jh, jw, kb) advances like an odometer, channel block fastest: compares and
+    # selects on scalars, where decoding it from the iteration number took five runtime
+    # divisions per step.
     k_blocks = tl.cdiv(C_red_g, BLOCK_K)
-    taps_hw = taps_h * taps_w
-    n_iter = tl.where(pid_m * BLOCK_M < M, taps_d * taps_hw * k_blocks, 0)
-    for it in range(0, n_iter):
-        tap = it // k_blocks
-        c = (it % k_blocks) * BLOCK_K + offs_k
-        jd = tap // taps_hw
-        jh = (tap // taps_w) % taps_h
-        jw = tap % taps_w
+    n_iter = tl.where(pid_m * BLOCK_M < M, taps_d * taps_h * taps_w * k_blocks, 0)
+    kb = 0
+    jw = 0
+    jh = 0
+    jd = 0
+    for _ in range(0, n_iter):
+        c = kb * BLOCK_K + offs_k
         # Tap j reads input i0 + t*i_step + j*i_tap_step through kernel index kk0 + j*kk_step.
         i_d = in_d + jd * id_tap
         i_h = in_h + jh * ih_tap
@@ -248,10 +299,21 @@ def _phase_gemm_kernel(
                          out_dtype=acc_dtype)
         else:  # acc[m, n] += sum_c a[m, c] * b[c, n], one FMA per product
             acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
+        # Next position: kb + 1, carrying into jw, jh, jd at k_blocks, taps_w, taps_h.
+        kb += 1
+        carry = kb == k_blocks
+        kb = tl.where(carry, 0, kb)
+        jw = tl.where(carry, jw + 1, jw)
+        carry = jw == taps_w
+        jw = tl.where(carry, 0, jw)
+        jh = tl.where(carry, jh + 1, jh)
+        carry = jh == taps_h
+        jh = tl.where(carry, 0, jh)
+        jd = tl.where(carry, jd + 1, jd)
 
     # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:
-        bias = tl.load(b_ptr + (group * C_col_g + offs_n) * sbc, mask=mask_n, other=0.0)
+        bias = tl.load(b_ptr + (group * C_col_g + channel) * sbc, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
     acc = activations.apply(acc, ACTIVATION, negative_slope)
 
@@ -259,13 +321,20 @@ def _phase_gemm_kernel(
     o_d = od0 + t_d * od_step
     o_h = oh0 + t_h * oh_step
     o_w = ow0 + t_w * ow_step
-    cols = (group * C_col_g + offs_n)[None, :]
+    cols = (group * C_col_g + channel)[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
+    if ONE_GEMM:  # the column's tap moves the output by kk*d; what falls outside is dropped
+        mask_out &= _inside(o_d, col_od, O_D) & _inside(o_h, col_oh, O_H) & _inside(o_w, col_ow, O_W)
+        y_cols = cols * syc + (col_od * syd + col_oh * syh + col_ow * syw)[None, :]
+        r_cols = cols * src + (col_od * srd + col_oh * srh + col_ow * srw)[None, :]
+    else:
+        y_cols = cols * syc
+        r_cols = cols * src
     if HAS_RESIDUAL:
         r_rows = r_ptr + n * srn + o_d * srd + o_h * srh + o_w * srw
-        acc += tl.load(r_rows[:, None] + cols * src, mask=mask_out, other=0.0).to(acc_dtype)
+        acc += tl.load(r_rows[:, None] + r_cols, mask=mask_out, other=0.0).to(acc_dtype)
     y_rows = y_ptr + n * syn + o_d * syd + o_h * syh + o_w * syw
-    tl.store(y_rows[:, None] + cols * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
+    tl.store(y_rows[:, None] + y_cols, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -292,14 +361,21 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
     else:  # reduce over the group's C_out, produce its C_in
         c_red_g, c_col_g, sw_red, sw_col, n_phases = c_out_g, c_in_g, sw_out, sw_in, 1
     consts = [axis_constants(s, d) for s, d in zip(stride, dilation)]
+    kernel_size = w_shape[2:]
+    # Kernel size = stride and the like: the layer is also one GEMM over the input pixels.
+    one_gemm = transposed and all(
+        plan_axis(i, k, s, p, d, o - output_size(i, k, s, p, d, 0)).one_pair_each()
+        for i, k, s, p, d, o in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_shape[2:]))
+    pixels, one_gemm_columns = n * math.prod(x_shape[2:]), (c_col_g * math.prod(kernel_size) if one_gemm else 0)
     # Rows per phase along each axis: ceil(outputs / s) for the transposed direction.
     rows_per_phase = out_shape[2:] if not transposed else [-(-o // s) for o, s in zip(out_shape[2:], stride)]
     m_max = n * math.prod(rows_per_phase)
     precision = input_precision(dtype, allow_tf32)
-    kernel_size = w_shape[2:]
     layouts = [x_layout, weight_layout, out_layout] + ([(out_shape, residual_strides)] if residual_strides else [])
 
     def grid(meta):
+        if meta["ONE_GEMM"]:
+            return (-(-pixels // meta["BLOCK_M"]) * -(-one_gemm_columns // meta["BLOCK_N"]), groups)
         tiles = -(-m_max // meta["BLOCK_M"]) * -(-c_col_g // meta["BLOCK_N"])
         return (tiles * n_phases, groups)
 
@@ -309,8 +385,9 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
                 for k, s, p, d, i, o in zip(kernel_size, stride, padding, dilation, x_shape[2:], out_shape[2:])]
         parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
+        one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
         return Problem(tuple(parts), dtype.itemsize, "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
-                       ("BLOCK_N", "BLOCK_K"))
+                       ("BLOCK_N", "BLOCK_K"), tuple(("ONE_GEMM", p) for p in one))
 
     return launcher.LaunchPlan(
         scalars=(
@@ -343,7 +420,7 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         # a tuning.
         key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(dtype), precision,
              x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max)),
-        configs=lambda: configs(c_red_g, c_col_g),
+        configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns),
         problem=problem,
     )
 

@@ -18,7 +18,9 @@ compiled by Triton for an sm_90 target, and read:
 * ``wgmma``: Hopper warpgroup MMA instructions in the PTX (a tensor-core configuration
   without them runs on the older, slower ``mma.sync`` path);
 * ``async_copies``: ``cp.async`` instructions (global loads software-pipelined through
-  shared memory over ``num_stages``).
+  shared memory over ``num_stages``);
+* ``loop_divisions``: integer divisions and remainders inside the PTX's loops (a runtime
+  division is a long instruction sequence; the reduction loops should have none).
 
 Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
 ``perf/results/static-sm90/triton-<version>``) and exits non-zero if any configuration
@@ -68,8 +70,8 @@ API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, T
 
 # The quick run: small layers that between them reach both paths (tensor cores, FMA for
 # few channels) in both directions and the weight gradient, with rows enough for a
-# warpgroup-sized (64-row) tensor-core tile.
-QUICK = [Cell("quick-wide", 1, 64, (8, 8), 64, 4, 2, 1), Cell("quick-rgb", 2, 32, (6, 6), 3, 4, 2, 1)]
+# warpgroup-sized (64-row) tensor-core tile, and the forward's one-GEMM variant (k = s).
+QUICK = [Cell("quick-wide", 1, 64, (8, 8), 64, 4, 2, 1), Cell("quick-rgb", 2, 32, (6, 6), 3, 2, 2, 0)]
 
 
 @contextmanager
@@ -134,6 +136,18 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
         "2-D, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, stride=2,
                                                               padding=1), True),
     }
+    # Kernel size = stride: the forward's one-GEMM variant is a candidate beside the phases.
+    for layout in ("nchw", "channels_last"):
+        variants[f"2-D k2 s2 {layout}"] = (
+            lambda dt, layout=layout: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, layout, stride=2), False)
+    variants.update({
+        "2-D k2 s2, 3 output channels": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 2, 2), dt, stride=2),
+                                         False),
+        "3-D k2 s2": (lambda dt: _forward_backward(ct3, (1, 16, 4, 4, 4), (16, 16, 2, 2, 2), dt, "channels_last",
+                                                    stride=2), False),
+        "2-D k2 s2, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, stride=2),
+                                      True),
+    })
     for activation in ACTIVATIONS:
         variants[f"2-D {activation} + residual"] = (
             lambda dt, a=activation: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, "channels_last",
@@ -148,8 +162,27 @@ def _cuobjdump() -> Path:
 def _mode(constants: dict) -> str:
     """The launch's variant in a few words: direction, dot precision, index width."""
     words = [] if "TRANSPOSED" not in constants else ["transposed" if constants["TRANSPOSED"] else "direct"]
+    words += ["one-gemm"] * bool(constants.get("ONE_GEMM"))
     words += ["tf32"] * (constants["INPUT_PRECISION"] == "tf32") + ["int64"] * constants["INT64_INDEX"]
     return " ".join(words)
+
+
+_LABEL = re.compile(r"^(\$L__\w+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_INTEGER_DIVISION = re.compile(r"\b(?:div|rem)\.[su](?:32|64)\b")
+
+
+def loop_divisions(ptx: str) -> int:
+    """Integer divisions and remainders (``div``/``rem`` on 32- or 64-bit integers) in the
+    PTX's loops: each line between a label and a later branch back to it counts once."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [_LABEL.match(line)] if m}
+    in_loop = set()
+    for i, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and labels.get(m.group(1), i + 1) < i:
+            in_loop.update(range(labels[m.group(1)], i))
+    return sum(bool(_INTEGER_DIVISION.search(lines[i])) for i in in_loop)
 
 
 def compile_launch(launch: Launch) -> dict:
@@ -177,7 +210,8 @@ def compile_launch(launch: Launch) -> dict:
     row.update(regs=int(fields["REG"]), local_bytes=int(fields["LOCAL"]) + int(fields["STACK"]),
                shared_bytes=compiled.metadata.shared + int(fields["SHARED"]),
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-               async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), error="")
+               async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), loop_divisions=loop_divisions(ptx),
+               error="")
     row["fits"] = row["shared_bytes"] <= H100.shared_memory and row["regs"] * threads <= REGISTERS_PER_SM
     return row
 
@@ -186,7 +220,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
     """Write the CSV and the markdown summary; return the rows that fail (do not compile,
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
-               "mma_sync", "async_copies", "error", "cells", "constants"]
+               "mma_sync", "async_copies", "loop_divisions", "error", "cells", "constants"]
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
     rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["mode"], r["tile"], r["constants"]))
@@ -199,6 +233,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
     dot = [r for r in ok if r["wgmma"] + r["mma_sync"] > 0]
     contiguous = [r for r in ok if "sxc=1" in r["constants"].split()]
     strided = [r for r in ok if "sxc=1" not in r["constants"].split()]
+    one = [r for r in ok if "one-gemm" in r["mode"]]
     lines = [
         f"# Hopper (sm_90) compile report: triton {triton.__version__}, torch {torch.__version__}", "",
         f"{len(rows)} distinct launches (kernel, dtype, tile, specialisation) from "
@@ -211,6 +246,12 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
         f"strided, as NCHW and 1-D inputs: {sum(r['local_bytes'] > 0 for r in strided)} of {len(strided)})",
         f"- tensor-core launches on wgmma: {sum(r['wgmma'] > 0 for r in dot)} of {len(dot)}",
         f"- launches with software-pipelined (cp.async) loads: {sum(r['async_copies'] > 0 for r in ok)} of {len(ok)}",
+        f"- launches with an integer division or remainder inside a loop: "
+        f"{sum(r['loop_divisions'] > 0 for r in ok)} of {len(ok)} (phase GEMM: "
+        f"{sum(r['loop_divisions'] > 0 for r in ok if r['kernel'] == 'phase_gemm')} of "
+        f"{sum(r['kernel'] == 'phase_gemm' for r in ok)})",
+        f"- one-GEMM launches (kernel size = stride): {len(one)}, on wgmma: {sum(r['wgmma'] > 0 for r in one)}, "
+        f"with cp.async: {sum(r['async_copies'] > 0 for r in one)}, spilling: {sum(r['local_bytes'] > 0 for r in one)}",
         "", "Per tile, its launches (one per direction, layout and set of specialised integer arguments) in one "
         f"row; `{stem}.csv` has every launch, its constants and the calls that make it:", "",
         "| kernel | dtype | tile | launches | spilling | max local B | max regs | max shared KiB | on wgmma "

@@ -73,13 +73,14 @@ def pytest_runtest_makereport(item, call):
 
 # ---------------------------------------------------------------- the coverage table
 # Every kernel path the GPU runs, as the CPU suite must reach it in the interpreter:
-# path × dtype × direction (forward with and without an epilogue, input gradient,
-# weight gradient) × index width.  The interpreter's tl.dot is a NumPy matmul: reaching a
-# cell proves indexing, masking and the epilogue, not MMA numerics or pipelining.
+# path × dtype × direction (forward with and without an epilogue, the forward's one-GEMM
+# variant, input gradient, weight gradient) × index width.  The interpreter's tl.dot is a
+# NumPy matmul: reaching a cell proves indexing, masking and the epilogue, not MMA
+# numerics or pipelining.
 
 PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
-DIRECTIONS = ("forward", "forward+epilogue", "input-grad", "weight-grad")
+DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad")
 INDEX = ("int32", "int64")
 COVERAGE: set = set()
 
@@ -103,6 +104,8 @@ def _cell(launch) -> tuple:
         direction = "weight-grad"
     elif not c["TRANSPOSED"]:
         direction = "input-grad"
+    elif c["ONE_GEMM"]:
+        direction = "forward-one-gemm"
     else:
         direction = "forward+epilogue" if c["ACTIVATION"] or c["HAS_RESIDUAL"] else "forward"
     return path, str(launch.dtype).removeprefix("torch."), direction, "int64" if c["INT64_INDEX"] else "int32"

@@ -114,13 +114,16 @@ def path_of(config: dict, problem) -> str:
 
 
 @contextlib.contextmanager
-def on_path(path: str):
-    """Every launch in the block takes a tile of ``path`` (``"tensor-core"`` or ``"fma"``)
-    where its candidates offer one (the launcher's seam picks it; a layer with 16
-    channels or more on both sides offers only tensor-core tiles)."""
+def on_path(path: str | None = None, one_gemm: bool = False):
+    """Every launch in the block takes a tile of ``path`` (``"tensor-core"`` or ``"fma"``;
+    ``None``: the first candidate's) where its candidates offer one (the launcher's seam
+    picks it; a layer with 16 channels or more on both sides offers only tensor-core
+    tiles), of the transposed convolution's one-GEMM variant (``ONE_GEMM``) where it is
+    offered if ``one_gemm``, of the phase GEMMs otherwise."""
     def choose(request, candidates):
         problem = request.problem()
-        return next((c for c in candidates if path_of(c, problem) == path), candidates[0])
+        variant = [c for c in candidates if bool(c.get("ONE_GEMM")) == one_gemm] or candidates
+        return next((c for c in variant if path is None or path_of(c, problem) == path), variant[0])
 
     with launcher.intercept(choose=choose):
         yield

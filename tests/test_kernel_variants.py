@@ -118,3 +118,25 @@ def test_folded_upsample_conv_on_tensor_cores(device, kind):
     assert_close(out, ref.detach(), "float64", seed)
     for ours, theirs in zip(got, torch.autograd.grad(ref, (x, w), gy)):
         assert_close(ours, theirs, "float64", seed)
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_one_gemm_forward(device, precision, path, int64):
+    """The forward's one-GEMM variant (kernel size = stride: rows are input pixels,
+    columns (tap, channel) pairs, stored as a pixel shuffle), with an activation and a
+    residual, on each path, in every dtype and both index widths."""
+    seed = fresh_seed()
+    dtype, c = DTYPES[precision], PATH_CHANNELS[path]
+    x = torch.randn(2, c, 3, 4, device=device).to(dtype)
+    w = torch.randn(c, c, 2, 2, device=device).to(dtype)
+    b = torch.randn(c, device=device).to(dtype)
+    ref = reference(x, w, b, 2, 0, 0, 1, 1)
+    r = torch.randn(ref.shape, device=device).to(dtype)
+    with observe_launches() as launches, on_path(path, one_gemm=True), \
+            force_int64_index() if int64 else contextlib.nullcontext():
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, activation="silu", residual=r)
+    (launch,) = launches
+    assert (launch.constants["ONE_GEMM"], _path(launch), launch.constants["INT64_INDEX"]) == (True, path, int64)
+    assert_close(out, TORCH_ACTIVATIONS["silu"](ref) + r.double(), precision, seed)

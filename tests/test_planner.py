@@ -32,6 +32,11 @@ def test_phases_match_brute_force(n, k, s, p, d, extra):
         gathered = {(u - off, t) for t, off in zip(ph.taps, ph.offsets) if 0 <= u - off < n}
         scattered = {(i, t) for i in range(n) for t in range(k) if i * s - p + t * d == o}
         assert gathered == scattered, f"output {o}"
+    # The one-GEMM variant's condition holds only where every output gathers exactly one
+    # pair, and wherever that holds with one tap per phase.
+    pairs = [sum(i * s - p + t * d == o for i in range(n) for t in range(k)) for o in range(axis.size_out)]
+    one_tap = all(len(ph.taps) == 1 for ph in axis.phases if ph.count)
+    assert axis.one_pair_each() == (one_tap and all(count == 1 for count in pairs))
 
 
 KERNEL_AXES = [pytest.param(*a, id=f"n{a[0]}-k{a[1]}-s{a[2]}-p{a[3]}-d{a[4]}-op{a[5]}") for a in [

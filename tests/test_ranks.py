@@ -1,11 +1,14 @@
-"""conv_transpose1d and conv_transpose3d: the same kernels and checks as 2-D, tested the
+"""conv_transpose1d and conv_transpose3d (and the one-GEMM variant on every rank): the same
+kernels and checks as 2-D, tested the
 same way (float64 references, per-dtype tolerances, NaN-poisoned outputs)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritondeconv
-from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error, same_layout
+from reference import (DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, reference, relative_error,
+                       same_layout)
+from tritondeconv.kernels.common import observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -155,3 +158,41 @@ def test_lower_ranks_launch_as_their_unsqueezed_tensors_would(rank, kind):
     while unsqueezed.dim() < 5:
         unsqueezed = unsqueezed.unsqueeze(2)
     assert padded((t.shape, t.stride()), 3 - rank) == (unsqueezed.shape, unsqueezed.stride())
+
+
+# Layers where every output gathers exactly one (input, tap) pair, which the one-GEMM
+# variant computes: (kernel, stride, padding, output_padding, dilation).
+ONE_GEMM_GEOMETRIES = {
+    "k2s2": (2, 2, 0, 0, 1),
+    "k3s3": (3, 3, 0, 0, 1),
+    "k2s2p1op1": (2, 2, 1, 1, 1),
+    "k4s4p1": (4, 4, 1, 0, 1),
+    "k3s3p2d2": (3, 3, 2, 0, 2),
+}
+
+
+def _one_gemm_cases():
+    """Every geometry in 2-D in both layouts, with and without groups; in 1-D (NCHW) with
+    groups, in 3-D channels-last without (the dtypes: test_kernel_variants)."""
+    for name, geometry in ONE_GEMM_GEOMETRIES.items():
+        for rank, kind, groups in [(2, "nchw", 1), (2, "nchw", 2), (2, "channels_last", 1), (2, "channels_last", 2),
+                                   (1, "nchw", 2), (3, "channels_last", 1)]:
+            yield pytest.param(rank, kind, groups, *geometry, id=f"{rank}d-{kind}-g{groups}-{name}")
+
+
+@pytest.mark.parametrize("precision", ["float64"], indirect=True)
+@pytest.mark.parametrize("rank, kind, groups, k, s, p, op, d", list(_one_gemm_cases()))
+def test_one_gemm_variant(device, precision, rank, kind, groups, k, s, p, op, d):
+    """The forward's one-GEMM variant, forced, over the geometries it takes, in every
+    rank, both layouts, with groups."""
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
+    x = layout(torch.randn(2, 16, *{1: (7,), 2: (3, 4), 3: (2, 3, 2)}[rank], device=device).to(dtype), kind)
+    w = torch.randn(16, 16 // groups, *(k,) * rank, device=device).to(dtype)
+    b = torch.randn(16, device=device).to(dtype)
+    with observe_launches() as launches, on_path(one_gemm=True):
+        out = function[rank](x, w, b, s, p, op, groups, d)
+    assert [launch.constants["ONE_GEMM"] for launch in launches] == [True]
+    assert_close(out, reference(x, w, b, s, p, op, groups, d), precision, seed)
+    assert same_layout(out, TORCH_FUNCTIONS.get(rank, F.conv_transpose2d)(x, w, b, s, p, op, groups, d))

@@ -63,6 +63,24 @@ class AxisPlan:
         """Σ over phases of outputs × taps: the decomposed work along this axis."""
         return sum(ph.count * len(ph.taps) for ph in self.phases)
 
+    def one_pair_each(self) -> bool:
+        """Whether every phase with outputs has one tap, whose inputs all lie inside the
+        input (as with kernel size = stride and no padding): then every output gathers
+        exactly one (input, tap) pair, and the axis is one dense product over the input,
+        each pair's result landing on its own output ``i*s - p + kk*d`` (or outside the
+        output, dropped), none left to the bias alone, none written twice.  (A tiny input
+        can give one pair per output through a phase of several taps; that is not
+        looked for.)"""
+        for phase in self.phases:
+            if phase.count == 0:
+                continue
+            if len(phase.taps) != 1:
+                return False
+            first = (phase.out_start + self.padding - phase.residue) // self.stride - phase.offsets[0]
+            if first < 0 or first + phase.count > self.size_in:
+                return False
+        return True
+
     def hits(self) -> int:
         """(input, tap) pairs that land inside the output: the strictly useful work."""
         return sum(
