@@ -17,7 +17,11 @@ every launch of every kernel family (innermost ``intercept`` first),
 * ``compile(request, config) -> tuning.Compiled``: compiling a candidate before timing;
 * ``clock(run) -> milliseconds``: timing a candidate;
 * ``tune``: whether first calls tune (``True`` also in the interpreter);
-* ``device``: the GPU's description (``DeviceInfo``) for the cost model and pruning.
+* ``device``: the GPU's description (``DeviceInfo``) for the cost model and pruning;
+* ``only``: ``(constant, value)``: a launch whose candidates include configurations
+  with ``config[constant] == value`` (a kernel variant, such as ``("ONE_GEMM", True)``)
+  takes one of those, tuned among them alone under its own key (so that a benchmark
+  can time each variant, tuned, beside the tuner's free pick).
 
 Tests use it to see or force a configuration and to inject faults; ``perf/`` uses it
 to record launches for the static compile report and to stub launches when measuring
@@ -122,6 +126,7 @@ class _Hooks:
     clock: Callable | None = None
     tune: bool | None = None
     device: DeviceInfo | None = None
+    only: tuple | None = None
 
 
 _NO_HOOKS = _Hooks()
@@ -129,9 +134,10 @@ _HOOKS: list[_Hooks] = []  # per open intercept, the hooks in force inside it (m
 
 
 @contextlib.contextmanager
-def intercept(*, choose=None, launch=None, compile=None, clock=None, tune=None, device=None) -> Iterator[None]:
+def intercept(*, choose=None, launch=None, compile=None, clock=None, tune=None, device=None,
+              only=None) -> Iterator[None]:
     """Replace parts of every launch while the block runs (see the module docstring)."""
-    given = _Hooks(choose, launch, compile, clock, tune, device)
+    given = _Hooks(choose, launch, compile, clock, tune, device, only)
     outer = _hooks()
     _HOOKS.append(_Hooks(**{name: getattr(given, name) if getattr(given, name) is not None else getattr(outer, name)
                             for name in _Hooks.__dataclass_fields__}))
@@ -177,9 +183,15 @@ def forget_tunings() -> None:
 
 def candidates(request: Request, info: DeviceInfo) -> list[dict]:
     """The request's candidates as the tuner sees them: pruned to the problem and the
-    GPU, then ranked by the cost model (cheapest first; unranked where the GPU is unknown)."""
+    GPU, then ranked by the cost model (cheapest first; unranked where the GPU is unknown);
+    only the variant an ``only`` hook asks for, where the request offers it."""
     problem = request.problem()
-    return rank(prune(request.configs(), problem, info.shared_memory), problem, info.machine)
+    ranked = rank(prune(request.configs(), problem, info.shared_memory), problem, info.machine)
+    only = _hook("only")
+    if only is None:
+        return ranked
+    constant, value = only
+    return [c for c in ranked if c.get(constant) == value] or ranked
 
 
 # The Triton interpreter runs a kernel by patching triton.language's functions for the
@@ -221,8 +233,9 @@ def launch(request: Request) -> dict:
             compile = functools.partial(hooks.compile, request)
         else:
             compile = functools.partial(_compile, request) if request.device.type == "cuda" and hooks.launch is None else None
+        key = request.key if hooks.only is None else (*request.key, *hooks.only)
         config = tuner(request.family, request.kernel).pick(
-            info.name, request.key, lambda: candidates(request, info),
+            info.name, key, lambda: candidates(request, info),
             lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock)
     _run(request, config, hooks.launch)
     notify_launch(request.family, {**request.constants, **config}, request.args[0].dtype)

@@ -5,6 +5,7 @@ upsamplers) and 3-D (a 3-D U-Net decoder) against cuDNN.
     python perf/bench.py                      # on a GPU: every suite
     python perf/bench.py --suites 2d          # one suite
     python perf/bench.py --cells U-Net --methods tritondeconv,cudnn --budget 480
+    python perf/bench.py --cells U-Net --methods tritondeconv,phases,one_gemm   # each variant forced
     python perf/bench.py --quick              # a smoke run of the harness (tiny shapes; CPU ok)
 
 Each row of ``bench.csv`` is written and flushed as soon as its (cell, method) is
@@ -52,7 +53,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import tritondeconv  # noqa: E402
-from tritondeconv.kernels import tuning  # noqa: E402
+from tritondeconv.kernels import launcher, tuning  # noqa: E402
+from tritondeconv.planner import plan  # noqa: E402
 from tritondeconv.kernels.common import INTERPRETING, observe_launches  # noqa: E402
 
 # Where the kernels run: compiled, on the GPU; or in the interpreter, on CPU tensors (also
@@ -117,7 +119,7 @@ SUITES = {
     ],
 }
 QUICK_SUITES = {
-    "2d": [Cell("quick", 2, 8, (5, 5), 4, 4, 2, 1), Cell("quick-op", 1, 4, (4, 3), 3, 3, 2, 1, 1)],
+    "2d": [Cell("quick-U-Net", 2, 8, (5, 5), 4, 2, 2), Cell("quick-op", 1, 4, (4, 3), 3, 3, 2, 1, 1)],
     "1d": [Cell("quick-1d", 2, 8, (7,), 4, 4, 2, 1)],
     "3d": [Cell("quick-3d", 1, 4, (3, 3, 2), 3, 3, 2, 1, 1)],
 }
@@ -128,8 +130,12 @@ FUNCTIONS = {  # rank -> (ours, PyTorch's)
 }
 # Every method a cell can be timed with (naive and subpixel_torch: 2-D forward only).
 METHODS = ("tritondeconv", "cudnn", "naive", "subpixel_torch")
+# tritondeconv with the forward forced onto one kernel variant, each tuned among its own
+# candidates, where the layer offers both (kernel size = stride: the phase GEMMs or the
+# one GEMM); timed only when asked for (--methods).
+VARIANTS = {"phases": ("ONE_GEMM", False), "one_gemm": ("ONE_GEMM", True)}
 # The methods that are tritondeconv's own: each must launch a Triton kernel.
-OURS = ("tritondeconv", "naive")
+OURS = ("tritondeconv", "naive", *VARIANTS)
 # The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
 LAYOUTS = {1: ["nchw"], 2: ["nchw", "channels_last"], 3: ["nchw", "channels_last"]}
 
@@ -207,6 +213,10 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
             v = subpixel_weight(w, cell.s)  # rearranged once, as a layer would keep it
             methods["subpixel_torch"] = lambda x, w: subpixel_conv_transpose2d(x, v, b, cell, h_out, w_out)
 
+    if all(axis.one_pair_each() for axis in plan(cell.spatial, cell.k, cell.s, cell.p, 1, cell.op).axes):
+        for method, only in VARIANTS.items():
+            methods[method] = _forced(only, methods["tritondeconv"])
+
     grad_y = torch.randn_like(ref).to(dtype)
     for method, fn in methods.items():
         if method not in selected:
@@ -226,12 +236,25 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if method in OURS and not launches:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} launched no Triton kernel "
                                "(it fell back to aten), so its time would not be tritondeconv's")
+        if method in VARIANTS:
+            constant, value = VARIANTS[method]
+            if not any(launch.constants.get(constant) == value for launch in launches):
+                raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} did not run its variant")
         out = result if pass_ == "fwd" else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
         yield dict(method=method, median_ms=timer(run), rel_error=err,
                    tuning_s=tuning_s if method == "tritondeconv" else "")
+
+
+def _forced(only: tuple, fn):
+    """``fn`` with every launch that offers the variant ``only`` taking it (tuned among
+    that variant's candidates alone)."""
+    def run(x, w):
+        with launcher.intercept(only=only):
+            return fn(x, w)
+    return run
 
 
 def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
@@ -464,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: merge these bench.csv files (later ones win) into --out")
     a = ap.parse_args(argv)
 
-    unknown = set(a.methods.split(",")) - set(METHODS)
+    unknown = set(a.methods.split(",")) - {*METHODS, *VARIANTS}
     if unknown:
-        ap.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+        ap.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join((*METHODS, *VARIANTS))}")
     device, name, out_dir = setup(a.out, measuring=not a.merge, quick=a.quick)
     csv_path = out_dir / "bench.csv"
     earlier = read_csv(csv_path) if a.append and csv_path.exists() else []

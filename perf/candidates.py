@@ -31,15 +31,19 @@ import triton  # noqa: E402
 
 import tritondeconv  # noqa: E402
 
-from bench import DTYPES, FUNCTIONS, Cell, jobs_of  # noqa: E402
+from bench import DTYPES, FUNCTIONS, VARIANTS, Cell, jobs_of  # noqa: E402
+from tritondeconv.kernels import launcher  # noqa: E402
 
-# gpu_check.sh's bench stages, as bench.py arguments.
+# gpu_check.sh's bench stages, as bench.py arguments (and "variants": each kernel variant
+# a bench method forces, tuned among its own candidates).
 STAGES = {
     "fwd-bf16-cl": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="channels_last"),
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
+    "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",
+                     variants=(None, *VARIANTS.values())),
 }
 
 
@@ -65,20 +69,26 @@ def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
 
 def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
     """One stage's first calls (``cells``: only the layers whose labels contain one of
-    these comma-separated words): ``{(family, key): (offered, timed)}`` and the distinct
+    these comma-separated words): ``{(family, key, forced variant): (offered, timed)}``
+    and the distinct
     compiles of the timed candidates, ``{specialisation: (request, config)}``."""
     keys: dict[tuple, tuple[int, int]] = {}
     compiles: dict = {}
+    forced = [None]  # the variant the calls in progress force (a key of its own)
 
     def on_launch(request, candidates, timed):
-        keys[(request.family, request.key)] = (len(candidates), len(timed))
+        keys[(request.family, request.key, forced[0])] = (len(candidates), len(timed))
         for launch, config in timed:
             compiles.setdefault(launch, (request, config))
 
-    a = argparse.Namespace(quick=False, cells=cells, **STAGES[stage])
+    spec = dict(STAGES[stage])
+    variants = spec.pop("variants", (None,))
+    spec["cells"] = cells or spec.get("cells", "")
     with common.recording(on_launch):
-        for cell, dtype_name, layout, pass_ in jobs_of(a):
-            _run(cell, DTYPES[dtype_name], layout, pass_)
+        for cell, dtype_name, layout, pass_ in jobs_of(argparse.Namespace(quick=False, **spec)):
+            for forced[0] in variants:
+                with launcher.intercept(only=forced[0]):
+                    _run(cell, DTYPES[dtype_name], layout, pass_)
     return keys, compiles
 
 

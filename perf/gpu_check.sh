@@ -21,12 +21,13 @@ set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
 
-STAGES=(smoke fwd-bf16-cl tune-check fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
+STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
+    variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs and the one GEMM, each forced and tuned, beside the tuner's pick and cuDNN" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
@@ -108,6 +109,8 @@ for stage in "$@"; do
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \
         | tee "$work/$stage.log"
       rc="${PIPESTATUS[0]}" ;;
+    variants)      bench "$stage" --suites 2d,3d --passes fwd --dtypes bf16 --cells U-Net \
+                     --methods tritondeconv,phases,one_gemm,cudnn; rc=$? ;;
     fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
     train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;

@@ -126,7 +126,8 @@ def test_bench_blocks_quick(tmp_path):
 def test_quick_launches_compile_for_hopper(tmp_path):
     """Every configuration the tuner offers on two small layers, in both layouts,
     compiles for sm_90 with the installed Triton (no GPU needed) and fits an H100 block,
-    and the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma."""
+    the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma, the k = s layer's
+    one-GEMM variant compiles (on wgmma), and no phase GEMM has a division in a loop."""
     run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -139,6 +140,9 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     assert tensor_core and len(tensor_core) < len(rows)  # both paths were compiled
     warpgroup_tiles = [r for r in tensor_core if r["tile"].startswith("64x") and " w4 " in r["tile"]]
     assert warpgroup_tiles and all(int(r["wgmma"]) > 0 for r in warpgroup_tiles)
+    # The k = s layer's one-GEMM variant compiles too, and no phase GEMM divides in its loop.
+    assert any("one-gemm" in r["mode"] and int(r["wgmma"]) > 0 for r in rows)
+    assert all(int(r["loop_divisions"]) == 0 for r in rows if r["kernel"] == "phase_gemm")
 
 
 def test_every_api_variant_compiles_for_hopper(tmp_path):
@@ -204,8 +208,9 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
         with open(unpacked / name, newline="") as f:
             rows = list(csv.DictReader(f))
         assert rows and all(float(r[key]) > 0 for r in rows), name
-    # Each of the 5 bench stages measured one cell before its budget ran out, and wrote it
-    # (--quick measures fp32 only: the fp16/fp32 stage's first cell is the NCHW stage's).
+    # Each of the 6 bench stages measured one cell before its budget ran out, and wrote it
+    # (--quick measures fp32 only: the fp16/fp32 and variants stages' first cell is the
+    # NCHW stage's).
     with open(unpacked / "bench.csv", newline="") as f:
         measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in csv.DictReader(f)}
     assert len(measured) == 4
