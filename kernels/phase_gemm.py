@@ -38,19 +38,23 @@ import triton.language as tl
 
 from ..planner import axis_constants, output_size, plan_axis
 from . import activations, launcher
-from .common import INTERPRETING, input_precision, int64_forced, operand_dtype, padded, spans_int64
+from .common import INTERPRETING, experimental, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
 
-def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, interpreter: bool = INTERPRETING) -> list[dict]:
+def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 0,
+            interpreter: bool = INTERPRETING) -> list[dict]:
     """Launch configurations to choose from for a GEMM that reduces over ``c_red``
     channels per group and produces ``c_col`` (the launcher prunes them to the problem
     and the GPU and the cost model ranks them; with no GPU to rank for, the order here
     stands: tensor cores first).  Where the layer is also one GEMM of
     ``one_gemm_columns`` columns (``ONE_GEMM``; 0: it is not), that variant's
     configurations follow each of the phase GEMM's, alternately, so that the cost
-    model's ties put both in front of the tuner.
+    model's ties put both in front of the tuner.  Where the launcher allows the
+    experimental TMA variant (``tma_width``: the widest patch of rows along W, 0: not
+    allowed), each tensor-core tile also comes as a patch ``min(BLOCK_M, tma_width)``
+    rows wide (``TMA_W``), after its pointer-load twin.
 
     Two paths, chosen by the channels (``tl.dot`` needs tiles of at least 16 a side):
 
@@ -66,11 +70,15 @@ def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, interpreter: bool
     ``interpreter``: the list for the Triton interpreter (nothing can be timed there):
     one small tile per path.
     """
-    phases = [dict(c, ONE_GEMM=False) for c in _tiles(c_red, c_col, interpreter)]
-    if not one_gemm_columns:
-        return phases
-    one = [dict(c, ONE_GEMM=True) for c in _tiles(c_red, one_gemm_columns, interpreter)]
-    return [c for pair in itertools.zip_longest(phases, one) for c in pair if c is not None]
+    tiles = _tiles(c_red, c_col, interpreter)
+    phases = [dict(c, ONE_GEMM=False, TMA_W=0) for c in tiles]
+    variants = []
+    if one_gemm_columns:
+        variants.append([dict(c, ONE_GEMM=True, TMA_W=0) for c in _tiles(c_red, one_gemm_columns, interpreter)])
+    if tma_width:
+        variants.append([dict(c, ONE_GEMM=False, TMA_W=min(c["BLOCK_M"], tma_width)) for c in tiles
+                         if c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16])
+    return [c for group in itertools.zip_longest(phases, *variants) for c in group if c is not None]
 
 
 def _tiles(c_red: int, c_col: int, interpreter: bool) -> list[dict]:
@@ -157,6 +165,7 @@ def _phase_gemm_kernel(
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_W: tl.constexpr,
 ):
     """One (row tile, column tile) of one phase of one group.
 
@@ -191,6 +200,11 @@ def _phase_gemm_kernel(
              (tap, channel) pairs), reduced channels; all of at least 16 multiply on tensor cores (``tl.dot``), smaller
              ones by FMA (see ``configs``).
     GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
+    TMA_W:   0: rows are gathered with pointer loads.  Otherwise (experimental; transposed,
+             channels-contiguous input, the launcher checks the hardware's limits) a row
+             tile is a ``BLOCK_M/TMA_W × TMA_W`` patch of one output phase of one image
+             (depth slice), and each tap's input tile is one box of the input, fetched by
+             the tensor memory accelerator with zero fill past the borders.
     """
     # The phase varies fastest: the s^d programs of one (row tile, column tile) run side
     # by side and read overlapping input rows (the same rows when k == s), which they
@@ -221,8 +235,17 @@ def _phase_gemm_kernel(
         n_cols = C_col_g
     M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
 
+    if TMA_W:
+        # Row tiles are (n, t_d, patch of t_h, patch of t_w), laid out for the largest
+        # phase: ceil(O / S) rows along each axis.
+        rows_d = tl.cdiv(O_D, S_D)
+        patches_h = tl.cdiv(tl.cdiv(O_H, S_H), BLOCK_M // TMA_W)
+        patches_w = tl.cdiv(tl.cdiv(O_W, S_W), TMA_W)
+        num_pid_m = N * rows_d * patches_h * patches_w
+    else:
+        num_pid_m = tl.cdiv(M if ONE_GEMM else M_MAX, BLOCK_M)
+
     # Grouped ordering of (row tile, column tile) for L2 reuse.
-    num_pid_m = tl.cdiv(M if ONE_GEMM else M_MAX, BLOCK_M)
     num_pid_n = tl.cdiv(n_cols, BLOCK_N)
     pids_in_group = GROUP_M * num_pid_n
     first_m = (pid // pids_in_group) * GROUP_M
@@ -230,15 +253,33 @@ def _phase_gemm_kernel(
     pid_m = first_m + (pid % pids_in_group) % group_rows
     pid_n = (pid % pids_in_group) // group_rows
 
-    # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    t_w = offs_m % tl.maximum(T_W, 1)
-    rest = offs_m // tl.maximum(T_W, 1)
-    t_h = rest % tl.maximum(T_H, 1)
-    rest = rest // tl.maximum(T_H, 1)
-    t_d = rest % tl.maximum(T_D, 1)
-    n = rest // tl.maximum(T_D, 1)
+    if TMA_W:
+        # pid_m = ((n*rows_d + t_d)*patches_h + patch_h)*patches_w + patch_w; row r of the
+        # patch is (t_h0 + r // TMA_W, t_w0 + r % TMA_W).
+        t_w0 = (pid_m % patches_w) * TMA_W
+        rest = pid_m // patches_w
+        t_h0 = (rest % patches_h) * (BLOCK_M // TMA_W)
+        rest = rest // patches_h
+        t_d0 = rest % rows_d
+        n0 = rest // rows_d
+        offs_m = tl.arange(0, BLOCK_M)
+        t_w = t_w0 + offs_m % TMA_W
+        t_h = t_h0 + offs_m // TMA_W
+        t_d = t_d0 + offs_m * 0
+        n = n0 + offs_m * 0
+        mask_m = (t_w < T_W) & (t_h < T_H) & (t_d < T_D)
+        tile_live = (t_d0 < T_D) & (t_h0 < T_H) & (t_w0 < T_W)
+    else:
+        # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        t_w = offs_m % tl.maximum(T_W, 1)
+        rest = offs_m // tl.maximum(T_W, 1)
+        t_h = rest % tl.maximum(T_H, 1)
+        rest = rest // tl.maximum(T_H, 1)
+        t_d = rest % tl.maximum(T_D, 1)
+        n = rest // tl.maximum(T_D, 1)
+        tile_live = pid_m * BLOCK_M < M
     # Input position of tap 0 for each row: i0 + t*i_step.
     in_d = id0 + t_d * id_step
     in_h = ih0 + t_h * ih_step
@@ -274,7 +315,13 @@ def _phase_gemm_kernel(
     # selects on scalars, where decoding it from the iteration number took five runtime
     # divisions per step.
     k_blocks = tl.cdiv(C_red_g, BLOCK_K)
-    n_iter = tl.where(pid_m * BLOCK_M < M, taps_d * taps_h * taps_w * k_blocks, 0)
+    n_iter = tl.where(tile_live, taps_d * taps_h * taps_w * k_blocks, 0)
+    if TMA_W:
+        # The group's input channels as a [N, I_D, I_H, I_W, C_red_g] tensor, channels
+        # contiguous; a box is one tap's input tile (coordinates outside read as zero).
+        x_boxes = tl.make_tensor_descriptor(x_ptr + (group * C_red_g) * sxc, shape=[N, I_D, I_H, I_W, C_red_g],
+                                            strides=[sxn, sxd, sxh, sxw, 1],
+                                            block_shape=[1, 1, BLOCK_M // TMA_W, TMA_W, BLOCK_K])
     kb = 0
     jw = 0
     jh = 0
@@ -282,16 +329,21 @@ def _phase_gemm_kernel(
     for _ in range(0, n_iter):
         c = kb * BLOCK_K + offs_k
         # Tap j reads input i0 + t*i_step + j*i_tap_step through kernel index kk0 + j*kk_step.
-        i_d = in_d + jd * id_tap
-        i_h = in_h + jh * ih_tap
-        i_w = in_w + jw * iw_tap
-        row_ok = mask_m & (i_d >= 0) & (i_d < I_D) & (i_h >= 0) & (i_h < I_H) & (i_w >= 0) & (i_w < I_W)
         mask_k = c < C_red_g
-        a = tl.load(
-            x_rows[:, None] + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + c[None, :] * sxc,
-            mask=row_ok[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+        if TMA_W:  # the patch's input (i_step = 1), from the patch's corner
+            a = x_boxes.load([n0, id0 + t_d0 + jd * id_tap, ih0 + t_h0 + jh * ih_tap, iw0 + t_w0 + jw * iw_tap,
+                              kb * BLOCK_K])
+            a = tl.reshape(a, [BLOCK_M, BLOCK_K])
+        else:
+            i_d = in_d + jd * id_tap
+            i_h = in_h + jh * ih_tap
+            i_w = in_w + jw * iw_tap
+            row_ok = mask_m & (i_d >= 0) & (i_d < I_D) & (i_h >= 0) & (i_h < I_H) & (i_w >= 0) & (i_w < I_W)
+            a = tl.load(
+                x_rows[:, None] + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + c[None, :] * sxc,
+                mask=row_ok[:, None] & mask_k[None, :],
+                other=0.0,
+            )
         w_tap = (kd0 + jd * kd_step) * swd + (kh0 + jh * kh_step) * swh + (kw0 + jw * kw_step) * sww
         b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if BLOCK_N >= 16 and BLOCK_K >= 16:
@@ -340,12 +392,15 @@ def _phase_gemm_kernel(
 @functools.lru_cache(maxsize=4096)
 def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,
                 bias_stride: int | None, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
-                dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool) -> launcher.LaunchPlan:
+                dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool,
+                tma: bool = False) -> launcher.LaunchPlan:
     """The launch plan of ``phase_gemm`` for tensors of these layouts (``(shape,
     strides)`` pairs) and this geometry: the per-axis phase constants from the planner,
     rows per phase, grid, tuning key, candidate table and cost-model problem.  Tensors
     of 1 or 2 spatial axes run on the kernel's three, the missing leading ones of size 1
-    (stride 1, padding 0, dilation 1)."""
+    (stride 1, padding 0, dilation 1).  ``tma``: the experimental TMA variant may be
+    offered (the caller checked the flag, the device and the input's alignment); it is
+    where the layout meets the hardware's limits."""
     lead = 5 - len(x_layout[0])
     if residual_strides is not None:  # (the residual is shaped like the output)
         residual_strides = padded((out_layout[0], residual_strides), lead)[1]
@@ -372,12 +427,24 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
     m_max = n * math.prod(rows_per_phase)
     precision = input_precision(dtype, allow_tf32)
     layouts = [x_layout, weight_layout, out_layout] + ([(out_shape, residual_strides)] if residual_strides else [])
+    int64 = int64_forced or any(spans_int64(*layout) for layout in layouts)
+    # The TMA variant reads boxes of a [N, D, H, W, C] view of the input: channels
+    # contiguous, the other strides and each group's first channel 16-byte aligned, and
+    # coordinates in 32 bits.
+    tma_width = 0
+    if tma and transposed and not int64 and x_strides[1] == 1 and all(
+            st * dtype.itemsize % 16 == 0 for st in (x_strides[0], *x_strides[2:], c_red_g if groups > 1 else 0)):
+        tma_width = min(triton.next_power_of_2(rows_per_phase[2]), 256)
 
     def grid(meta):
         if meta["ONE_GEMM"]:
             return (-(-pixels // meta["BLOCK_M"]) * -(-one_gemm_columns // meta["BLOCK_N"]), groups)
-        tiles = -(-m_max // meta["BLOCK_M"]) * -(-c_col_g // meta["BLOCK_N"])
-        return (tiles * n_phases, groups)
+        if meta["TMA_W"]:  # patches of BLOCK_M / TMA_W × TMA_W rows
+            rows_d, rows_h, rows_w = rows_per_phase
+            row_tiles = n * rows_d * -(-rows_h // (meta["BLOCK_M"] // meta["TMA_W"])) * -(-rows_w // meta["TMA_W"])
+        else:
+            row_tiles = -(-m_max // meta["BLOCK_M"])
+        return (row_tiles * -(-c_col_g // meta["BLOCK_N"]) * n_phases, groups)
 
     def problem() -> Problem:
         """Per phase (one GEMM per group): its rows and its taps."""
@@ -407,7 +474,7 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
             HAS_BIAS=bias_stride is not None,
             ACTIVATION=activation,
             HAS_RESIDUAL=residual_strides is not None,
-            INT64_INDEX=int64_forced or any(spans_int64(*layout) for layout in layouts),
+            INT64_INDEX=int64,
             OPERAND_DTYPE=operand_dtype(dtype),
             INPUT_PRECISION=precision,
         ),
@@ -417,10 +484,11 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         # spacing (kernel size, stride, dilation), the access pattern (direction,
         # channels-last or not), the dtype and dot precision, and M bucketed, so that
         # every layer of a model tunes once and image sizes within a factor of two share
-        # a tuning.
+        # a tuning; and which variants are offered (a layer of the same shapes with other
+        # padding may not take the one GEMM, an input at another alignment not the TMA).
         key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(dtype), precision,
-             x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max)),
-        configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns),
+             x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max), one_gemm, bool(tma_width)),
+        configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width),
         problem=problem,
     )
 
@@ -456,13 +524,34 @@ def phase_gemm(
         (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
         None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
         tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32, activation or "",
-        int64_forced())
+        int64_forced(), experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
     launcher.launch(plan.request(
         "phase_gemm", _phase_gemm_kernel,
         (x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
          negative_slope),
         x.device, out))
     return out
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can read through a tensor memory accelerator: a GPU
+    of compute capability 9.0 or later (as the launcher describes it: the tools that
+    compile for a GPU on the CPU describe one), or the interpreter, which emulates one."""
+    capability = launcher.device_info(device).capability
+    if capability is None:
+        return INTERPRETING
+    if capability < (9, 0):
+        return False
+    if device.type == "cuda":
+        _use_torch_allocator()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _use_torch_allocator() -> None:
+    """Tensor descriptors made in a kernel need global scratch memory from an allocator
+    set in Triton: PyTorch's, on the tensors' stream."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _phase_sizes(k: int, s: int, p: int, d: int, size_in: int, size_out: int, transposed: bool) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import tritondeconv
 from reference import (DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, reference, relative_error,
                        same_layout)
+from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -191,8 +192,56 @@ def test_one_gemm_variant(device, precision, rank, kind, groups, k, s, p, op, d)
     x = layout(torch.randn(2, 16, *{1: (7,), 2: (3, 4), 3: (2, 3, 2)}[rank], device=device).to(dtype), kind)
     w = torch.randn(16, 16 // groups, *(k,) * rank, device=device).to(dtype)
     b = torch.randn(16, device=device).to(dtype)
-    with observe_launches() as launches, on_path(one_gemm=True):
+    with observe_launches() as launches, on_path(variant="ONE_GEMM"):
         out = function[rank](x, w, b, s, p, op, groups, d)
     assert [launch.constants["ONE_GEMM"] for launch in launches] == [True]
     assert_close(out, reference(x, w, b, s, p, op, groups, d), precision, seed)
     assert same_layout(out, TORCH_FUNCTIONS.get(rank, F.conv_transpose2d)(x, w, b, s, p, op, groups, d))
+
+
+def _tma_cases():
+    """Every geometry with and without groups in 2-D; in 3-D and 1-D (a channels-contiguous
+    view: 1-D tensors have no channels-last format) without."""
+    for name, geometry in GEOMETRIES.items():
+        for rank, groups in [(2, 1), (2, 2), (3, 1), (1, 1)]:
+            yield pytest.param(rank, groups, *geometry, id=f"{rank}d-g{groups}-{name}")
+
+
+@pytest.mark.parametrize("precision", ["float64"], indirect=True)
+@pytest.mark.parametrize("rank, groups, k, s, p, op, d", list(_tma_cases()))
+def test_tma_variant(device, precision, monkeypatch, rank, groups, k, s, p, op, d):
+    """The experimental TMA phase GEMM, forced, over the geometry grid (phases without
+    taps, dilation, output padding), every rank, with groups: each tap's input tile is a
+    box of the input with zero fill past its borders."""
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the tensor memory accelerator needs compute capability 9.0")
+    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
+    seed = fresh_seed()
+    function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
+    spatial = {1: (7,), 2: (3, 4), 3: (2, 3, 2)}[rank]
+    x = torch.randn(2, *spatial, 16, device=device, dtype=torch.float64).movedim(-1, 1)  # channels contiguous
+    w = torch.randn(16, 16 // groups, *(k,) * rank, device=device, dtype=torch.float64)
+    b = torch.randn(16, device=device, dtype=torch.float64)
+    with observe_launches() as launches, on_path("tensor-core", variant="TMA_W"):
+        out = function[rank](x, w, b, s, p, op, groups, d)
+    assert [launch.constants["TMA_W"] > 0 for launch in launches] == [True]
+    assert_close(out, reference(x, w, b, s, p, op, groups, d), "float64", seed)
+
+
+def test_a_tuned_one_gemm_is_not_reused_where_it_does_not_apply(device, monkeypatch, tmp_path):
+    """k2 s2 with and without output padding along W share every shape the tuning looks
+    at (the rows per phase within the same power of two) but the last output column,
+    which with output padding gathers no (input, tap) pair: the first layer's tuning (the
+    one GEMM, made to win) must not carry over to the second."""
+    monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path))
+    launcher.forget_tunings()
+    seed = fresh_seed()
+    x = torch.randn(2, 16, 3, 4, device=device, dtype=torch.float64)
+    w = torch.randn(16, 16, 2, 2, device=device, dtype=torch.float64)
+    times = iter(range(100, 0, -1))  # each candidate timed is faster than the one before
+    with observe_launches() as launches, launcher.intercept(tune=True, clock=lambda run: (run(), next(times))[1]):
+        tritondeconv.conv_transpose2d(x, w, None, 2)
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, output_padding=(0, 1))
+    launcher.forget_tunings()
+    assert [launch.constants["ONE_GEMM"] for launch in launches] == [True, False]
+    assert_close(out, reference(x, w, None, 2, 0, (0, 1), 1, 1), "float64", seed)
