@@ -11,6 +11,13 @@ import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def experimental(feature: str) -> bool:
+    """Whether ``TRITONDECONV_EXPERIMENTAL`` (comma-separated, read at each call) turns
+    on an experimental kernel variant: ``"tma"``, the phase GEMM reading its input
+    through Hopper's tensor memory accelerator, offered to the tuner only then."""
+    return feature in os.environ.get("TRITONDECONV_EXPERIMENTAL", "").split(",")
+
 _OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 

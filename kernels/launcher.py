@@ -18,10 +18,11 @@ every launch of every kernel family (innermost ``intercept`` first),
 * ``clock(run) -> milliseconds``: timing a candidate;
 * ``tune``: whether first calls tune (``True`` also in the interpreter);
 * ``device``: the GPU's description (``DeviceInfo``) for the cost model and pruning;
-* ``only``: ``(constant, value)``: a launch whose candidates include configurations
-  with ``config[constant] == value`` (a kernel variant, such as ``("ONE_GEMM", True)``)
-  takes one of those, tuned among them alone under its own key (so that a benchmark
-  can time each variant, tuned, beside the tuner's free pick).
+* ``only``: ``((constant, on), ...)``: a launch whose candidates include configurations
+  that set each of those compile-time constants (``on``; a kernel variant such as
+  ``ONE_GEMM``) or leave it unset or 0 (not ``on``) takes one of those, tuned among them
+  alone under its own key (so that a benchmark can time each variant, tuned, beside the
+  tuner's pick).
 
 Tests use it to see or force a configuration and to inject faults; ``perf/`` uses it
 to record launches for the static compile report and to stub launches when measuring
@@ -65,11 +66,12 @@ class LaunchPlan:
 @dataclass(frozen=True)
 class DeviceInfo:
     """A device as tuning sees it: its name (the tuning cache is per GPU model), its
-    shared memory per block in bytes, and its SM count (``None`` where unknown: on the
-    CPU, under the interpreter)."""
+    shared memory per block in bytes, its SM count and its compute capability (``None``
+    where unknown: on the CPU, under the interpreter)."""
     name: str
     shared_memory: int | None = None
     sms: int | None = None
+    capability: tuple[int, int] | None = None
 
     @property
     def machine(self) -> Machine | None:
@@ -78,7 +80,7 @@ class DeviceInfo:
 
 # An H100 SXM as the tools that prune and rank without a GPU describe it (the static
 # compile report, the candidate counts, the tune-check rehearsal, the cost-model tests).
-H100 = DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132)
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132, capability=(9, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +89,8 @@ def _device_info(device: torch.device) -> DeviceInfo:
         return DeviceInfo(device.type)
     index = device.index if device.index is not None else torch.cuda.current_device()
     properties = triton.runtime.driver.active.utils.get_device_properties(index)
-    return DeviceInfo(torch.cuda.get_device_name(index), properties["max_shared_mem"], properties["multiprocessor_count"])
+    return DeviceInfo(torch.cuda.get_device_name(index), properties["max_shared_mem"], properties["multiprocessor_count"],
+                      torch.cuda.get_device_capability(index))
 
 
 @dataclass
@@ -190,8 +193,7 @@ def candidates(request: Request, info: DeviceInfo) -> list[dict]:
     only = _hook("only")
     if only is None:
         return ranked
-    constant, value = only
-    return [c for c in ranked if c.get(constant) == value] or ranked
+    return [c for c in ranked if all(bool(c.get(constant)) == on for constant, on in only)] or ranked
 
 
 # The Triton interpreter runs a kernel by patching triton.language's functions for the

@@ -158,7 +158,9 @@ def tuning_report() -> list[Tuning]:
 def _describe(config: dict) -> str:
     if "BLOCK_M" not in config:
         return ",".join(f"{k}={v}" for k, v in config.items())
-    return f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+    variant = " one-gemm" * bool(config.get("ONE_GEMM")) + (f" tma{config['TMA_W']}" if config.get("TMA_W") else "")
+    return (f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+            + variant)
 
 
 def agree(reference: torch.Tensor, other: torch.Tensor) -> bool:

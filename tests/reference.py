@@ -113,17 +113,22 @@ def path_of(config: dict, problem) -> str:
     return "tensor-core" if cost.uses_dot(config, problem) else "fma"
 
 
+# The kernel variants a launch may be forced onto: the compile-time constant that selects
+# each (the phase GEMMs with pointer loads set none of them).
+VARIANTS = ("ONE_GEMM", "TMA_W")
+
+
 @contextlib.contextmanager
-def on_path(path: str | None = None, one_gemm: bool = False):
+def on_path(path: str | None = None, variant: str | None = None):
     """Every launch in the block takes a tile of ``path`` (``"tensor-core"`` or ``"fma"``;
     ``None``: the first candidate's) where its candidates offer one (the launcher's seam
     picks it; a layer with 16 channels or more on both sides offers only tensor-core
-    tiles), of the transposed convolution's one-GEMM variant (``ONE_GEMM``) where it is
-    offered if ``one_gemm``, of the phase GEMMs otherwise."""
+    tiles), of the kernel variant ``variant`` (one of ``VARIANTS``) where it is offered,
+    of the plain phase GEMMs otherwise."""
     def choose(request, candidates):
         problem = request.problem()
-        variant = [c for c in candidates if bool(c.get("ONE_GEMM")) == one_gemm] or candidates
-        return next((c for c in variant if path is None or path_of(c, problem) == path), variant[0])
+        chosen = [c for c in candidates if all(bool(c.get(v)) == (v == variant) for v in VARIANTS)] or candidates
+        return next((c for c in chosen if path is None or path_of(c, problem) == path), chosen[0])
 
     with launcher.intercept(choose=choose):
         yield

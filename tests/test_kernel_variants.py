@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
+from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches
 from tritondeconv.kernels.activations import ACTIVATIONS
 from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference
@@ -134,9 +135,72 @@ def test_one_gemm_forward(device, precision, path, int64):
     b = torch.randn(c, device=device).to(dtype)
     ref = reference(x, w, b, 2, 0, 0, 1, 1)
     r = torch.randn(ref.shape, device=device).to(dtype)
-    with observe_launches() as launches, on_path(path, one_gemm=True), \
+    with observe_launches() as launches, on_path(path, variant="ONE_GEMM"), \
             force_int64_index() if int64 else contextlib.nullcontext():
         out = tritondeconv.conv_transpose2d(x, w, b, 2, activation="silu", residual=r)
     (launch,) = launches
     assert (launch.constants["ONE_GEMM"], _path(launch), launch.constants["INT64_INDEX"]) == (True, path, int64)
     assert_close(out, TORCH_ACTIVATIONS["silu"](ref) + r.double(), precision, seed)
+
+
+def _tma_device(device) -> None:
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the tensor memory accelerator needs compute capability 9.0")
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_tma_forward(device, precision, monkeypatch):
+    """The experimental TMA phase GEMM (``TRITONDECONV_EXPERIMENTAL=tma``) on
+    channels-last input, with an activation and a residual, in every dtype."""
+    _tma_device(device)
+    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    x = layout(torch.randn(2, 16, 3, 4, device=device).to(dtype), "channels_last")
+    w = torch.randn(16, 16, 3, 3, device=device).to(dtype)
+    b = torch.randn(16, device=device).to(dtype)
+    ref = reference(x, w, b, 2, 1, 1, 1, 1)
+    r = torch.randn(ref.shape, device=device).to(dtype)
+    with observe_launches() as launches, on_path("tensor-core", variant="TMA_W"):
+        out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, activation="gelu", residual=r)
+    (launch,) = launches
+    assert launch.constants["TMA_W"] > 0 and _path(launch) == "tensor-core"
+    assert_close(out, TORCH_ACTIVATIONS["gelu"](ref) + r.double(), precision, seed)
+
+
+def _offers_tma(call) -> bool:
+    """Whether the transposed convolution's launch in ``call()`` offered a TMA candidate."""
+    offered = []
+
+    def choose(request, candidates):
+        if request.constants["TRANSPOSED"]:
+            offered.append(any(c.get("TMA_W") for c in candidates))
+        return candidates[0]
+
+    with launcher.intercept(choose=choose):
+        call()
+    assert len(offered) == 1
+    return offered[0]
+
+
+def test_tma_offered_only_where_it_can_run(device, monkeypatch):
+    """The TMA variant is a candidate only when asked for, and only where the hardware's
+    limits hold: channels contiguous, 16-byte aligned base and strides (each group's
+    first channel too), 32-bit coordinates."""
+    _tma_device(device)
+    w = torch.randn(16, 16, 3, 3, device=device, dtype=torch.bfloat16)
+    x = layout(torch.randn(2, 16, 3, 4, device=device, dtype=torch.bfloat16), "channels_last")
+
+    def conv(x, w=w, groups=1):
+        return lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1, groups)
+
+    assert not _offers_tma(conv(x))  # not asked for
+    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
+    assert _offers_tma(conv(x))
+    assert not _offers_tma(conv(x.contiguous()))  # NCHW: channels strided
+    with force_int64_index():
+        assert not _offers_tma(conv(x))
+    wide = layout(torch.randn(2, 17, 3, 4, device=device, dtype=torch.bfloat16), "channels_last")
+    assert not _offers_tma(conv(wide[:, 1:]))  # base 2 bytes past alignment, strides of 17 channels
+    groups_of_4 = layout(torch.randn(2, 8, 3, 4, device=device, dtype=torch.bfloat16), "channels_last")
+    assert not _offers_tma(conv(groups_of_4, torch.randn(8, 8, 3, 3, device=device, dtype=torch.bfloat16), 2))
