@@ -35,7 +35,8 @@ from bench import DTYPES, FUNCTIONS, VARIANTS, Cell, jobs_of  # noqa: E402
 from tritondeconv.kernels import launcher  # noqa: E402
 
 # gpu_check.sh's bench stages, as bench.py arguments (and "variants": each kernel variant
-# a bench method forces, tuned among its own candidates).
+# a bench method forces, tuned among its own candidates, and "experimental": the
+# TRITONDECONV_EXPERIMENTAL the stage runs with).
 STAGES = {
     "fwd-bf16-cl": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="channels_last"),
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
@@ -43,7 +44,7 @@ STAGES = {
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
     "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",
-                     variants=(None, *VARIANTS.values())),
+                     variants=(None, *VARIANTS.values()), experimental="tma"),
 }
 
 
@@ -84,7 +85,7 @@ def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
     spec = dict(STAGES[stage])
     variants = spec.pop("variants", (None,))
     spec["cells"] = cells or spec.get("cells", "")
-    with common.recording(on_launch):
+    with common.recording(on_launch), common.experimental(spec.pop("experimental", "")):
         for cell, dtype_name, layout, pass_ in jobs_of(argparse.Namespace(quick=False, **spec)):
             for forced[0] in variants:
                 with launcher.intercept(only=forced[0]):

@@ -22,10 +22,13 @@ import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from candidates import STAGES, launches_of  # noqa: E402
-from hopper_compile import KERNELS, TARGET  # noqa: E402
+from hopper_compile import KERNELS  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
 
 
 def _compile(spec) -> float:
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     keys, compiles = launches_of(a.stage)
     chosen_keys = list(keys)[:a.keys]
-    launches = [spec for spec, (request, _) in compiles.items() if (request.family, request.key) in chosen_keys]
+    chosen = {(family, key) for family, key, _ in chosen_keys}
+    launches = [spec for spec, (request, _) in compiles.items() if (request.family, request.key) in chosen]
     print(f"{a.stage}: {len(chosen_keys)} keys, {len(launches)} distinct compiles, Triton {triton.__version__}, "
           f"{os.cpu_count()} cores", flush=True)
     for threads in (1, a.threads):

@@ -27,7 +27,7 @@ describe() {
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
-    variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs and the one GEMM, each forced and tuned, beside the tuner's pick and cuDNN" ;;
+    variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs, the one GEMM and the experimental TMA phase GEMM (channels_last), each forced and tuned, beside the tuner's pick (TMA among its candidates) and cuDNN" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
@@ -109,8 +109,8 @@ for stage in "$@"; do
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \
         | tee "$work/$stage.log"
       rc="${PIPESTATUS[0]}" ;;
-    variants)      bench "$stage" --suites 2d,3d --passes fwd --dtypes bf16 --cells U-Net \
-                     --methods tritondeconv,phases,one_gemm,cudnn; rc=$? ;;
+    variants)      TRITONDECONV_EXPERIMENTAL=tma bench "$stage" --suites 2d,3d --passes fwd --dtypes bf16 --cells U-Net \
+                     --methods tritondeconv,phases,one_gemm,tma,cudnn; rc=$? ;;
     fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
     train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;

@@ -1,30 +1,35 @@
-"""Compile for Hopper, without a GPU, every kernel configuration a first call compiles
-(the cost model's best 6 per key; ``--per-key N``: the best N, 0 for all), and report
-what each one costs the chip.
+"""Compile for Hopper (or ``--target`` 80 or 100: Ampere, Blackwell), without a GPU,
+every kernel configuration a first call compiles (the cost model's best 6 per key;
+``--per-key N``: the best N, 0 for all), and report what each one costs the chip.
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
     python perf/hopper_compile.py --quick   # two small layers, both paths (a test runs this)
+    python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
 
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
 intercepted, so every launch's arguments are exactly those of a GPU run of the same
 layer (dtypes, layouts, and the integer values Triton specialises on: 1, and multiples
-of 16); pruning and ranking are the H100's.  Each distinct launch is then
-compiled by Triton for an sm_90 target, and read:
+of 16); pruning and ranking are the target GPU's (``TARGETS``).  Each distinct launch is
+then compiled by Triton for that target (default sm_90), and read:
 
 * ``regs``, ``local_bytes``: registers per thread and local memory per thread (spills;
   anything above 0 is slow), from ``cuobjdump --dump-resource-usage`` of the cubin;
-* ``shared_bytes``: the launch's shared memory (must fit the 227 KiB of an H100 block);
-* ``wgmma``: Hopper warpgroup MMA instructions in the PTX (a tensor-core configuration
-  without them runs on the older, slower ``mma.sync`` path);
+* ``shared_bytes``: the launch's shared memory (must fit a block of the target: 227 KiB
+  on an H100 or a B200, 163 KiB on an A100);
+* ``wgmma``, ``mma_sync``, ``tcgen05``: tensor-core instructions in the PTX: Hopper's
+  warpgroup MMA, the older ``mma.sync`` (Ampere's, and Hopper's fallback, slower there),
+  Blackwell's ``tcgen05.mma``;
 * ``async_copies``: ``cp.async`` instructions (global loads software-pipelined through
   shared memory over ``num_stages``);
+* ``tma``: tensor-memory-accelerator loads (``cp.async.bulk.tensor``), in the
+  experimental variant (``TRITONDECONV_EXPERIMENTAL=tma`` puts it among the candidates);
 * ``loop_divisions``: integer divisions and remainders inside the PTX's loops (a runtime
   division is a long instruction sequence; the reduction loops should have none).
 
 Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
-``perf/results/static-sm90/triton-<version>``) and exits non-zero if any configuration
-fails to compile or does not fit an H100 block.  Spills are reported, not failed: they
+``perf/results/static-sm<target>/triton-<version>``) and exits non-zero if any
+configuration fails to compile or does not fit a block of the target.  Spills are reported, not failed: they
 depend on the Triton version (``perf/NOTES.md``) and cost time, not correctness.  A
 static report: it predicts no time.
 """
@@ -36,6 +41,7 @@ common.use_compiler()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import functools  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -59,8 +65,12 @@ from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
 from common import TYPES, Launch  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-H100 = launcher.H100
+# Per compute capability, the GPU that stands for it when pruning, ranking and checking
+# that a launch fits a block (shared memory per block, SMs).
+TARGETS = {80: launcher.DeviceInfo("NVIDIA A100-SXM4-80GB", shared_memory=166912, sms=108, capability=(8, 0)),
+           90: launcher.H100,
+           100: launcher.DeviceInfo("NVIDIA B200", shared_memory=232448, sms=148, capability=(10, 0))}
+ARCHITECTURES = {80: "Ampere", 90: "Hopper", 100: "Blackwell"}
 REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
 # The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
@@ -75,11 +85,12 @@ QUICK = [Cell("quick-wide", 1, 64, (8, 8), 64, 4, 2, 1), Cell("quick-rgb", 2, 32
 
 
 @contextmanager
-def recording(launches: set, int64: bool = False, per_key: int | None = None):
-    """While inside: every launch's candidates that a first call compiles (``per_key``:
-    the best N, 0 for all; see ``common.recording``) land in ``launches``."""
+def recording(launches: set, int64: bool = False, per_key: int | None = None, target: int = 90):
+    """While inside: every launch's candidates that a first call compiles on the
+    ``target`` GPU (``per_key``: the best N, 0 for all; see ``common.recording``) land in
+    ``launches``."""
     with common.recording(lambda request, candidates, timed: launches.update(launch for launch, _ in timed),
-                          per_key, int64):
+                          per_key, int64, TARGETS[target]):
         yield
 
 
@@ -103,9 +114,10 @@ def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
-def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED) -> None:
+def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
+           target: int = 90) -> None:
     """The launches of one cell's forward and backward."""
-    with recording(launches, per_key=per_key):
+    with recording(launches, per_key=per_key, target=target):
         _forward_backward(FUNCTIONS[cell.rank][0], (cell.n, cell.c_in, *cell.spatial),
                           (cell.c_in, cell.c_out, *(cell.k,) * cell.rank), dtype, layout,
                           stride=cell.s, padding=cell.p, output_padding=cell.op)
@@ -162,7 +174,7 @@ def _cuobjdump() -> Path:
 def _mode(constants: dict) -> str:
     """The launch's variant in a few words: direction, dot precision, index width."""
     words = [] if "TRANSPOSED" not in constants else ["transposed" if constants["TRANSPOSED"] else "direct"]
-    words += ["one-gemm"] * bool(constants.get("ONE_GEMM"))
+    words += ["one-gemm"] * bool(constants.get("ONE_GEMM")) + ["tma"] * bool(constants.get("TMA_W"))
     words += ["tf32"] * (constants["INPUT_PRECISION"] == "tf32") + ["int64"] * constants["INT64_INDEX"]
     return " ".join(words)
 
@@ -185,8 +197,8 @@ def loop_divisions(ptx: str) -> int:
     return sum(bool(_INTEGER_DIVISION.search(lines[i])) for i in in_loop)
 
 
-def compile_launch(launch: Launch) -> dict:
-    """Compile one launch for sm_90 and read its resources."""
+def compile_launch(launch: Launch, target: int = 90) -> dict:
+    """Compile one launch for ``sm_<target>`` and read its resources."""
     kernel = vars(KERNELS[launch.kernel])[launch.kernel]
     source = ASTSource(kernel, dict(launch.signature), dict(launch.constants),
                        {(i,): [["tt.divisibility", 16]] for i in launch.divisible})
@@ -195,7 +207,7 @@ def compile_launch(launch: Launch) -> dict:
                dtype=dict(launch.signature)["x_ptr"][1:], mode=_mode(constants),
                constants=" ".join(f"{k}={v}" for k, v in launch.constants))
     try:
-        compiled = triton.compile(source, target=TARGET, options=dict(launch.options))
+        compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=dict(launch.options))
     except Exception as error:  # noqa: BLE001  (every failure is a row of the report)
         where = str(error).splitlines()[0] if str(error) else ""
         return row | dict(error=f"{type(error).__name__} {where} {error.__cause__!r}".strip())
@@ -210,17 +222,23 @@ def compile_launch(launch: Launch) -> dict:
     row.update(regs=int(fields["REG"]), local_bytes=int(fields["LOCAL"]) + int(fields["STACK"]),
                shared_bytes=compiled.metadata.shared + int(fields["SHARED"]),
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+               tcgen05=len(re.findall(r"tcgen05\.mma", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), loop_divisions=loop_divisions(ptx),
                error="")
-    row["fits"] = row["shared_bytes"] <= H100.shared_memory and row["regs"] * threads <= REGISTERS_PER_SM
+    row["fits"] = row["shared_bytes"] <= TARGETS[target].shared_memory and row["regs"] * threads <= REGISTERS_PER_SM
     return row
 
 
-def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
+# The tensor-core instruction each target's fast path issues (a CSV column).
+NATIVE_MMA = {80: "mma_sync", 90: "wgmma", 100: "tcgen05"}
+
+
+def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90) -> list[dict]:
     """Write the CSV and the markdown summary; return the rows that fail (do not compile,
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
-               "mma_sync", "async_copies", "loop_divisions", "error", "cells", "constants"]
+               "mma_sync", "tcgen05", "async_copies", "tma", "loop_divisions", "error", "cells", "constants"]
+    native, gpu = NATIVE_MMA[target], TARGETS[target].name.removeprefix("NVIDIA ").split()[0]
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
     rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["mode"], r["tile"], r["constants"]))
@@ -230,31 +248,36 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
         writer.writerows(rows)
     bad = [r for r in rows if r["error"] or not r["fits"]]
     ok = [r for r in rows if not r["error"]]
-    dot = [r for r in ok if r["wgmma"] + r["mma_sync"] > 0]
+    dot = [r for r in ok if r["wgmma"] + r["mma_sync"] + r["tcgen05"] > 0]
     contiguous = [r for r in ok if "sxc=1" in r["constants"].split()]
     strided = [r for r in ok if "sxc=1" not in r["constants"].split()]
     one = [r for r in ok if "one-gemm" in r["mode"]]
+    tma = [r for r in ok if "tma" in r["mode"].split()]
     lines = [
-        f"# Hopper (sm_90) compile report: triton {triton.__version__}, torch {torch.__version__}", "",
+        f"# {ARCHITECTURES[target]} (sm_{target}) compile report: triton {triton.__version__}, "
+        f"torch {torch.__version__}", "",
         f"{len(rows)} distinct launches (kernel, dtype, tile, specialisation) from "
         f"{len({c for v in cells.values() for c in v})} calls (a layer or API variant, a dtype, a layout), forward "
         "and backward; compiled, not run.", "",
         f"- failed to compile: {len(rows) - len(ok)}",
-        f"- do not fit an H100 block (shared memory or registers): {sum(not r['fits'] for r in ok)}",
+        f"- do not fit a block of the {gpu} (shared memory or registers): {sum(not r['fits'] for r in ok)}",
         f"- spill to local memory: {sum(r['local_bytes'] > 0 for r in ok)} "
         f"(input channels contiguous: {sum(r['local_bytes'] > 0 for r in contiguous)} of {len(contiguous)}; "
         f"strided, as NCHW and 1-D inputs: {sum(r['local_bytes'] > 0 for r in strided)} of {len(strided)})",
-        f"- tensor-core launches on wgmma: {sum(r['wgmma'] > 0 for r in dot)} of {len(dot)}",
+        f"- tensor-core launches on {native}: {sum(r[native] > 0 for r in dot)} of {len(dot)}",
         f"- launches with software-pipelined (cp.async) loads: {sum(r['async_copies'] > 0 for r in ok)} of {len(ok)}",
         f"- launches with an integer division or remainder inside a loop: "
         f"{sum(r['loop_divisions'] > 0 for r in ok)} of {len(ok)} (phase GEMM: "
         f"{sum(r['loop_divisions'] > 0 for r in ok if r['kernel'] == 'phase_gemm')} of "
         f"{sum(r['kernel'] == 'phase_gemm' for r in ok)})",
-        f"- one-GEMM launches (kernel size = stride): {len(one)}, on wgmma: {sum(r['wgmma'] > 0 for r in one)}, "
+        f"- one-GEMM launches (kernel size = stride): {len(one)}, on {native}: {sum(r[native] > 0 for r in one)}, "
         f"with cp.async: {sum(r['async_copies'] > 0 for r in one)}, spilling: {sum(r['local_bytes'] > 0 for r in one)}",
+        f"- experimental TMA launches (`TRITONDECONV_EXPERIMENTAL=tma`): {len(tma)}, reading through TMA "
+        f"(cp.async.bulk.tensor): {sum(r['tma'] > 0 for r in tma)}, on {native}: {sum(r[native] > 0 for r in tma)}, "
+        f"spilling: {sum(r['local_bytes'] > 0 for r in tma)}",
         "", "Per tile, its launches (one per direction, layout and set of specialised integer arguments) in one "
         f"row; `{stem}.csv` has every launch, its constants and the calls that make it:", "",
-        "| kernel | dtype | tile | launches | spilling | max local B | max regs | max shared KiB | on wgmma "
+        f"| kernel | dtype | tile | launches | spilling | max local B | max regs | max shared KiB | on {native} "
         "| with cp.async | errors |",
         "|" + " --- |" * 11,
     ]
@@ -266,7 +289,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str) -> list[dict]:
         most = {k: max((r[k] for r in built), default=0) for k in ("local_bytes", "regs", "shared_bytes")}
         lines.append(f"| {kernel} | {dtype} | {tile} | {len(group)} | {sum(r['local_bytes'] > 0 for r in built)} "
                      f"| {most['local_bytes']} | {most['regs']} | {most['shared_bytes'] / 1024:.0f} "
-                     f"| {sum(r['wgmma'] > 0 for r in built)} | {sum(r['async_copies'] > 0 for r in built)} "
+                     f"| {sum(r[native] > 0 for r in built)} | {sum(r['async_copies'] > 0 for r in built)} "
                      f"| {len(group) - len(built)} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return bad
@@ -281,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suites", default="2d,1d,3d")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--per-key", type=int, default=tuning.TIMED, metavar="N",
-                    help="the best N candidates of each tuning key, as ranked for an H100 (default: the "
+                    help="the best N candidates of each tuning key, as ranked for the target (default: the "
                          f"{tuning.TIMED} a first call compiles; 1: the cost model's pick; 0: every candidate)")
+    ap.add_argument("--target", type=int, choices=sorted(TARGETS), default=90,
+                    help="the compute capability to compile for (default 90, Hopper)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "static-sm90" / f"triton-{triton.__version__}")
+    ap.add_argument("--out", type=Path, help="default: perf/results/static-sm<target>/triton-<version>")
     a = ap.parse_args(argv)
+    out = a.out or Path(__file__).parent / "results" / f"static-sm{a.target}" / f"triton-{triton.__version__}"
     suite = QUICK if a.quick else [c for s in a.suites.split(",") for c in SUITES[s]]
     dtypes = ["bf16", "fp32"] if a.quick else a.dtypes.split(",")
 
@@ -301,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype, tf32 in API_DTYPES:
                 launches: set[Launch] = set()
                 torch.backends.cudnn.allow_tf32 = tf32
-                with recording(launches, int64, a.per_key):
+                with recording(launches, int64, a.per_key, a.target):
                     call(dtype)
                 add(launches, f"{name} {TYPES[dtype]}{' tf32' if tf32 else ''}")
         torch.backends.cudnn.allow_tf32 = True
@@ -310,19 +335,20 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in dtypes:
                 for layout in LAYOUTS[cell.rank]:
                     launches = set()
-                    record(cell, DTYPES[dtype], layout, launches, a.per_key)
+                    record(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
                     add(launches, f"{cell.label} {dtype} {layout}")
-    print(f"{len(cells)} distinct launches; compiling for sm_90 with {a.jobs} processes", flush=True)
+    print(f"{len(cells)} distinct launches; compiling for sm_{a.target} with {a.jobs} processes", flush=True)
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:
-        for i, (launch, row) in enumerate(zip(cells, pool.map(compile_launch, cells)), 1):
+        compiled = pool.map(functools.partial(compile_launch, target=a.target), cells)
+        for i, (launch, row) in enumerate(zip(cells, compiled), 1):
             rows.append(row | dict(key=launch))
             status = row["error"] or f"regs {row['regs']}, local {row['local_bytes']} B, shared {row['shared_bytes']} B"
             print(f"[{i}/{len(cells)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stem = "api" if a.api else "quick" if a.quick else "suites"
-    bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, a.out, stem)
-    print(f"wrote {a.out / stem}.csv and .md; {len(bad)} failing launches")
+    bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, out, stem, a.target)
+    print(f"wrote {out / stem}.csv and .md; {len(bad)} failing launches")
     return 1 if bad else 0
 
 
