@@ -82,24 +82,36 @@ def test_every_epilogue(device, activation, residual):
     assert_close(out, expected, "float32", seed)
 
 
+# Per kernel variant of the forward, the constant that selects it and a layer that
+# offers it (kernel size, stride, padding, output padding): the phase GEMMs, and the one
+# GEMM of a layer with kernel size = stride.
+FORWARD_VARIANTS = {"phases": (None, 3, 2, 1, 1), "one-gemm": ("ONE_GEMM", 2, 2, 0, 0)}
+
+
+@pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
 @pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("path", list(PATH_CHANNELS))
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
-def test_epilogue_on_every_path_dtype_and_index_width(device, precision, path, int64):
-    """An activation and a residual fused into the store, on each path, in every dtype,
-    with 32- and 64-bit indexing (gelu: the epilogue's longest expression)."""
+def test_epilogue_on_every_variant_path_dtype_and_index_width(device, precision, path, int64, variant):
+    """An activation and a residual fused into the store, on each forward variant (the
+    one GEMM: rows are input pixels, columns (tap, channel) pairs, stored as a pixel
+    shuffle) and path, in every dtype, with 32- and 64-bit indexing (gelu: the
+    epilogue's longest expression)."""
     seed = fresh_seed()
+    constant, k, s, p, op = FORWARD_VARIANTS[variant]
     dtype, c = DTYPES[precision], PATH_CHANNELS[path]
     x = torch.randn(2, c, 3, 4, device=device).to(dtype)
-    w = torch.randn(c, c, 3, 3, device=device).to(dtype)
+    w = torch.randn(c, c, k, k, device=device).to(dtype)
     b = torch.randn(c, device=device).to(dtype)
-    ref = reference(x, w, b, 2, 1, 1, 1, 1)
+    ref = reference(x, w, b, s, p, op, 1, 1)
     r = torch.randn(ref.shape, device=device).to(dtype)
-    with observe_launches() as launches, on_path(path), force_int64_index() if int64 else contextlib.nullcontext():
-        out = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, activation="gelu", residual=r)
+    with observe_launches() as launches, on_path(path, variant=constant), \
+            force_int64_index() if int64 else contextlib.nullcontext():
+        out = tritondeconv.conv_transpose2d(x, w, b, s, p, op, activation="gelu", residual=r)
     (launch,) = launches
     assert (launch.constants["ACTIVATION"], launch.constants["HAS_RESIDUAL"], _path(launch),
-            launch.constants["INT64_INDEX"]) == ("gelu", True, path, int64)
+            launch.constants["INT64_INDEX"], launch.constants["ONE_GEMM"]) == (
+        "gelu", True, path, int64, constant == "ONE_GEMM")
     assert_close(out, TORCH_ACTIVATIONS["gelu"](ref) + r.double(), precision, seed)
 
 
@@ -119,28 +131,6 @@ def test_folded_upsample_conv_on_tensor_cores(device, kind):
     assert_close(out, ref.detach(), "float64", seed)
     for ours, theirs in zip(got, torch.autograd.grad(ref, (x, w), gy)):
         assert_close(ours, theirs, "float64", seed)
-
-
-@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
-@pytest.mark.parametrize("path", list(PATH_CHANNELS))
-@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
-def test_one_gemm_forward(device, precision, path, int64):
-    """The forward's one-GEMM variant (kernel size = stride: rows are input pixels,
-    columns (tap, channel) pairs, stored as a pixel shuffle), with an activation and a
-    residual, on each path, in every dtype and both index widths."""
-    seed = fresh_seed()
-    dtype, c = DTYPES[precision], PATH_CHANNELS[path]
-    x = torch.randn(2, c, 3, 4, device=device).to(dtype)
-    w = torch.randn(c, c, 2, 2, device=device).to(dtype)
-    b = torch.randn(c, device=device).to(dtype)
-    ref = reference(x, w, b, 2, 0, 0, 1, 1)
-    r = torch.randn(ref.shape, device=device).to(dtype)
-    with observe_launches() as launches, on_path(path, variant="ONE_GEMM"), \
-            force_int64_index() if int64 else contextlib.nullcontext():
-        out = tritondeconv.conv_transpose2d(x, w, b, 2, activation="silu", residual=r)
-    (launch,) = launches
-    assert (launch.constants["ONE_GEMM"], _path(launch), launch.constants["INT64_INDEX"]) == (True, path, int64)
-    assert_close(out, TORCH_ACTIVATIONS["silu"](ref) + r.double(), precision, seed)
 
 
 def _tma_device(device) -> None:
