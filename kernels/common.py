@@ -18,6 +18,7 @@ def experimental(feature: str) -> bool:
     through Hopper's tensor memory accelerator, offered to the tuner only then."""
     return feature in os.environ.get("TRITONDECONV_EXPERIMENTAL", "").split(",")
 
+
 _OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 

@@ -163,9 +163,9 @@ def prune(candidates: list[dict], problem: Problem, shared_memory: int | None) -
     Drop tiles larger than the problem rounds up to (a 128-wide column tile for 3 output
     channels is 97% waste), never below the smallest tile of the same path (tensor-core
     tiles are at least 16 a side, so a 3-channel layer keeps its 16-wide tensor-core
-    tiles beside its 4-wide FMA tiles; each variant by its own GEMMs); and drop tiles whose pipelined operands
-    (``num_stages`` copies of the A and B tiles) exceed the GPU's shared memory
-    (``None``: unknown, keep).  Never returns an empty list: if nothing fits, the
+    tiles beside its 4-wide FMA tiles; each variant by its own GEMMs); and drop tiles
+    whose pipelined operands (``num_stages`` copies of the A and B tiles) exceed the
+    GPU's shared memory (``None``: unknown, keep).  Never returns an empty list: if nothing fits, the
     smallest candidate.
     """
     def sizes(c: dict) -> dict:

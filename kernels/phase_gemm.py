@@ -24,6 +24,11 @@ The implicit GEMM per (phase, group): rows = (n, t_d, t_h, t_w), columns = the g
 output channels, reduction = (tap_d, tap_h, tap_w, input channel).  One launch covers
 every phase and group: grid = (row tiles × column tiles × phases, group).
 
+Two variants of the transposed direction are tuner candidates beside it (``configs``):
+``ONE_GEMM``, the whole layer as one GEMM where every output gathers exactly one (input,
+tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
+read as one box by Hopper's tensor memory accelerator.
+
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``;
 the direct convolution reads it with the first two axes swapped (columns = C_in).
 ``tritondeconv.planner`` does the transposed arithmetic in plain Python.
@@ -196,9 +201,9 @@ def _phase_gemm_kernel(
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE: dtype the tiles are fed to ``tl.dot`` in (``common.operand_dtype``).
     INPUT_PRECISION: ``"tf32"`` or ``"ieee"`` for fp32 operands.
-    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, columns (produced channels, with ``ONE_GEMM``
-             (tap, channel) pairs), reduced channels; all of at least 16 multiply on tensor cores (``tl.dot``), smaller
-             ones by FMA (see ``configs``).
+    BLOCK_M, BLOCK_N, BLOCK_K: tile of rows, columns (produced channels; with ``ONE_GEMM``
+             (tap, channel) pairs), reduced channels; all of at least 16 multiply on
+             tensor cores (``tl.dot``), smaller ones by FMA (see ``configs``).
     GROUP_M: row tiles that share a column sweep (L2 reuse of the weight tile).
     TMA_W:   0: rows are gathered with pointer loads.  Otherwise (experimental; transposed,
              channels-contiguous input, the launcher checks the hardware's limits) a row
