@@ -127,9 +127,11 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     """Every configuration the tuner offers on two small layers, in both layouts,
     compiles for sm_90 with the installed Triton (no GPU needed) and fits an H100 block,
     the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma, the k = s layer's
-    one-GEMM variant compiles (on wgmma), and no phase GEMM has a division in a loop."""
+    one-GEMM variant compiles (on wgmma), the experimental TMA variant (asked for here)
+    reads through the tensor memory accelerator, and no phase GEMM has a division in a
+    loop."""
     run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, "TRITONDECONV_EXPERIMENTAL": "tma"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "quick.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -142,6 +144,8 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     assert warpgroup_tiles and all(int(r["wgmma"]) > 0 for r in warpgroup_tiles)
     # The k = s layer's one-GEMM variant compiles too, and no phase GEMM divides in its loop.
     assert any("one-gemm" in r["mode"] and int(r["wgmma"]) > 0 for r in rows)
+    tma = [r for r in rows if "tma" in r["mode"].split()]
+    assert tma and all(int(r["tma"]) > 0 for r in tma)
     assert all(int(r["loop_divisions"]) == 0 for r in rows if r["kernel"] == "phase_gemm")
 
 
