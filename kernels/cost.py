@@ -165,24 +165,24 @@ def prune(candidates: list[dict], problem: Problem, shared_memory: int | None) -
     tiles are at least 16 a side, so a 3-channel layer keeps its 16-wide tensor-core
     tiles beside its 4-wide FMA tiles; each variant by its own GEMMs); and drop tiles
     whose pipelined operands (``num_stages`` copies of the A and B tiles) exceed the
-    GPU's shared memory (``None``: unknown, keep).  Never returns an empty list: if nothing fits, the
-    smallest candidate.
+    GPU's shared memory (``None``: unknown, keep).  Never returns an empty list: if
+    nothing fits, the smallest candidate.
     """
-    def sizes(c: dict) -> dict:
-        parts = problem.parts_of(c)
-        return {"BLOCK_M": max(p.rows for p in parts), "BLOCK_N": max(p.columns for p in parts),
-                "BLOCK_K": max(p.depth for p in parts)}
-
-    # Per path (tensor cores or not) and variant, the largest tile side the problem needs.
+    # Per path (tensor cores or not) and variant (its GEMMs), the largest tile side the
+    # problem needs, never below the path's smallest.
     def path(c: dict) -> tuple:
         return uses_dot(c, problem), problem.parts_of(c)
 
-    limits = {}
+    same_path: dict[tuple, list[dict]] = {}
     for c in candidates:
-        if path(c) not in limits:
-            same = [d for d in candidates if path(d) == path(c)]
-            limits[path(c)] = {block: max(min(d[block] for d in same), triton.next_power_of_2(size))
-                               for block, size in sizes(c).items()}
+        same_path.setdefault(path(c), []).append(c)
+    limits = {}
+    for key, same in same_path.items():
+        parts = key[1]
+        sizes = {"BLOCK_M": max(p.rows for p in parts), "BLOCK_N": max(p.columns for p in parts),
+                 "BLOCK_K": max(p.depth for p in parts)}
+        limits[key] = {block: max(min(d[block] for d in same), triton.next_power_of_2(size))
+                       for block, size in sizes.items()}
 
     def fits(c: dict) -> bool:
         if any(c[block] > limit for block, limit in limits[path(c)].items()):

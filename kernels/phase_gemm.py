@@ -422,10 +422,12 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         c_red_g, c_col_g, sw_red, sw_col, n_phases = c_out_g, c_in_g, sw_out, sw_in, 1
     consts = [axis_constants(s, d) for s, d in zip(stride, dilation)]
     kernel_size = w_shape[2:]
-    # Kernel size = stride and the like: the layer is also one GEMM over the input pixels.
-    one_gemm = transposed and all(
-        plan_axis(i, k, s, p, d, o - output_size(i, k, s, p, d, 0)).one_pair_each()
-        for i, k, s, p, d, o in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_shape[2:]))
+    # The planner's phases of each axis (transposed only): the cost model's GEMMs, and
+    # whether the layer is also one GEMM over the input pixels (kernel size = stride).
+    axis_plans = [plan_axis(i, k, s, p, d, o - output_size(i, k, s, p, d, 0))
+                  for i, k, s, p, d, o in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_shape[2:])
+                  ] if transposed else []
+    one_gemm = transposed and all(axis.one_pair_each() for axis in axis_plans)
     pixels, one_gemm_columns = n * math.prod(x_shape[2:]), (c_col_g * math.prod(kernel_size) if one_gemm else 0)
     # Rows per phase along each axis: ceil(outputs / s) for the transposed direction.
     rows_per_phase = out_shape[2:] if not transposed else [-(-o // s) for o, s in zip(out_shape[2:], stride)]
@@ -452,9 +454,10 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         return (row_tiles * -(-c_col_g // meta["BLOCK_N"]) * n_phases, groups)
 
     def problem() -> Problem:
-        """Per phase (one GEMM per group): its rows and its taps."""
-        axes = [_phase_sizes(k, s, p, d, i, o, transposed)
-                for k, s, p, d, i, o in zip(kernel_size, stride, padding, dilation, x_shape[2:], out_shape[2:])]
+        """Per phase (one GEMM per group): its rows and its taps (the direct convolution
+        has one phase with every output and tap)."""
+        axes = ([[(phase.count, len(phase.taps)) for phase in axis.phases] for axis in axis_plans] if transposed
+                else [[(o, k)] for o, k in zip(out_shape[2:], kernel_size)])
         parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
         one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
@@ -529,7 +532,7 @@ def phase_gemm(
         (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
         None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
         tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32, activation or "",
-        int64_forced(), experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
+        int64_forced(), transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
     launcher.launch(plan.request(
         "phase_gemm", _phase_gemm_kernel,
         (x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
@@ -555,14 +558,5 @@ def _has_tma(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _use_torch_allocator() -> None:
     """Tensor descriptors made in a kernel need global scratch memory from an allocator
-    set in Triton: PyTorch's, on the tensors' stream."""
+    set in Triton: PyTorch's caching allocator, on the current CUDA device."""
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
-def _phase_sizes(k: int, s: int, p: int, d: int, size_in: int, size_out: int, transposed: bool) -> list[tuple[int, int]]:
-    """(outputs, taps) of each phase along one axis, from the planner (the direct
-    convolution has one phase with every output and tap)."""
-    if not transposed:
-        return [(size_out, k)]
-    output_padding = size_out - output_size(size_in, k, s, p, d, 0)
-    return [(phase.count, len(phase.taps)) for phase in plan_axis(size_in, k, s, p, d, output_padding).phases]

@@ -25,6 +25,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -85,7 +86,9 @@ def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
     spec = dict(STAGES[stage])
     variants = spec.pop("variants", (None,))
     spec["cells"] = cells or spec.get("cells", "")
-    with common.recording(on_launch), common.experimental(spec.pop("experimental", "")):
+    experimental = spec.pop("experimental", "")
+    with common.recording(on_launch), \
+            mock.patch.dict(os.environ, {"TRITONDECONV_EXPERIMENTAL": experimental} if experimental else {}):
         for cell, dtype_name, layout, pass_ in jobs_of(argparse.Namespace(quick=False, **spec)):
             for forced[0] in variants:
                 with launcher.intercept(only=forced[0]):

@@ -90,21 +90,6 @@ class _Hopper:
 
 
 @contextmanager
-def experimental(features: str):
-    """While inside: ``TRITONDECONV_EXPERIMENTAL`` is ``features`` (unchanged if empty)."""
-    before = os.environ.get("TRITONDECONV_EXPERIMENTAL")
-    if features:
-        os.environ["TRITONDECONV_EXPERIMENTAL"] = features
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRITONDECONV_EXPERIMENTAL", None)
-        else:
-            os.environ["TRITONDECONV_EXPERIMENTAL"] = before
-
-
-@contextmanager
 def hopper_jit():
     """While inside: Triton's JIT compiles for an H100 (sm_90) on this machine, GPU or
     not, so a kernel's ``warmup`` puts exactly what a GPU's first launch would look up
@@ -120,9 +105,9 @@ def hopper_jit():
 
 @contextmanager
 def recording(on_launch, per_key: int | None = None, int64: bool = False, device=None):
-    """While inside: the ops take their Triton path on CPU tensors, as on a GPU (nothing
-    runs), and each launch's first ``per_key`` candidate configurations, pruned and
-    ranked as on that GPU (``device``, a ``launcher.DeviceInfo``; default an H100)
+    """While inside: the ops take their Triton path on CPU tensors, as on the GPU
+    ``device`` (a ``launcher.DeviceInfo``; default an H100; nothing runs), and each
+    launch's first ``per_key`` candidate configurations, pruned and ranked as on that GPU
     (default ``tuning.TIMED``, the ones a first call compiles; 0: all of them), go to
     ``on_launch(request, candidates, timed)``, ``timed`` as ``(Launch, config)`` pairs;
     ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits."""

@@ -7,6 +7,7 @@ import os
 import random
 import zlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -111,6 +112,13 @@ PATHS = ("tensor-core", "fma")
 def path_of(config: dict, problem) -> str:
     """The path a configuration multiplies on."""
     return "tensor-core" if cost.uses_dot(config, problem) else "fma"
+
+
+def skip_without_tma(device: str) -> None:
+    """Skip on a GPU without a tensor memory accelerator (compute capability below 9.0);
+    the interpreter emulates one."""
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the tensor memory accelerator needs compute capability 9.0")
 
 
 # The kernel variants a launch may be forced onto: the compile-time constant that selects

@@ -17,7 +17,7 @@ import tritondeconv
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches
 from tritondeconv.kernels.activations import ACTIVATIONS
-from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference
+from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference, skip_without_tma
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -133,16 +133,11 @@ def test_folded_upsample_conv_on_tensor_cores(device, kind):
         assert_close(ours, theirs, "float64", seed)
 
 
-def _tma_device(device) -> None:
-    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the tensor memory accelerator needs compute capability 9.0")
-
-
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
 def test_tma_forward(device, precision, monkeypatch):
     """The experimental TMA phase GEMM (``TRITONDECONV_EXPERIMENTAL=tma``) on
     channels-last input, with an activation and a residual, in every dtype."""
-    _tma_device(device)
+    skip_without_tma(device)
     monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
     seed = fresh_seed()
     dtype = DTYPES[precision]
@@ -177,7 +172,7 @@ def test_tma_offered_only_where_it_can_run(device, monkeypatch):
     """The TMA variant is a candidate only when asked for, and only where the hardware's
     limits hold: channels contiguous, 16-byte aligned base and strides (each group's
     first channel too), 32-bit coordinates."""
-    _tma_device(device)
+    skip_without_tma(device)
     w = torch.randn(16, 16, 3, 3, device=device, dtype=torch.bfloat16)
     x = layout(torch.randn(2, 16, 3, 4, device=device, dtype=torch.bfloat16), "channels_last")
 

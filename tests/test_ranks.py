@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import tritondeconv
 from reference import (DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, reference, relative_error,
-                       same_layout)
+                       same_layout, skip_without_tma)
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches
 
@@ -213,8 +213,7 @@ def test_tma_variant(device, precision, monkeypatch, rank, groups, k, s, p, op, 
     """The experimental TMA phase GEMM, forced, over the geometry grid (phases without
     taps, dilation, output padding), every rank, with groups: each tap's input tile is a
     box of the input with zero fill past its borders."""
-    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the tensor memory accelerator needs compute capability 9.0")
+    skip_without_tma(device)
     monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
     seed = fresh_seed()
     function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
