@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,6 +35,21 @@ def operand_dtype(dtype: torch.dtype):
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``tl.dot``'s input precision: TF32 for fp32 when PyTorch's conv would use it."""
     return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+
+
+@triton.jit
+def fma_dot(a, b):
+    """``sum_k a[m, k] * b[k, n]`` by one FMA per product, in the operands' dtype: the
+    FMA tiles' matrix product (fewer than 16 channels on a side).
+
+    The product is written with ``b`` first on purpose.  Triton 3.6 rewrites
+    ``sum(a[:, :, None] * b[None, :, :], 1)`` into a TF32 ``tl.dot`` whenever the
+    result tile is at least 16 by 16, whatever the reduction's length (its shape check
+    reads the left operand twice), and on sm_90 such a dot over 4 channels computed
+    wrong results on an H200 (fp32, fp16 and bf16; fp64 is never rewritten).  The
+    interpreter cannot see this: the quick sm_90 compile test checks that no FMA tile
+    issues a tensor-core instruction."""
+    return tl.sum(b[None, :, :] * a[:, :, None], axis=1)
 
 
 _FORCED_INT64: list[bool] = []

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ..planner import axis_constants, output_size, plan_axis
 from . import activations, launcher
-from .common import INTERPRETING, experimental, input_precision, int64_forced, operand_dtype, padded, spans_int64
+from .common import INTERPRETING, experimental, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
@@ -355,7 +355,7 @@ def _phase_gemm_kernel(
             acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION,
                          out_dtype=acc_dtype)
         else:  # acc[m, n] += sum_c a[m, c] * b[c, n], one FMA per product
-            acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
+            acc += fma_dot(a.to(acc_dtype), b.to(acc_dtype))
         # Next position: kb + 1, carrying into jw, jh, jd at k_blocks, taps_w, taps_h.
         kb += 1
         carry = kb == k_blocks

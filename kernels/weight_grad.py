@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import launcher
-from .common import INTERPRETING, allocated, input_precision, int64_forced, operand_dtype, padded, spans_int64
+from .common import INTERPRETING, allocated, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
@@ -133,7 +133,7 @@ def _weight_grad_kernel(
             acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION,
                          out_dtype=acc_dtype)
         else:  # acc[ci, co] += sum_q a[ci, q] * b[q, co], one FMA per product
-            acc += tl.sum(a.to(acc_dtype)[:, :, None] * b.to(acc_dtype)[None, :, :], axis=1)
+            acc += fma_dot(a.to(acc_dtype), b.to(acc_dtype))
 
     taps = K_D * K_H * K_W
     ws = ws_ptr + (((split * (tl.num_programs(2) // SPLIT) + group) * taps + tap) * C_in_g) * C_out_g

@@ -123,13 +123,22 @@ def test_bench_blocks_quick(tmp_path):
     assert (tmp_path / "blocks.md").read_text().count("Geometric-mean speedup") == 3
 
 
+def _tile_sides(row: dict) -> tuple:
+    """A compile report row's two tile sides that ``tl.dot`` needs 16 wide (the FMA
+    path's when either is narrower): columns and reduction for the phase GEMM, the
+    weight gradient's two channel sides."""
+    constants = dict(c.split("=", 1) for c in row["constants"].split())
+    sides = ("BLOCK_N", "BLOCK_K") if row["kernel"] == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
+    return tuple(int(constants[s]) for s in sides)
+
+
 def test_quick_launches_compile_for_hopper(tmp_path):
     """Every configuration the tuner offers on two small layers, in both layouts,
     compiles for sm_90 with the installed Triton (no GPU needed) and fits an H100 block,
     the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma, the k = s layer's
     one-GEMM variant compiles (on wgmma), the experimental TMA variant (asked for here)
-    reads through the tensor memory accelerator, and no phase GEMM has a division in a
-    loop."""
+    reads through the tensor memory accelerator, no FMA tile issues a tensor-core
+    instruction, and no phase GEMM has a division in a loop."""
     run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, env={**os.environ, "TRITONDECONV_EXPERIMENTAL": "tma"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -140,6 +149,11 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     assert all(not r["error"] and r["fits"] == "True" for r in rows)
     tensor_core = [r for r in rows if int(r["wgmma"]) + int(r["mma_sync"]) > 0]
     assert tensor_core and len(tensor_core) < len(rows)  # both paths were compiled
+    # An FMA tile stays on FMAs: Triton 3.6 would turn one 16 columns wide over 4
+    # channels into a tensor-core dot that computes wrong results on the GPU.
+    fma = [r for r in rows if min(_tile_sides(r)) < 16]
+    assert any(_tile_sides(r) == (16, 4) for r in fma)  # the shape that was rewritten
+    assert not [r["tile"] for r in fma if r in tensor_core]
     warpgroup_tiles = [r for r in tensor_core if r["tile"].startswith("64x") and " w4 " in r["tile"]]
     assert warpgroup_tiles and all(int(r["wgmma"]) > 0 for r in warpgroup_tiles)
     # The k = s layer's one-GEMM variant compiles too, and no phase GEMM divides in its loop.

@@ -179,9 +179,9 @@ def test_compiled_calls_reuse_the_packed_weight(device, weight_copies):
         for _ in range(3):
             out = compiled(x)
         assert weight_copies() == 1
-        assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "float32", seed)
+        assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "tf32", seed)
         layer.weight.mul_(-1)
-        assert_close(compiled(x), reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "float32", seed)
+        assert_close(compiled(x), reference(x, layer.weight, layer.bias, 2, 1, 0, 1, 1), "tf32", seed)
     assert weight_copies() == 2
 
 
@@ -197,7 +197,7 @@ def test_modules_pack_per_call_during_capture(device, weight_copies):
             out = layer(x)
             layer(x)
         assert weight_copies() == 2
-        assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 1, 1, 1), "float32", seed)
+        assert_close(out, reference(x, layer.weight, layer.bias, 2, 1, 1, 1, 1), "tf32", seed)
         layer(x)
         layer(x)
     assert weight_copies() == 3  # outside the capture the copy is kept
