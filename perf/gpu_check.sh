@@ -87,13 +87,18 @@ bench() {  # bench STAGE ARGS...: warm Triton's cache for the stage on every cor
   return "$rc"
 }
 
+# pytest stopped at the budget by an interrupt, as by Ctrl-C: it still prints which tests
+# failed among those that ran (a plain kill would lose that list).
+stop_pytest=(timeout -s INT -k 30 "$budget")
 status=0
 for stage in "$@"; do
   echo "=== $stage: $(describe "$stage")"
   start=$SECONDS
   case "$stage" in
     smoke)
-      timeout "$budget" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_kernel_variants.py 2>&1 | tee "$work/smoke.log"
+      # The cost model's pick alone, as in the tests stage: correctness, not tuning.
+      TRITONDECONV_AUTOTUNE=0 "${stop_pytest[@]}" python3 -m pytest -q -rfE -m cuda -p no:cacheprovider \
+        tests/test_kernel_variants.py 2>&1 | tee "$work/smoke.log"
       rc="${PIPESTATUS[0]}"
       timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt"
       # Host time per call beside cuDNN's, with the launch's own share (Triton binding the arguments).
@@ -122,17 +127,17 @@ for stage in "$@"; do
     tests)
       workers=()
       python3 -c "import xdist" 2>/dev/null && workers=(-n "$(nproc)")
-      TRITONDECONV_FUZZ_CASES="${TRITONDECONV_FUZZ_CASES:-300}" TRITONDECONV_AUTOTUNE=0 timeout "$budget" \
-        python3 -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" 2>&1 | tee "$work/cuda_tests.txt"
+      TRITONDECONV_FUZZ_CASES="${TRITONDECONV_FUZZ_CASES:-300}" TRITONDECONV_AUTOTUNE=0 "${stop_pytest[@]}" \
+        python3 -m pytest -q -rfE -m cuda -p no:cacheprovider "${workers[@]}" 2>&1 | tee "$work/cuda_tests.txt"
       rc="${PIPESTATUS[0]}" ;;
     sanitize)
       if ! command -v compute-sanitizer >/dev/null; then
         echo "$stage: skipped (no compute-sanitizer)" | tee -a "$out/summary.txt"; continue
       fi
       # Without the caching allocator, so that an access past a tensor is past an allocation.
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 timeout "$budget" \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITONDECONV_AUTOTUNE=0 "${stop_pytest[@]}" \
         compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_forward.py tests/test_backward.py \
+        python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests/test_forward.py tests/test_backward.py \
         -k "float16 or float64" 2>&1 | tee "$work/sanitizer.txt"
       rc="${PIPESTATUS[0]}" ;;
   esac
@@ -144,8 +149,10 @@ for stage in "$@"; do
   esac
   echo "$stage: $verdict after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 done
-for log in smoke.log cuda_tests.txt sanitizer.txt; do  # the tests' closing lines
-  [ -f "$work/$log" ] && echo "$log: $(grep -E "passed|failed|error|skipped" "$work/$log" | tail -n 1)" >>"$out/summary.txt"
+for log in smoke.log cuda_tests.txt sanitizer.txt; do  # the tests' closing lines, and each failure
+  [ -f "$work/$log" ] || continue
+  echo "$log: $(grep -E "passed|failed|error|skipped" "$work/$log" | tail -n 1)" >>"$out/summary.txt"
+  grep -E "^(FAILED|ERROR) " "$work/$log" | sed "s/^/  $log: /" >>"$out/summary.txt"
 done
 tar czf "$out/results.tar.gz" -C "$work" .
 exit "$status"
