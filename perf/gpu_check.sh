@@ -103,7 +103,7 @@ for stage in "$@"; do
       timeout 120 python3 -m tritondeconv.demo 2>&1 | tee "$work/demo.txt"
       # Host time per call beside cuDNN's, with the launch's own share (Triton binding the arguments).
       host_device="${dry:+cpu}"
-      timeout 120 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 | tee "$work/host.txt"
+      timeout 150 python3 perf/host_overhead.py --repeat 1000 --profile 40 --device "${host_device:-cuda}" 2>&1 | tee "$work/host.txt"
       # Did the kernels compiled on the CPU machine hit? The first bench stage's, looked up.
       if [ -f perf/triton-cache-sm90.tar.gz ] && [ -z "$dry" ]; then
         carried="$carried; $(timeout 300 python3 perf/candidates.py --stages fwd-bf16-cl --warm 2>&1 | tail -n 1)"

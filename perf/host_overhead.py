@@ -1,7 +1,7 @@
 """Host time per call: our Python on the way to a kernel launch, beside aten's whole call
 on the same tensors.
 
-    python perf/host_overhead.py [--repeat 2000] [--device cpu|cuda]
+    python perf/host_overhead.py [--repeat 2000] [--device cpu|cuda] [--profile N]
 
 The Triton launch is replaced through the launcher's seam (``kernels.launcher.intercept``)
 by a no-op, so what is timed is everything before it: argument checks, the PyTorch
@@ -16,12 +16,17 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   reaches our autograd kernel without the dispatcher), the trip through PyTorch's
   dispatcher that a call through ``torch.ops`` pays, and on a GPU the launch itself
   (Triton binding the kernel's arguments and the driver call: the implementation with
-  the real launch against the no-op one).
+  the real launch against the no-op one);
+* with ``--profile N``: where our module's forward+backward spends its time, the N
+  functions with the most time of their own (``cProfile``, the launches replaced).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -120,10 +125,31 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     return rows
 
 
+def profile(repeat: int, device: str, top: int) -> str:
+    """The ``top`` functions by own time in ``repeat`` forward+backward calls of our
+    module, the launches replaced by a no-op (``cProfile``'s table)."""
+    x, _, _ = _tensors(device)
+    module = tritondeconv.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
+    xg = x.clone().requires_grad_()
+    with launcher.intercept(**NO_LAUNCH):
+        for _ in range(20):
+            module(xg).sum().backward()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(repeat):
+            module(xg).sum().backward()
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N functions with the most own time in our module's forward+backward")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("host_overhead: --device cuda needs a CUDA GPU; this machine has none (use --device cpu)")
@@ -141,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- |")
     for name, us in parts(a.repeat, a.device):
         print(f"| {name} | {us:.1f} |")
+    if a.profile:
+        print()
+        print(profile(a.repeat, a.device, a.profile))
     return 0
 
 
