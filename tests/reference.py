@@ -82,6 +82,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def computed_as(dtype: torch.dtype, device: torch.device | str) -> str:
+    """The precision a convolution of ``dtype`` on ``device`` is judged at, as PyTorch's
+    TF32 switch for convolutions stands now (on by default: fp32 on a GPU then
+    multiplies in TF32)."""
+    name = str(dtype).removeprefix("torch.")
+    return judged_as("tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else name, device)
+
+
 def judged_as(precision: str, device: torch.device | str) -> str:
     """The precision a result on ``device`` is judged at: TF32 only where it can happen.
     The Triton interpreter ignores TF32 (its products are exact fp32), so on the CPU a

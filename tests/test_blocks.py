@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
-from reference import allocated_during, assert_close, fresh_seed, judged_as, layout, same_layout
+from reference import allocated_during, assert_close, computed_as, fresh_seed, layout, same_layout
 from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64
-PRECISION = {torch.float64: "float64", torch.float32: "float32"}
 CONCAT = {1: tritondeconv.nn.ConcatUpsample1d, 2: tritondeconv.nn.ConcatUpsample2d, 3: tritondeconv.nn.ConcatUpsample3d}
 TORCH_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 OUR_FUNCTIONS = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
@@ -57,7 +56,7 @@ def test_concat_upsample_is_the_concatenation_of_its_convolution_and_skip(device
         out = module(x, skip)
     assert [launch.kernel for launch in launches] == ["phase_gemm"]
     expected = _two_steps(module, x, skip)
-    precision = judged_as(PRECISION[dtype], device)
+    precision = computed_as(dtype, device)
     assert_close(out, expected.to(dtype), precision, seed)
     with torch.no_grad():  # PyTorch's own two steps in this dtype, for the layout
         two_steps = torch.cat([TORCH_FUNCTIONS[rank](x, module.weight, None, 2, 1, 0, groups), skip], 1)

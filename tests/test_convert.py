@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 import tritondeconv
-from reference import TOLERANCES, assert_close, fresh_seed, judged_as, layout, relative_error
+from reference import TOLERANCES, assert_close, computed_as, fresh_seed, layout, relative_error
 from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64
@@ -451,7 +451,6 @@ def test_upsample_conv2d_from_modules_shares_parameters_and_refuses_what_it_cann
 ACTIVATION_MODULES = [torch.nn.ReLU(), torch.nn.LeakyReLU(0.2), torch.nn.SiLU(), torch.nn.GELU(), torch.nn.Tanh(),
                       torch.nn.Sigmoid()]
 BATCH_NORMS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
-PRECISION = {torch.float64: "float64", torch.float32: "float32"}
 
 
 def _batch_norm(rank, channels, affine=True):
@@ -497,7 +496,7 @@ def test_fuse_folds_batch_norms_and_activations_into_one_kernel_per_block(device
     with torch.no_grad(), observe_launches() as launches:
         out = fused(x.to(dtype))
     assert len(launches) == 3  # one kernel per block
-    assert_close(out, expected, judged_as(PRECISION[dtype], device), seed)
+    assert_close(out, expected, computed_as(dtype, device), seed)
 
 
 @pytest.mark.no_kernel("nothing is fused: the checks are on what convert leaves")

@@ -12,7 +12,7 @@ import torch
 
 import tritondeconv
 from conftest import HAS_CUDA, INTERPRETING
-from reference import TOLERANCES, judged_as, layout, reference, relative_error
+from reference import TOLERANCES, computed_as, layout, reference, relative_error
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -64,8 +64,7 @@ def run_case(seed: int, device: str) -> None:
     case = draw_case(seed, device)
     torch.manual_seed(seed)
     dtype = PRECISIONS[case["precision"]]
-    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    tolerance = TOLERANCES[judged_as("tf32", device) if tf32 else case["precision"]]
+    tolerance = TOLERANCES[computed_as(dtype, device)]
     x = torch.randn(case["batch"], case["c_in"], *case["size"], device=device).to(dtype)
     x = layout(x, case["kind"]) if case["batch"] else x
     if case["unbatched"] and case["batch"] == 1:
