@@ -15,8 +15,9 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 def experimental(feature: str) -> bool:
     """Whether ``TRITONDECONV_EXPERIMENTAL`` (comma-separated, read at each call) turns
-    on an experimental kernel variant: ``"tma"``, the phase GEMM reading its input
-    through Hopper's tensor memory accelerator, offered to the tuner only then."""
+    on an experimental feature: ``"tma"``, the phase GEMM reading its input through
+    Hopper's tensor memory accelerator, offered to the tuner only then; ``"launch"``,
+    repeated launches going straight to the compiled kernel (``launcher.run_kernel``)."""
     return feature in os.environ.get("TRITONDECONV_EXPERIMENTAL", "").split(",")
 
 

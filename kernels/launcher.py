@@ -33,13 +33,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import triton
+from triton.compiler import CompiledKernel
 
-from .common import INTERPRETING, notify_launch
+from .common import INTERPRETING, experimental, notify_launch
 from .cost import Machine, Problem, prune, rank
 from .tuning import Compiled, Tuner
 
@@ -56,11 +57,19 @@ class LaunchPlan:
     key: tuple  # the tuning key
     configs: Callable[[], list[dict]]  # the candidate table
     problem: Callable[[], Problem]  # the GEMMs the launch computes, for the cost model
+    # The kernels compiled for this class, by what else decides Triton's specialisation
+    # (see ``run_kernel``): filled by the launches themselves.
+    compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def request(self, family: str, kernel, args: tuple, device: torch.device, output: torch.Tensor) -> "Request":
-        """The ``Request`` of one call of this class (``args``: all the kernel's arguments)."""
+    def request(self, family: str, kernel, tensors: tuple, device: torch.device, output: torch.Tensor,
+                trailing: tuple = ()) -> "Request":
+        """The ``Request`` of one call of this class: the kernel's arguments are
+        ``tensors`` (its pointers, ``None`` for an absent one), the plan's ``scalars``,
+        then ``trailing`` (per-call values, such as the activation's slope)."""
+        args = (*tensors, *self.scalars, *trailing)
+        per_call = (*range(len(tensors)), *range(len(args) - len(trailing), len(args)))
         return Request(family, kernel, args, self.constants, self.grid, self.key, self.configs, self.problem, device,
-                       output)
+                       output, self.compiled, per_call)
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,10 @@ class Request:
                and the cost model; built only on a key's first call).
     device:    the tensors' device.
     output:    the tensor a launch writes (compared when the tuner checks its winner).
+    compiled:  the plan's compiled kernels (``LaunchPlan.compiled``; ``None``: none kept).
+    per_call:  the positions in ``args`` that are not the plan's scalars (the tensors and
+               the trailing values): with the configuration, all that can change which
+               compiled kernel a launch of the plan runs.
     """
     family: str
     kernel: object
@@ -119,6 +132,8 @@ class Request:
     problem: Callable[[], Problem]
     device: torch.device
     output: torch.Tensor
+    compiled: dict | None = None
+    per_call: tuple = ()
 
 
 @dataclass
@@ -204,9 +219,49 @@ _INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext
 
 def run_kernel(request: Request, config: dict) -> None:
     """The Triton launch of ``request`` with ``config`` (what a ``launch`` hook replaces,
-    and may call itself)."""
+    and may call itself).
+
+    With ``TRITONDECONV_EXPERIMENTAL=launch``, a launch that Triton's JIT has compiled
+    once for this plan goes straight to the compiled kernel the next time: its
+    ``CompiledKernel[grid](*arguments)`` takes the same arguments as the JIT passes it
+    (every parameter in the signature's order, the compile-time ones included), and
+    skips the JIT's per-call work (specialising ~60 arguments, building its cache key:
+    about 16 µs on this project's CPU machine).  The kernel is reused only where the
+    JIT would pick the same one: same device and configuration, the same scalars (the
+    plan's), and for each per-call argument the same dtype and 16-byte alignment
+    (tensors) or type and value (others), which is everything Triton specialises on.
+    The interpreter compiles nothing, so it always takes the JIT's path."""
+    fast = request.compiled is not None and experimental("launch")
+    key = _compiled_key(request, config) if fast else None
+    entry = request.compiled.get(key) if fast else None
     with _INTERPRETER_LOCK:
-        request.kernel[request.grid](*request.args, **request.constants, **config)
+        if entry is not None:
+            kernel, grid, constexprs = entry
+            kernel[grid](*request.args, *constexprs)
+            return
+        kernel = request.kernel[request.grid](*request.args, **request.constants, **config)
+    if fast and isinstance(kernel, CompiledKernel) and len(request.compiled) < COMPILED_PER_PLAN:
+        values = {**request.constants, **config}
+        grid = (*request.grid(values), 1, 1)[:3]  # (as the JIT completes it)
+        request.compiled[key] = (kernel, grid, tuple(values[name] for name in request.kernel.arg_names[len(request.args):]))
+
+
+# Compiled launches kept per plan: a few configurations (the tuner's candidates) times a
+# few alignments; the bound keeps a stream of per-call values from growing it.
+COMPILED_PER_PLAN = 64
+
+
+def _compiled_key(request: Request, config: dict) -> tuple:
+    """What, besides the plan, decides which compiled kernel Triton's JIT launches."""
+    return (request.device, *config.items(), *(_specialised(request.args[i]) for i in request.per_call))
+
+
+def _specialised(arg) -> tuple:
+    """What Triton's JIT specialises a per-call argument on: a tensor's dtype and
+    whether its address is 16-byte aligned; another value's type and value."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return type(arg), arg
 
 
 def _run(request: Request, config: dict, launch: Callable | None = None) -> torch.Tensor:

@@ -535,9 +535,8 @@ def phase_gemm(
         int64_forced(), transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
     launcher.launch(plan.request(
         "phase_gemm", _phase_gemm_kernel,
-        (x, weight, x if bias is None else bias, out, out if residual is None else residual, *plan.scalars,
-         negative_slope),
-        x.device, out))
+        (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
+        trailing=(negative_slope,)))
     return out
 
 

@@ -221,8 +221,7 @@ def weight_grad(
         tuple(dilation), groups, x.dtype, allow_tf32, split, int64_forced())
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     workspace = allocated(torch.empty(workspace_shape, dtype=acc_dtype, device=x.device))
-    launcher.launch(plan.request("weight_grad", _weight_grad_kernel, (x, grad_y, workspace, *plan.scalars), x.device,
-                                 workspace))
+    launcher.launch(plan.request("weight_grad", _weight_grad_kernel, (x, grad_y, workspace), x.device, workspace))
     # Sum the partials in a fixed order, then [groups, kD, kH, kW, ci, co] -> [C_in, C_out/g, *kernel_size],
     # written straight into the result (through a [groups, ci, co, kD, kH, kW] view of it).
     total = workspace.sum(0) if workspace_shape[0] > 1 else workspace[0]

@@ -16,7 +16,8 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   reaches our autograd kernel without the dispatcher), the trip through PyTorch's
   dispatcher that a call through ``torch.ops`` pays, and on a GPU the launch itself
   (Triton binding the kernel's arguments and the driver call: the implementation with
-  the real launch against the no-op one);
+  the real launch against the no-op one), through Triton's JIT and, with the
+  experimental direct launch, straight to the compiled kernel;
 * with ``--profile N``: where our module's forward+backward spends its time, the N
   functions with the most time of their own (``cProfile``, the launches replaced).
 """
@@ -25,11 +26,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import platform
 import pstats
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +109,7 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     calls = {"public": lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
              "dispatched": lambda: op(x, w, b, *geometry),
              "direct": lambda: implementation(x, w, b, *geometry)}
-    times = {name: [] for name in (*calls, "launched")}
+    times = {name: [] for name in (*calls, "launched", "launched directly")}
     rounds = 10
     with torch.no_grad():
         for _ in range(rounds):  # alternating, so that a drift of the machine's speed hits every part alike
@@ -115,6 +118,8 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
                     times[name].append(_median_us(call, max(1, repeat // rounds)))
             if device == "cuda":
                 times["launched"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
+                with mock.patch.dict(os.environ, TRITONDECONV_EXPERIMENTAL="launch"):
+                    times["launched directly"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
     us = {name: statistics.median(t) for name, t in times.items() if t}
     rows = [("our implementation, called directly (checks, plan, tuning lookup, packing, allocation)", us["direct"]),
             ("the public function's own layer (parsing, the plain-call test, our autograd kernel)",
@@ -122,6 +127,8 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
             ("the trip through PyTorch's dispatcher, for calls through torch.ops", us["dispatched"] - us["direct"])]
     if device == "cuda":
         rows.append(("Triton's launch (argument binding, driver)", us["launched"] - us["direct"]))
+        rows.append(("the same launch straight to the compiled kernel (TRITONDECONV_EXPERIMENTAL=launch)",
+                     us["launched directly"] - us["direct"]))
     return rows
 
 

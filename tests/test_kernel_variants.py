@@ -191,3 +191,40 @@ def test_tma_offered_only_where_it_can_run(device, monkeypatch):
     assert not _offers_tma(conv(wide[:, 1:]))  # base 2 bytes past alignment, strides of 17 channels
     groups_of_4 = layout(torch.randn(2, 8, 3, 4, device=device, dtype=torch.bfloat16), "channels_last")
     assert not _offers_tma(conv(groups_of_4, torch.randn(8, 8, 3, 3, device=device, dtype=torch.bfloat16), 2))
+
+
+@pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+def test_direct_launch(device, path, variant, monkeypatch):
+    """The experimental direct launch (``TRITONDECONV_EXPERIMENTAL=launch``): a second
+    call of each kernel (the forward with an epilogue, its recomputation in the
+    backward, both gradients) runs the kernel the first call compiled, and both calls
+    compute the right values."""
+    if device == "cpu":
+        pytest.skip("the interpreter compiles nothing to launch directly: a GPU's path")
+    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "launch")
+    constant, k, s, p, op = FORWARD_VARIANTS[variant]
+    c = PATH_CHANNELS[path]
+    requests = []
+
+    def launch(request, config):
+        requests.append(request)
+        launcher.run_kernel(request, config)
+
+    with launcher.intercept(launch=launch), on_path(path, variant=constant):
+        for _ in range(2):
+            seed = fresh_seed()
+            x = torch.randn(2, c, 3, 4, device=device, dtype=torch.float64, requires_grad=True)
+            w = torch.randn(c, c, k, k, device=device, dtype=torch.float64, requires_grad=True)
+            r = torch.randn_like(reference(x, w, None, s, p, op, 1, 1))
+            out = tritondeconv.conv_transpose2d(x, w, None, s, p, op, activation="gelu", residual=r)
+            gy = torch.randn_like(out)
+            got = torch.autograd.grad(out, (x, w), gy)
+            x64, w64 = (t.detach().requires_grad_() for t in (x, w))
+            ref = TORCH_ACTIVATIONS["gelu"](reference(x64, w64, None, s, p, op, 1, 1)) + r
+            assert_close(out, ref.detach(), "float64", seed)
+            for ours, theirs in zip(got, torch.autograd.grad(ref, (x64, w64), gy)):
+                assert_close(ours, theirs, "float64", seed)
+    # Each kernel's plan kept the one compiled launch its first call made, which the
+    # second call (same configuration, same alignments) found instead of adding another.
+    assert len(requests) % 2 == 0 and all(len(request.compiled) == 1 for request in requests)
