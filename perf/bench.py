@@ -202,11 +202,14 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     b = torch.randn(cell.c_out, device=device, dtype=dtype)
     args = (cell.s, cell.p, cell.op)
     ref = torch_fn(x.double(), w.double(), b.double(), *args)
+    grad_y = torch.randn_like(ref).to(dtype)
 
     methods = {
         "tritondeconv": lambda x, w: ours(x, w, b, *args),
         "cudnn": lambda x, w: torch_fn(x, w, b, *args),
     }
+    if pass_ in GRADIENTS:  # one gradient alone: our op against aten's convolution_backward
+        methods, ref = _gradient_methods(cell, pass_, x, w, grad_y)
     if pass_ == "fwd" and cell.rank == 2:
         h_out, w_out = ref.shape[-2:]
         methods["naive"] = lambda x, w: tritondeconv.naive_conv_transpose2d(x, w, b, *args)
@@ -217,11 +220,10 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     for method, only in VARIANTS.items():
         methods[method] = _forced(only, methods["tritondeconv"])
 
-    grad_y = torch.randn_like(ref).to(dtype)
     for method, fn in methods.items():
         if method not in selected:
             continue
-        if pass_ == "fwd":
+        if pass_ != "fwd+bwd":
             def run():
                 return fn(x, w)
         else:
@@ -242,12 +244,35 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
                        for launch in launches):
                 print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
                 continue
-        out = result if pass_ == "fwd" else fn(x, w)
+        out = result if pass_ != "fwd+bwd" else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
         yield dict(method=method, median_ms=timer(run), rel_error=err,
                    tuning_s=tuning_s if method == "tritondeconv" else "")
+
+
+# The backward's two parts, each timed alone: the input gradient and the weight gradient.
+GRADIENTS = {"dgrad": 0, "wgrad": 1}
+
+
+def _gradient_methods(cell: Cell, pass_: str, x, w, grad_y) -> tuple[dict, torch.Tensor]:
+    """The methods of a gradient pass (ours: the gradient op; cuDNN: aten's
+    ``convolution_backward`` asked for that gradient alone) and its float64 reference."""
+    r = cell.rank
+    stride, padding, dilation, output_padding = [cell.s] * r, [cell.p] * r, [1] * r, [cell.op] * r
+    which = GRADIENTS[pass_]
+    mask = [which == 0, which == 1, False]
+
+    def aten(x, w, grad_y):
+        return torch.ops.aten.convolution_backward(grad_y, x, w, None, stride, padding, dilation, True, output_padding,
+                                                   1, mask)[which]
+
+    ours = {"dgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_input_grad(
+                grad_y, w, list(x.shape[2:]), stride, padding, dilation, 1),
+            "wgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_weight_grad(
+                x, grad_y, list(w.shape[2:]), stride, padding, dilation, 1)}[pass_]
+    return {"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)}, aten(x.double(), w.double(), grad_y.double())
 
 
 def _forced(only: tuple, fn):
@@ -267,7 +292,7 @@ def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
     macs = plan.macs(cell.n, cell.c_in, cell.c_out)["useful"]
     elements = (cell.n * cell.c_in * math.prod(cell.spatial) + cell.c_in * cell.c_out * cell.k**r
                 + cell.n * cell.c_out * math.prod(plan.output_shape))
-    factor = 1 if pass_ == "fwd" else 3
+    factor = 3 if pass_ == "fwd+bwd" else 1
     return 2.0 * macs * factor, elements * DTYPES[dtype_name].itemsize * factor
 
 
@@ -475,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suites", default="2d,1d,3d", help="which suites: 2d, 1d, 3d")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--layouts", default="nchw,channels_last", help="(1-D inputs have only nchw)")
-    ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--passes", default="fwd,fwd+bwd",
+                    help="fwd, fwd+bwd, and the backward's parts alone: dgrad (input gradient), wgrad (weight gradient)")
     ap.add_argument("--cells", default="", help="only the cells whose label contains one of these (comma-separated)")
     ap.add_argument("--methods", default=",".join(METHODS), help="which methods to time (comma-separated)")
     ap.add_argument("--budget", type=float, metavar="SECONDS",

@@ -42,6 +42,7 @@ STAGES = {
     "fwd-bf16-cl": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="channels_last"),
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
+    "grads-bf16-cl": dict(suites="2d", passes="dgrad,wgrad", dtypes="bf16", layouts="channels_last"),
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
     "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",
@@ -58,7 +59,7 @@ def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
     b = torch.empty(cell.c_out, dtype=dtype)
     args = (cell.s, cell.p, cell.op)
     ours = FUNCTIONS[cell.rank][0]
-    if pass_ == "fwd":
+    if pass_ == "fwd":  # (any other pass: the backward's two gradients, as fwd+bwd runs them)
         ours(x, w, b, *args)
         if cell.rank == 2:
             tritondeconv.naive_conv_transpose2d(x, w, b, *args)
