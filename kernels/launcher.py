@@ -57,6 +57,9 @@ class LaunchPlan:
     key: tuple  # the tuning key
     configs: Callable[[], list[dict]]  # the candidate table
     problem: Callable[[], Problem]  # the GEMMs the launch computes, for the cost model
+    # The compile-time constants that select the kernel's variants (a first call times the
+    # best candidates of each: ``tuning.first_timed``).
+    variants: tuple = ()
     # The kernels compiled for this class, by what else decides Triton's specialisation
     # (see ``run_kernel``): filled by the launches themselves.
     compiled: dict = field(default_factory=dict, compare=False, repr=False)
@@ -69,7 +72,7 @@ class LaunchPlan:
         args = (*tensors, *self.scalars, *trailing)
         per_call = (*range(len(tensors)), *range(len(args) - len(trailing), len(args)))
         return Request(family, kernel, args, self.constants, self.grid, self.key, self.configs, self.problem, device,
-                       output, self.compiled, per_call)
+                       output, self.variants, self.compiled, per_call)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Request:
                and the cost model; built only on a key's first call).
     device:    the tensors' device.
     output:    the tensor a launch writes (compared when the tuner checks its winner).
+    variants:  the compile-time constants that select the kernel's variants.
     compiled:  the plan's compiled kernels (``LaunchPlan.compiled``; ``None``: none kept).
     per_call:  the positions in ``args`` that are not the plan's scalars (the tensors and
                the trailing values): with the configuration, all that can change which
@@ -132,6 +136,7 @@ class Request:
     problem: Callable[[], Problem]
     device: torch.device
     output: torch.Tensor
+    variants: tuple = ()
     compiled: dict | None = None
     per_call: tuple = ()
 
@@ -293,7 +298,8 @@ def launch(request: Request) -> dict:
         key = request.key if hooks.only is None else (*request.key, *hooks.only)
         config = tuner(request.family, request.kernel).pick(
             info.name, key, lambda: candidates(request, info),
-            lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock)
+            lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock,
+            variants=request.variants)
     _run(request, config, hooks.launch)
     notify_launch(request.family, {**request.constants, **config}, request.args[0].dtype)
     return config

@@ -48,6 +48,11 @@ from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
 
 
+# The compile-time constants that select a variant of the kernel (neither set: the phase
+# GEMMs with pointer loads).
+VARIANTS = ("ONE_GEMM", "TMA_W")
+
+
 def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 0,
             interpreter: bool = INTERPRETING) -> list[dict]:
     """Launch configurations to choose from for a GEMM that reduces over ``c_red``
@@ -498,6 +503,7 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
              x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max), one_gemm, bool(tma_width)),
         configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width),
         problem=problem,
+        variants=VARIANTS,
     )
 
 

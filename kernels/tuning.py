@@ -16,8 +16,9 @@ model (``cost.py``; ``launcher.py`` does both).  The tuner answers, in order:
 4. with the first candidate, untimed and not remembered, during CUDA-graph capture
    (nothing can be timed there), with a warning that asks for a warm-up call before
    capturing;
-5. by tuning: the best ``TIMED`` candidates (every one with
-   ``TRITONDECONV_AUTOTUNE=exhaustive``) are compiled all at once on the host's cores,
+5. by tuning: the best ``TIMED`` candidates of each kernel variant offered
+   (``first_timed``; every one with ``TRITONDECONV_AUTOTUNE=exhaustive``) are compiled
+   all at once on the host's cores,
    those the compiler reports spilling registers are dropped (unless all spill: then the
    least spilling stay), the rest are timed (median of ``triton.testing.do_bench``),
    and the fastest is checked against the cost model's pick: if their outputs disagree
@@ -145,6 +146,7 @@ class Tuning:
     seconds: float
     candidates: int
     timings: list[Trial]
+    variants: tuple = ()  # the compile-time constants that select the kernel's variants
 
 
 TUNING_LOG: list[Tuning] = []
@@ -233,7 +235,26 @@ def _median_ms(launch: Callable[[], None]) -> float:
 
 
 _NONE_RAN = object()  # the memo's answer for a key none of whose candidates could run
-TIMED = 6  # candidates timed per key (the cost model's best); "exhaustive" times all
+TIMED = 6  # candidates timed per key and kernel variant (the cost model's best); "exhaustive" times all
+
+
+def first_timed(candidates: list[dict], variants: tuple = (), per_variant: int = TIMED) -> list[dict]:
+    """The candidates (ranked, cheapest first) that a key's first call times: the best
+    ``per_variant`` of each kernel variant among them (a variant: which of the
+    compile-time constants ``variants`` a configuration sets), in rank order; 0: all.
+    Each variant gets its own share, because the cost model compares tiles of one
+    variant better than it compares variants: the tuner's pick is then never worse
+    than the best of any one variant's own best ``per_variant``."""
+    if not per_variant:
+        return list(candidates)
+    taken: dict[tuple, int] = {}
+    timed = []
+    for c in candidates:
+        variant = tuple(bool(c.get(name)) for name in variants)
+        if taken.get(variant, 0) < per_variant:
+            taken[variant] = taken.get(variant, 0) + 1
+            timed.append(c)
+    return timed
 
 
 class Tuner:
@@ -262,14 +283,15 @@ class Tuner:
     def pick(self, device_name: str, key: tuple, candidates: Callable[[], list[dict]],
              launch: Callable[[dict], torch.Tensor | None], tune: bool | None = None,
              compile: Callable[[dict], Compiled | None] | None = None,
-             clock: Callable[[Callable[[], object]], float] | None = None) -> dict:
+             clock: Callable[[Callable[[], object]], float] | None = None, variants: tuple = ()) -> dict:
         """The configuration for ``key`` among ``candidates()`` (pruned and ranked best
         first; built only on a key's first call, so that later calls cost one dictionary
         lookup).  ``launch(config)`` runs the kernel with one configuration and returns
         the tensor it wrote (or ``None``); it must be safe to repeat.  ``compile(config)``
         compiles one without running it (``None``: compiling happens at the first
         launch); ``clock`` times a launch (default ``time_config``).  ``tune`` defaults
-        to "not in the interpreter and ``TRITONDECONV_AUTOTUNE`` is not 0".
+        to "not in the interpreter and ``TRITONDECONV_AUTOTUNE`` is not 0".  ``variants``:
+        the compile-time constants that select the kernel's variants (``first_timed``).
 
         Only the first call of a key takes the tuner's lock: a thread launching a tuned
         key never waits behind another thread's tuning."""
@@ -279,12 +301,13 @@ class Tuner:
             with self._tuning:
                 chosen = self._memo.get(memo_key)
                 if chosen is None:
-                    chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config)
+                    chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config,
+                                          variants)
         if chosen is _NONE_RAN:
             raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
         return chosen
 
-    def _choose(self, device_name, key, candidates, launch, tune, compile, clock) -> dict:
+    def _choose(self, device_name, key, candidates, launch, tune, compile, clock, variants) -> dict:
         mode = autotune_mode()
         if tune is None:
             tune = mode != "0" and not INTERPRETING
@@ -304,7 +327,7 @@ class Tuner:
             return candidates[0]
 
         start = time.perf_counter()
-        timed = candidates if mode == "exhaustive" else candidates[:TIMED]
+        timed = candidates if mode == "exhaustive" else first_timed(candidates, variants)
         trials = self._compile_all(timed, compile, key)
         for trial in trials:
             if not trial.note:
@@ -322,7 +345,7 @@ class Tuner:
         seconds = time.perf_counter() - start
         best_ms = min(t.ms for t in ran if t.config == chosen)
         cache.update({entry_key: {"config": chosen, "ms": best_ms, "tuning_s": round(seconds, 3)}})
-        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates), trials))
+        TUNING_LOG.append(Tuning(self.name, key, chosen, seconds, len(candidates), trials, variants))
         LOG.info("tritondeconv: tuned %s for shape class %s in %.2f s (%d of %d candidates timed): %s; chose %s",
                  self.name, key, seconds, len(ran), len(candidates), "; ".join(_describe_trial(t) for t in trials),
                  _describe(chosen))

@@ -1,8 +1,8 @@
 """What first calls would tune in each benchmark stage of ``perf/gpu_check.sh`` on an
 H100: tuning keys, candidates per key (offered after pruning, and timed: the cost
-model's best ``tuning.TIMED``), and the distinct kernels Triton would compile for them
-(a compile is per specialisation, so keys that share tiles and argument properties
-share compiles); on a GPU, compile them all before the stage runs.
+model's best ``tuning.TIMED`` of each kernel variant), and the distinct kernels Triton
+would compile for them (a compile is per specialisation, so keys that share tiles and
+argument properties share compiles); on a GPU, compile them all before the stage runs.
 
     python perf/candidates.py                        # every bench stage -> a markdown table
     python perf/candidates.py --stages nd            # some of them

@@ -107,8 +107,9 @@ def hopper_jit():
 def recording(on_launch, per_key: int | None = None, int64: bool = False, device=None):
     """While inside: the ops take their Triton path on CPU tensors, as on the GPU
     ``device`` (a ``launcher.DeviceInfo``; default an H100; nothing runs), and each
-    launch's first ``per_key`` candidate configurations, pruned and ranked as on that GPU
-    (default ``tuning.TIMED``, the ones a first call compiles; 0: all of them), go to
+    launch's best ``per_key`` candidate configurations of each kernel variant, pruned and
+    ranked as on that GPU (default ``tuning.TIMED``, the ones a first call compiles:
+    ``tuning.first_timed``; 0: all of them), go to
     ``on_launch(request, candidates, timed)``, ``timed`` as ``(Launch, config)`` pairs;
     ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits."""
     from tritondeconv.kernels import launcher, tuning
@@ -117,7 +118,7 @@ def recording(on_launch, per_key: int | None = None, int64: bool = False, device
     per_key = tuning.TIMED if per_key is None else per_key
 
     def choose(request, candidates):
-        timed = candidates[:per_key or None] if len(candidates) > 1 else candidates
+        timed = tuning.first_timed(candidates, request.variants, per_key) if len(candidates) > 1 else candidates
         on_launch(request, candidates, [(specialise(request.kernel, request.args, {**request.constants, **config}),
                                          config) for config in timed])
         return candidates[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritondeconv.kernels import cost, launcher
+from tritondeconv.kernels import cost, launcher, phase_gemm
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed per precision, against float64.
 TOLERANCES = {
@@ -131,7 +131,7 @@ def skip_without_tma(device: str) -> None:
 
 # The kernel variants a launch may be forced onto: the compile-time constant that selects
 # each (the phase GEMMs with pointer loads set none of them).
-VARIANTS = ("ONE_GEMM", "TMA_W")
+VARIANTS = phase_gemm.VARIANTS
 
 
 @contextlib.contextmanager

@@ -431,6 +431,37 @@ def test_only_the_cost_models_best_are_timed_unless_exhaustive(cache_dir, monkey
     assert tuner.pick("Fake GPU", ("k3",), lambda: MANY, lambda c: c) == MANY[0] and timed == []
 
 
+def test_each_kernel_variant_gets_its_own_timed_share(cache_dir):
+    """Where the candidates hold several kernel variants (a compile-time constant set or
+    not), a first call times the best ``TIMED`` of each, in rank order, and can pick any."""
+    variant = [dict(c, V=i % 4 == 3) for i, c in enumerate(MANY + [config(16 * (i + 11), 16, 16) for i in range(14)])]
+    timed = []
+    tuner = Tuner("variants", None, lambda run: (timed.append(run()), _fast(timed[-1]))[1])
+    chosen = tuner.pick("Fake GPU", ("k",), lambda: variant, lambda c: c, tune=True, variants=("V",))
+    plain, with_v = [c for c in variant if not c["V"]], [c for c in variant if c["V"]]
+    assert timed == [c for c in variant if c in plain[:tuning.TIMED] + with_v[:tuning.TIMED]]
+    assert chosen == with_v[tuning.TIMED - 1]  # the fastest timed: past the overall best 6
+    assert tuning.first_timed(variant, ("V",), 0) == variant
+
+
+def test_a_k_equals_s_layer_times_the_best_of_both_variants():
+    """The k = s layer offers the phase GEMMs and the one GEMM: its first call times the
+    cost model's best of each (an H100's ranking), so the tuner's pick is never slower
+    than tuning either variant alone would find."""
+    requests = []
+    with launcher.intercept(choose=lambda request, candidates: requests.append(request) or candidates[0]):
+        _forward(16, 64, 64, 32, k=2, s=2, p=0)()
+    (request,) = requests
+    problem = request.problem()
+    table = phase_gemm.configs(64, 64, 64 * 4, interpreter=False)
+    ranked = cost.rank(prune(table, problem, H100.shared_memory), problem, H100.machine)
+    timed = tuning.first_timed(ranked, request.variants)
+    for one_gemm in (False, True):
+        alone = [c for c in ranked if c["ONE_GEMM"] == one_gemm]
+        assert len(alone) > tuning.TIMED and all(c in timed for c in alone[:tuning.TIMED])
+    assert len(timed) == 2 * tuning.TIMED and timed == [c for c in ranked if c in timed] and timed[0] == ranked[0]
+
+
 def test_candidates_compile_concurrently_before_any_is_timed(cache_dir):
     events = []
     together = __import__("threading").Barrier(2, timeout=30)  # two compiles must be under way at once
