@@ -243,8 +243,8 @@ def first_timed(candidates: list[dict], variants: tuple = (), per_variant: int =
     ``per_variant`` of each kernel variant among them (a variant: which of the
     compile-time constants ``variants`` a configuration sets), in rank order; 0: all.
     Each variant gets its own share, because the cost model compares tiles of one
-    variant better than it compares variants: the tuner's pick is then never worse
-    than the best of any one variant's own best ``per_variant``."""
+    variant better than it compares variants: the tuner's pick is then as fast as the
+    best of any one variant's own best ``per_variant`` (up to timing noise)."""
     if not per_variant:
         return list(candidates)
     taken: dict[tuple, int] = {}
