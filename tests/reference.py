@@ -122,6 +122,14 @@ def path_of(config: dict, problem) -> str:
     return "tensor-core" if cost.uses_dot(config, problem) else "fma"
 
 
+def tile_sides(kernel: str, constants: dict) -> tuple[int, int]:
+    """A launch's two tile sides that ``tl.dot`` needs 16 wide (the FMA path's when
+    either is narrower): columns and reduction for the phase GEMM, the weight
+    gradient's two channel sides."""
+    sides = ("BLOCK_N", "BLOCK_K") if kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
+    return tuple(int(constants[s]) for s in sides)
+
+
 def skip_without_tma(device: str) -> None:
     """Skip on a GPU without a tensor memory accelerator (compute capability below 9.0);
     the interpreter emulates one."""

@@ -17,7 +17,7 @@ import tritondeconv
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches
 from tritondeconv.kernels.activations import ACTIVATIONS
-from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference, skip_without_tma
+from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference, skip_without_tma, tile_sides
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -29,8 +29,7 @@ TORCH_ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, 0.2
 
 def _path(launch) -> str:
     """The path a launch took, from its tile."""
-    sides = ("BLOCK_N", "BLOCK_K") if launch.kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
-    return "tensor-core" if min(launch.constants[s] for s in sides) >= 16 else "fma"
+    return "tensor-core" if min(tile_sides(launch.kernel, launch.constants)) >= 16 else "fma"
 
 
 def _variants(launches) -> set:

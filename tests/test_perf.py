@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import tile_sides
 
 PERF = Path(__file__).parent.parent / "perf"
 # Where bench.py runs the kernels: on a GPU unless TRITON_INTERPRET=1 asks for the interpreter.
@@ -124,12 +125,8 @@ def test_bench_blocks_quick(tmp_path):
 
 
 def _tile_sides(row: dict) -> tuple:
-    """A compile report row's two tile sides that ``tl.dot`` needs 16 wide (the FMA
-    path's when either is narrower): columns and reduction for the phase GEMM, the
-    weight gradient's two channel sides."""
-    constants = dict(c.split("=", 1) for c in row["constants"].split())
-    sides = ("BLOCK_N", "BLOCK_K") if row["kernel"] == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
-    return tuple(int(constants[s]) for s in sides)
+    """A compile report row's tile sides that ``tl.dot`` needs 16 wide."""
+    return tile_sides(row["kernel"], dict(c.split("=", 1) for c in row["constants"].split()))
 
 
 def test_quick_launches_compile_for_hopper(tmp_path):
