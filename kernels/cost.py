@@ -63,8 +63,9 @@ LATENCY_WARPS = 8  # two warps per scheduler hide most of a load's latency
 class Part:
     """``count`` independent GEMMs of ``rows × columns``, each reducing over ``taps``
     blocks of ``depth`` (a block is padded up to ``BLOCK_K`` on its own): one stride
-    phase of one group (taps = the phase's kernel taps, depth = channels), or one tap of
-    the weight gradient (taps = 1, depth = pixels)."""
+    phase of one group (taps = the phase's kernel taps, depth = channels), or the weight
+    gradient of one group and pixel range (columns = taps × output channels, taps = 1,
+    depth = pixels)."""
     count: int
     rows: int
     columns: int

@@ -109,7 +109,8 @@ def _device_info(device: torch.device) -> DeviceInfo:
 class Request:
     """One launch as a kernel's launcher describes it.
 
-    family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``): names its tuner.
+    family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``, ``"split_sum"``):
+               names its tuner.
     kernel:    the ``@triton.jit`` function.
     args:      its runtime arguments, in its signature's order (the first: the input).
     constants: its compile-time constants other than the tile configuration.
@@ -207,9 +208,14 @@ def forget_tunings() -> None:
 def candidates(request: Request, info: DeviceInfo) -> list[dict]:
     """The request's candidates as the tuner sees them: pruned to the problem and the
     GPU, then ranked by the cost model (cheapest first; unranked where the GPU is unknown);
-    only the variant an ``only`` hook asks for, where the request offers it."""
+    only the variant an ``only`` hook asks for, where the request offers it.  A kernel
+    with one configuration (the weight gradient's split sum) has nothing to choose: its
+    ``problem`` is never built."""
+    configs = request.configs()
+    if len(configs) == 1:
+        return configs
     problem = request.problem()
-    ranked = rank(prune(request.configs(), problem, info.shared_memory), problem, info.machine)
+    ranked = rank(prune(configs, problem, info.shared_memory), problem, info.machine)
     only = _hook("only")
     if only is None:
         return ranked

@@ -29,8 +29,9 @@ Two variants of the transposed direction are tuner candidates beside it (``confi
 tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
 read as one box by Hopper's tensor memory accelerator.
 
-The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``;
-the direct convolution reads it with the first two axes swapped (columns = C_in).
+The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``
+(any strides); the direct convolution reads it with the first two axes swapped
+(columns = C_in).
 ``tritondeconv.planner`` does the transposed arithmetic in plain Python.
 """
 import functools

@@ -47,10 +47,11 @@ def device(request):
     ``no_kernel`` with the reason (an empty batch, an argument error, a fake tensor)."""
     with observe_launches() as launches:
         yield request.param
-    for launch in launches:
+    gemms = [launch for launch in launches if launch.kernel != "split_sum"]  # the table counts GEMM paths
+    for launch in gemms:
         COVERAGE.add(_cell(launch))
-    if launches:
-        PATHS_BY_TEST.setdefault(_function_id(request.node), set()).update(_cell(launch)[0] for launch in launches)
+    if gemms:
+        PATHS_BY_TEST.setdefault(_function_id(request.node), set()).update(_cell(launch)[0] for launch in gemms)
     report = getattr(request.node, "report_call", None)
     if report is not None and report.passed and request.node.get_closest_marker("no_kernel") is None:
         require_launches(launches)
@@ -74,13 +75,14 @@ def pytest_runtest_makereport(item, call):
 # ---------------------------------------------------------------- the coverage table
 # Every kernel path the GPU runs, as the CPU suite must reach it in the interpreter:
 # path × dtype × direction (forward with and without an epilogue, the forward's one-GEMM
-# variant, input gradient, weight gradient) × index width.  The interpreter's tl.dot is a
+# variant, input gradient, weight gradient with one tap or several per column tile) ×
+# index width.  The interpreter's tl.dot is a
 # NumPy matmul: reaching a cell proves indexing, masking and the epilogue, not MMA
 # numerics or pipelining.
 
 PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
-DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad")
+DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad", "weight-grad-taps")
 INDEX = ("int32", "int64")
 COVERAGE: set = set()
 
@@ -101,7 +103,7 @@ def _cell(launch) -> tuple:
     path = "tensor-core" if min(launch.constants[s] for s in sides) >= 16 else "fma"
     c = launch.constants
     if launch.kernel == "weight_grad":
-        direction = "weight-grad"
+        direction = "weight-grad-taps" if c["TAPS_N"] > 1 else "weight-grad"
     elif not c["TRANSPOSED"]:
         direction = "input-grad"
     elif c["ONE_GEMM"]:

@@ -139,22 +139,35 @@ def test_only_needed_gradients_are_computed(device, needs):
     assert [launch.kernel for launch in launches] == expected[needs]
 
 
-def _weight_grad_inputs(device):
-    x = torch.randn(3, 4, 1, 5, 6, device=device, dtype=torch.float64)
-    gy = torch.randn(3, 6, 1, 9, 11, device=device, dtype=torch.float64)
-    return x, gy, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)
+# (C_in, C_out, groups): the FMA path with several taps per column tile (2 rows, 3
+# output channels a group), and the tensor-core path with one tap per tile (16 x 16).
+SPLIT_LAYERS = [pytest.param(4, 6, 2, id="fma-taps-as-columns"), pytest.param(16, 16, 1, id="tensor-core")]
 
 
-def test_split_reduction_is_exact_and_deterministic(device):
-    """Any split of the pixel reduction gives the same gradient, and a run repeats bitwise."""
-    x, gy, *geometry = _weight_grad_inputs(device)
+@pytest.mark.parametrize("precision", ["float64", "bfloat16"])
+@pytest.mark.parametrize("c_in, c_out, groups", SPLIT_LAYERS)
+def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_out, groups):
+    """Any split of the pixel reduction gives the gradient (the partial sums added and
+    cast by the split sum, one range written straight into the gradient), and a run
+    repeats bitwise."""
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    x = torch.randn(3, c_in, 1, 5, 6, device=device).to(dtype)
+    gy = torch.randn(3, c_out, 1, 9, 11, device=device).to(dtype)
+    geometry = (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)
     ref = torch.ops.aten.convolution_backward(
-        gy[:, :, 0], x[:, :, 0], torch.empty(4, 3, 3, 3, dtype=x.dtype, device=device), None,
-        [2, 2], [1, 1], [1, 1], True, [0, 0], 2, [False, True, False],
+        gy[:, :, 0].double(), x[:, :, 0].double(), torch.empty(c_in, c_out // groups, 3, 3, dtype=torch.float64,
+                                                                device=device),
+        None, [2, 2], [1, 1], [1, 1], True, [0, 0], groups, [False, True, False],
     )[1]
-    grads = [weight_grad(x, gy, *geometry, groups=2, allow_tf32=False, split=split) for split in (1, 3, 1, 3)]
+    grads = []
+    for split in (1, 3, 1, 3):
+        with observe_launches() as launches:
+            grads.append(weight_grad(x, gy, *geometry, groups=groups, allow_tf32=False, split=split))
+        assert [launch.kernel for launch in launches] == ["weight_grad"] + ["split_sum"] * (split > 1)
     for g in grads:
-        assert relative_error(g[:, :, 0], ref) <= TOLERANCES["float64"]
+        assert g.dtype == dtype and g.is_contiguous()
+        assert relative_error(g[:, :, 0], ref) <= TOLERANCES[precision], f"seed {seed}"
     assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
 
 

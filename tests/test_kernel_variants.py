@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import tritondeconv
 from tritondeconv.kernels import launcher
-from tritondeconv.kernels.common import force_int64_index, observe_launches
+from tritondeconv.kernels.common import INTERPRETING, force_int64_index, observe_launches
 from tritondeconv.kernels.activations import ACTIVATIONS
 from reference import DTYPES, assert_close, fresh_seed, layout, on_path, reference, skip_without_tma, tile_sides
 
@@ -114,6 +114,34 @@ def test_epilogue_on_every_variant_path_dtype_and_index_width(device, precision,
             launch.constants["INT64_INDEX"], launch.constants["ONE_GEMM"]) == (
         "gelu", True, path, int64, constant == "ONE_GEMM")
     assert_close(out, TORCH_ACTIVATIONS["gelu"](ref) + r.double(), precision, seed)
+
+
+# Output channels that put one tap in every column tile of the weight gradient (as many
+# as its widest tile: 16 in the interpreter, 128 on a GPU) or several (4 a tap).
+TAPS_PER_TILE = {"one": 16 if INTERPRETING else 128, "several": 4}
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("taps", list(TAPS_PER_TILE))
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_weight_gradient_with_one_or_several_taps_per_tile(device, precision, path, int64, taps, kind):
+    """The weight gradient's columns are (tap, output channel) pairs: a tile holding one
+    tap (its bounds check per row) and one holding several (per element), on each path,
+    in every dtype and both index widths and layouts."""
+    seed = fresh_seed()
+    dtype, c_in, c_out = DTYPES[precision], PATH_CHANNELS[path], TAPS_PER_TILE[taps]
+    x = layout(torch.randn(2, c_in, 3, 4, device=device).to(dtype), kind)
+    gy = layout(torch.randn(2, c_out, 6, 8, device=device).to(dtype), kind)
+    with observe_launches() as launches, on_path(path), force_int64_index() if int64 else contextlib.nullcontext():
+        got = torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [3, 3], [2, 2], [1, 1], [1, 1], 1)
+    (launch,) = [launch for launch in launches if launch.kernel == "weight_grad"]
+    assert (_path(launch), launch.constants["INT64_INDEX"], launch.constants["TAPS_N"] > 1) == (
+        path, int64, taps == "several")
+    w64 = torch.zeros(c_in, c_out, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    F.conv_transpose2d(x.double(), w64, None, 2, 1, 1).backward(gy.double())
+    assert_close(got, w64.grad, precision, seed)
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])

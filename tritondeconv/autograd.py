@@ -4,7 +4,7 @@ gradient is differentiable again (double backward, gradgradcheck).
 For ``y = T(x, w)`` (transposed convolution; stride s, padding p, dilation d, groups g):
 
     grad_x = I(grad_y, w)        conv_transpose_input_grad: the strided convolution
-    grad_w = W(x, grad_y)        conv_transpose_weight_grad: per-tap GEMMs
+    grad_w = W(x, grad_y)        conv_transpose_weight_grad: taps as GEMM columns
     grad_b = Σ_{n, spatial} grad_y
 
 ``I`` and ``W`` are bilinear, and their own gradients close the set:

@@ -12,7 +12,7 @@ Public:
 Internal (the gradients of a transposed convolution, rank-generic, differentiable
 themselves so that double backward works; see ``autograd.py``):
   ``conv_transpose_input_grad``   grad_input: the zero-free strided convolution
-  ``conv_transpose_weight_grad``  grad_weight: per-tap GEMMs with a split reduction
+  ``conv_transpose_weight_grad``  grad_weight: taps as GEMM columns, a split reduction
 
 Each has a fake implementation, so meta tensors work and ``torch.compile(fullgraph=True)``
 traces through them as opaque nodes; being opaque, each shape keeps its own autotuning
