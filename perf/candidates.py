@@ -43,6 +43,7 @@ STAGES = {
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "grads-bf16-cl": dict(suites="2d", passes="dgrad,wgrad", dtypes="bf16", layouts="channels_last"),
+    "wgrad-nchw": dict(suites="2d", passes="wgrad", dtypes="bf16", layouts="nchw"),
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
     "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",

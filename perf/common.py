@@ -45,7 +45,8 @@ class Launch:
     @property
     def tile(self) -> str:
         c, o = dict(self.constants), dict(self.options)
-        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{o['num_warps']} s{o['num_stages']}"
+        blocks = "x".join(str(c[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if b in c)
+        return f"{blocks} w{o['num_warps']} s{o['num_stages']}"
 
 
 def specialise(kernel, args: tuple, kwargs: dict) -> Launch:

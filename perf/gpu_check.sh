@@ -21,7 +21,7 @@ set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
 
-STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl nd blocks fwd-fp16-fp32 tests sanitize)
+STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl wgrad-nchw nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
@@ -31,6 +31,7 @@ describe() {
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
     grads-bf16-cl) echo "2-D suite, the input gradient and the weight gradient each alone, bf16 channels_last: ours vs cuDNN" ;;
+    wgrad-nchw)    echo "2-D suite, the weight gradient alone, bf16 NCHW (its own table of shallower tiles): ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
     blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
     fwd-fp16-fp32) echo "2-D suite forward, fp16 and fp32 (TF32), both layouts" ;;
@@ -120,6 +121,7 @@ for stage in "$@"; do
     fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
     train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     grads-bf16-cl) bench "$stage" --suites 2d --passes dgrad,wgrad --dtypes bf16 --layouts channels_last; rc=$? ;;
+    wgrad-nchw)    bench "$stage" --suites 2d --passes wgrad --dtypes bf16 --layouts nchw; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;
     fwd-fp16-fp32) bench "$stage" --suites 2d --passes fwd --dtypes fp16,fp32; rc=$? ;;
     blocks)

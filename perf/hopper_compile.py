@@ -72,7 +72,8 @@ TARGETS = {80: launcher.DeviceInfo("NVIDIA A100-SXM4-80GB", shared_memory=166912
            100: launcher.DeviceInfo("NVIDIA B200", shared_memory=232448, sms=148, capability=(10, 0))}
 ARCHITECTURES = {80: "Ampere", 90: "Hopper", 100: "Blackwell"}
 REGISTERS_PER_SM = 65536
-KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad}  # kernel -> its module
+KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad,
+           "_sum_splits_kernel": weight_grad}  # kernel -> its module
 # The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
 API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
               (torch.float64, False)]
@@ -147,6 +148,9 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
                                                 backward=False, stride=2, padding=1), False),
         "2-D, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, stride=2,
                                                               padding=1), True),
+        # Enough pixels that the weight gradient splits its reduction: the split sum runs.
+        "2-D, weight gradient in pixel ranges": (lambda dt: _forward_backward(ct2, (2, 32, 64, 64), (32, 32, 4, 4), dt,
+                                                                              "channels_last", stride=2, padding=1), False),
     }
     # Kernel size = stride: the forward's one-GEMM variant is a candidate beside the phases.
     for layout in ("nchw", "channels_last"):
@@ -175,7 +179,7 @@ def _mode(constants: dict) -> str:
     """The launch's variant in a few words: direction, dot precision, index width."""
     words = [] if "TRANSPOSED" not in constants else ["transposed" if constants["TRANSPOSED"] else "direct"]
     words += ["one-gemm"] * bool(constants.get("ONE_GEMM")) + ["tma"] * bool(constants.get("TMA_W"))
-    words += ["tf32"] * (constants["INPUT_PRECISION"] == "tf32") + ["int64"] * constants["INT64_INDEX"]
+    words += ["tf32"] * (constants.get("INPUT_PRECISION") == "tf32") + ["int64"] * constants.get("INT64_INDEX", False)
     return " ".join(words)
 
 
@@ -204,7 +208,7 @@ def compile_launch(launch: Launch, target: int = 90) -> dict:
                        {(i,): [["tt.divisibility", 16]] for i in launch.divisible})
     constants = dict(launch.constants)
     row = dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
-               dtype=dict(launch.signature)["x_ptr"][1:], mode=_mode(constants),
+               dtype=launch.signature[0][1][1:], mode=_mode(constants),  # the first tensor's dtype
                constants=" ".join(f"{k}={v}" for k, v in launch.constants))
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=dict(launch.options))

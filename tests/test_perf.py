@@ -223,12 +223,12 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
         with open(unpacked / name, newline="") as f:
             rows = list(csv.DictReader(f))
         assert rows and all(float(r[key]) > 0 for r in rows), name
-    # Each of the 7 bench stages measured one cell before its budget ran out, and wrote it
+    # Each of the 8 bench stages measured one cell before its budget ran out, and wrote it
     # (--quick measures fp32 only: the fp16/fp32 and variants stages' first cell is the
     # NCHW stage's).
     with open(unpacked / "bench.csv", newline="") as f:
         measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in csv.DictReader(f)}
-    assert len(measured) == 5 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "dgrad"}
+    assert len(measured) == 6 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "dgrad", "wgrad"}
 
 
 def test_candidates_counts_and_warms_a_stage():
