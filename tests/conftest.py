@@ -76,9 +76,8 @@ def pytest_runtest_makereport(item, call):
 # Every kernel path the GPU runs, as the CPU suite must reach it in the interpreter:
 # path × dtype × direction (forward with and without an epilogue, the forward's one-GEMM
 # variant, input gradient, weight gradient with one tap or several per column tile) ×
-# index width.  The interpreter's tl.dot is a
-# NumPy matmul: reaching a cell proves indexing, masking and the epilogue, not MMA
-# numerics or pipelining.
+# index width.  The interpreter's tl.dot is a NumPy matmul: reaching a cell proves
+# indexing, masking and the epilogue, not MMA numerics or pipelining.
 
 PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")

@@ -139,9 +139,9 @@ def test_only_needed_gradients_are_computed(device, needs):
     assert [launch.kernel for launch in launches] == expected[needs]
 
 
-# (C_in, C_out, groups): the FMA path with several taps per column tile (2 rows, 3
-# output channels a group), and the tensor-core path with one tap per tile (16 x 16).
-SPLIT_LAYERS = [pytest.param(4, 6, 2, id="fma-taps-as-columns"), pytest.param(16, 16, 1, id="tensor-core")]
+# (C_in, C_out, groups): several taps per column tile (3 output channels a group), and
+# one tap per tile (16 output channels fill the interpreter's 16-wide tile).
+SPLIT_LAYERS = [pytest.param(4, 6, 2, id="several-taps-per-tile"), pytest.param(16, 16, 1, id="one-tap-per-tile")]
 
 
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"])
