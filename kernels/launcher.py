@@ -22,7 +22,8 @@ every launch of every kernel family (innermost ``intercept`` first),
   that set each of those compile-time constants (``on``; a kernel variant such as
   ``ONE_GEMM``) or leave it unset or 0 (not ``on``) takes one of those, tuned among them
   alone under its own key (so that a benchmark can time each variant, tuned, beside the
-  tuner's pick).
+  tuner's pick); likewise a ``race`` between ways of computing a result keeps the runs
+  so named (``(("staged", True),)``: the phase GEMM on a channels-last copy of its input).
 
 Tests use it to see or force a configuration and to inject faults; ``perf/`` uses it
 to record launches for the static compile report and to stub launches when measuring
@@ -208,17 +209,16 @@ def forget_tunings() -> None:
 def candidates(request: Request, info: DeviceInfo) -> list[dict]:
     """The request's candidates as the tuner sees them: pruned to the problem and the
     GPU, then ranked by the cost model (cheapest first; unranked where the GPU is unknown);
-    only the variant an ``only`` hook asks for, where the request offers it.  A kernel
-    with one configuration (the weight gradient's split sum) has nothing to choose: its
-    ``problem`` is never built."""
+    only the variant an ``only`` hook asks for, where the request offers it (its other
+    entries name what other requests or races choose between).  A kernel with one
+    configuration (the weight gradient's split sum, the staging copy) has nothing to
+    choose: its ``problem`` is never built."""
     configs = request.configs()
     if len(configs) == 1:
         return configs
     problem = request.problem()
     ranked = rank(prune(configs, problem, info.shared_memory), problem, info.machine)
-    only = _hook("only")
-    if only is None:
-        return ranked
+    only = [(constant, on) for constant, on in _hook("only") or () if constant in request.variants]
     return [c for c in ranked if all(bool(c.get(constant)) == on for constant, on in only)] or ranked
 
 
@@ -311,17 +311,31 @@ def launch(request: Request) -> dict:
     return config
 
 
-def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Tensor]]) -> str:
+def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Tensor]],
+         family: str = "backend") -> str:
     """The name of the fastest of ``runs`` (each computes the same result) for ``key``,
-    timed on the key's first call, remembered as a tuning is (``"backend"`` in the cache);
-    the first run is the default and the reference the winner is checked against.  The
-    runs are called once before they are timed (so that their own first-call tuning is
-    not what gets timed).  Hooks ``tune`` and ``clock`` apply."""
-    def candidates() -> list[dict]:
-        for run in runs.values():
-            run()
-        return [{"backend": name} for name in runs]
+    timed on the key's first call, remembered as a tuning is (as ``family`` in the cache:
+    a race run inside another's runs needs a family of its own, since a family tunes one
+    key at a time); the first run is the default and the reference the winner is checked
+    against.  Each run is called once before it is timed (so that its own first-call
+    tuning is not what gets timed); without tuning, only the default runs.  Hooks
+    ``tune`` and ``clock`` apply, and ``only``: a run's name counts as a constant that
+    its candidate sets (``(("staged", True),)`` keeps only the run ``"staged"``,
+    ``False`` every other)."""
+    only = _hook("only")
+    if only is not None:
+        names = [name for name in runs if all((name == constant) == on for constant, on in only if constant in runs)]
+        runs = {name: runs[name] for name in names} or runs
+        key = (*key, *only)
+    warm: set = set()
 
-    config = tuner("backend").pick(device_info(device).name, key, candidates, lambda c: runs[c["backend"]](),
-                                   tune=_hook("tune"), clock=_hook("clock"))
+    def run(config: dict) -> torch.Tensor:
+        name = config["backend"]
+        if name not in warm:
+            warm.add(name)
+            runs[name]()
+        return runs[name]()
+
+    config = tuner(family).pick(device_info(device).name, key, lambda: [{"backend": name} for name in runs], run,
+                                tune=_hook("tune"), clock=_hook("clock"))
     return config["backend"]

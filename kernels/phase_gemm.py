@@ -27,7 +27,8 @@ every phase and group: grid = (row tiles × column tiles × phases, group).
 Two variants of the transposed direction are tuner candidates beside it (``configs``):
 ``ONE_GEMM``, the whole layer as one GEMM where every output gathers exactly one (input,
 tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
-read as one box by Hopper's tensor memory accelerator.
+read as one box by Hopper's tensor memory accelerator.  On NCHW input, the launcher
+also races the kernel on a channels-last copy of its input (``staging``).
 
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``
 (any strides); the direct convolution reads it with the first two axes swapped
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..planner import axis_constants, output_size, plan_axis
-from . import activations, launcher
+from . import activations, launcher, staging
 from .common import INTERPRETING, experimental, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tuning import FMA_PRODUCTS, bucket, config
@@ -495,13 +496,15 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         grid=grid,
         # The shape class a tuning is kept for: the GEMM's N and K (channels per group)
         # and the groups (they multiply the programs), the taps per phase and their
-        # spacing (kernel size, stride, dilation), the access pattern (direction,
-        # channels-last or not), the dtype and dot precision, and M bucketed, so that
+        # spacing (kernel size, stride, dilation), the access pattern (direction, input
+        # and output channels-last or not: a channels-last copy of an NCHW input still
+        # writes NCHW), the dtype and dot precision, and M bucketed, so that
         # every layer of a model tunes once and image sizes within a factor of two share
         # a tuning; and which variants are offered (a layer of the same shapes with other
         # padding may not take the one GEMM, an input at another alignment not the TMA).
         key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(dtype), precision,
-             x_strides[1] == 1 and x_shape[1] > 1, bucket(m_max), one_gemm, bool(tma_width)),
+             x_strides[1] == 1 and x_shape[1] > 1, out_strides[1] == 1 and out_shape[1] > 1, bucket(m_max), one_gemm,
+             bool(tma_width)),
         configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width),
         problem=problem,
         variants=VARIANTS,
@@ -534,17 +537,46 @@ def phase_gemm(
     ``out``); ``stride``, ``padding`` and ``dilation`` have one entry per spatial axis.
     The caller has checked the arguments and sized ``out`` (output padding included).
     Returns ``out``.
+
+    Where ``x``'s channels are strided (NCHW) and the GEMM reduces over 16 or more
+    channels per group, a layer's first call races this launch on ``x`` against the same
+    launch on a channels-last copy of it (``staging``: one more pass over ``x``, after
+    which the input tiles are vector loads pipelined through shared memory); the copy is
+    not the default (it runs only where it won, or where an ``only`` hook asks for
+    ``"staged"``).  The race is timed once per exact shape and remembered as a tuning
+    (family ``"input_layout"``).
     """
-    plan = plan_launch(
-        (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
-        None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
-        tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32, activation or "",
-        int64_forced(), transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
-    launcher.launch(plan.request(
-        "phase_gemm", _phase_gemm_kernel,
-        (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
-        trailing=(negative_slope,)))
-    return out
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32,
+                activation or "", int64_forced())
+
+    def launch(x: torch.Tensor) -> torch.Tensor:
+        plan = plan_launch(
+            (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
+            None if residual is None else residual.stride(), None if bias is None else bias.stride(0), *geometry,
+            transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
+        launcher.launch(plan.request(
+            "phase_gemm", _phase_gemm_kernel,
+            (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
+            trailing=(negative_slope,)))
+        return out
+
+    if not _stages(x, groups):
+        return launch(x)
+    runs = {"gathered": lambda: launch(x), "staged": lambda: launch(staging.channels_last(x))}
+    key = (str(x.dtype), tuple(x.shape), x.stride(), tuple(weight.shape), tuple(out.shape), out.stride(), tuple(stride),
+           tuple(padding), tuple(dilation), groups, transposed, allow_tf32, activation or "", bias is not None,
+           residual is not None)
+    return runs[launcher.race(x.device, key, runs, family="input_layout")]()
+
+
+def _stages(x: torch.Tensor, groups: int) -> bool:
+    """Whether a channels-last copy of ``x`` may pay: its channels are strided, the GEMM
+    reduces over 16 or more of them per group (a tensor-core tile's depth), the copy's
+    rows of channels are 16-byte aligned (so the GEMM's loads of them are vectors), and
+    its spatial axes are laid out as the copy reads them."""
+    c = x.shape[1]
+    return (x.stride(1) != 1 and c // groups >= 16 and c * x.element_size() % 16 == 0 and x.numel() > 0
+            and staging.flat_pixels(x))
 
 
 def _has_tma(device: torch.device) -> bool:

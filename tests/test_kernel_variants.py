@@ -162,6 +162,81 @@ def test_folded_upsample_conv_on_tensor_cores(device, kind):
         assert_close(ours, theirs, "float64", seed)
 
 
+# Layers whose NCHW input the phase GEMM may read from a channels-last copy (16 or more
+# channels per group reduced over, in both directions): spatial size, weight shape,
+# (stride, padding, output padding, groups, dilation), and how the input is laid out.
+STAGED = {
+    "2-D": ((3, 4), (16, 16, 3, 3), (2, 1, 1, 1, 1), "nchw"),
+    "2-D groups 2, dilation 2": ((3, 3), (32, 16, 3, 3), (2, 0, 1, 2, 2), "nchw"),
+    "2-D k2 s2": ((3, 4), (16, 16, 2, 2), (2, 0, 0, 1, 1), "nchw"),
+    "2-D channel slice": ((3, 4), (16, 16, 3, 3), (2, 1, 1, 1, 1), "channel slice"),
+    "1-D": ((5,), (16, 16, 4), (2, 1, 0, 1, 1), "nchw"),
+    "3-D": ((2, 3, 2), (16, 16, 3, 3, 3), (2, 1, 1, 1, 1), "nchw"),
+}
+
+
+def _staged_input(spatial, channels, kind, dtype, device) -> torch.Tensor:
+    """An NCHW input, or 16 channels out of a wider NCHW tensor (batch and channel
+    strides that are not the tensor's own extent)."""
+    if kind == "channel slice":
+        return torch.randn(2, channels + 8, *spatial, device=device).to(dtype)[:, 3:3 + channels]
+    return torch.randn(2, channels, *spatial, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("case", list(STAGED))
+@pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
+def test_forward_and_input_gradient_on_a_channels_last_copy(device, precision, case, int64):
+    """NCHW input read from a channels-last copy (the race's other run, forced through
+    the seam): the forward and the input gradient each copy their GEMM's input (the
+    input, grad_output) and compute the right values, on every dtype, index width and
+    geometry (groups, dilation, output padding, 1-3 spatial axes, a strided channel
+    slice)."""
+    if int64 and case != "2-D":
+        pytest.skip("64-bit indexing: one geometry is enough (the copy's indices are the same for all)")
+    seed = fresh_seed()
+    spatial, w_shape, (s, p, op, g, d), kind = STAGED[case]
+    dtype = DTYPES[precision]
+    x = _staged_input(spatial, w_shape[0], kind, dtype, device).requires_grad_()
+    w = torch.randn(w_shape, device=device).to(dtype).requires_grad_()
+    function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d,
+                3: tritondeconv.conv_transpose3d}[len(spatial)]
+    with observe_launches() as launches, launcher.intercept(only=(("staged", True),)), \
+            force_int64_index() if int64 else contextlib.nullcontext():
+        out = function(x, w, None, s, p, op, g, d)
+        gy = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, w), gy)
+    kinds = [launch.kernel for launch in launches]
+    assert kinds.count("staging") == 2 and kinds.count("phase_gemm") == 2
+    assert {launch.constants["INT64_INDEX"] for launch in launches} == {int64}
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = reference(x64, w64, None, s, p, op, g, d)
+    assert_close(out, ref.detach(), precision, seed)
+    for ours, theirs in zip(got, torch.autograd.grad(ref, (x64, w64), gy.double())):
+        assert_close(ours, theirs, precision, seed)
+
+
+def test_channels_last_copy_offered_only_where_it_can_pay(device):
+    """The race (and so the copy) is offered on strided channels only, 16 or more of them
+    per group, in 16-byte rows, with spatial axes the copy can read as one; elsewhere
+    the phase GEMM reads the input as given even when the copy is asked for."""
+    def copies(x, w, groups=1) -> bool:
+        with observe_launches() as launches, launcher.intercept(only=(("staged", True),)):
+            out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 0, groups)
+        assert_close(out, reference(x, w, None, 2, 1, 0, groups, 1), "float64", 0)
+        return any(launch.kernel == "staging" for launch in launches)
+
+    x = torch.randn(2, 16, 3, 4, device=device, dtype=torch.float64)
+    w = torch.randn(16, 16, 3, 3, device=device, dtype=torch.float64)
+    assert copies(x, w)
+    assert not copies(layout(x, "channels_last"), w)  # channels contiguous already
+    assert not copies(x, torch.randn(16, 8, 3, 3, device=device, dtype=torch.float64), 2)  # 8 per group
+    wide = torch.randn(2, 16, 3, 8, device=device, dtype=torch.float64)
+    assert not copies(wide[..., ::2], w)  # pixels strided along W: not one axis of unit stride
+    assert not copies(torch.randn(2, 17, 3, 4, device=device, dtype=torch.float64),
+                      torch.randn(17, 16, 3, 3, device=device, dtype=torch.float64))  # 136-byte rows
+
+
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
 def test_tma_forward(device, precision, monkeypatch):
     """The experimental TMA phase GEMM (``TRITONDECONV_EXPERIMENTAL=tma``) on

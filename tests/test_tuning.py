@@ -555,8 +555,9 @@ def first_calls(cache_dir):
 
 
 def _narrow_layer(device):
-    """A layer with 3 output channels: two candidates (tensor cores, FMA) in the interpreter."""
-    x = torch.randn(2, 20, 5, 5, dtype=torch.float64, device=device)
+    """A layer with 3 output channels: two candidates (tensor cores, FMA) in the interpreter
+    (channels-last input: its 20 NCHW channels would also race a channels-last copy)."""
+    x = layout(torch.randn(2, 20, 5, 5, dtype=torch.float64, device=device), "channels_last")
     w = torch.randn(20, 3, 4, 4, dtype=torch.float64, device=device)
     return x, w, torch.nn.functional.conv_transpose2d(x, w, None, 2, 1)
 
@@ -568,7 +569,7 @@ def _recording_launches(launched: list, corrupt=None):
         launcher.run_kernel(request, config)
         launched.append((request.family, config))
         if corrupt is not None and corrupt(config):
-            request.output.view(-1)[7] += 1.0
+            request.output[(0,) * request.output.dim()] += 1.0
     return launch
 
 
@@ -643,6 +644,48 @@ def test_auto_backend_races_aten_per_op_and_remembers(device, first_calls, winne
     assert {"conv_transpose2d", "conv_transpose_input_grad"} <= raced
     assert len(calls) == timed  # remembered: the second forward times nothing
     assert bool(again) == (winner == "tritondeconv")
+
+
+@pytest.mark.parametrize("winner", ["staged", "gathered"])
+def test_nchw_input_races_a_channels_last_copy_and_remembers(device, first_calls, winner):
+    """On NCHW input with 16 or more channels, a layer's first call times the phase GEMM
+    on the input as given and on a channels-last copy of it, keeps the faster, and its
+    later calls take that one without timing anything."""
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, device=device)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64, device=device)
+    ref = torch.nn.functional.conv_transpose2d(x, w, None, 2, 1)
+    timed = []
+
+    def clock(run):
+        with observe_launches() as launched:
+            run()
+        staged = any(launch.kernel == "staging" for launch in launched)
+        timed.append(staged)
+        return 0.5 if staged == (winner == "staged") else 1.0
+
+    with launcher.intercept(tune=True, clock=clock):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+        with observe_launches() as again:
+            out2 = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    assert sorted(timed) == [False, True]  # each run timed once, the second call timed nothing
+    assert_close(out, ref, "float64", 0)
+    assert_close(out2, ref, "float64", 0)
+    assert any(launch.kernel == "staging" for launch in again) == (winner == "staged")
+    entry = tuning.tuning_report()[-1]
+    assert (entry.kernel, entry.config) == ("input_layout", {"backend": winner})
+
+
+def test_auto_backend_times_a_layer_whose_kernels_race_a_copy(device, first_calls):
+    """Under the ``auto`` backend, timing our kernels on NCHW input runs the race
+    between the input as given and its channels-last copy inside the race with aten:
+    both complete (each race tunes under its own family) and the result is right."""
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, device=device)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64, device=device)
+    tritondeconv.set_backend("auto")
+    with launcher.intercept(tune=True, clock=lambda run: (run(), 1.0)[1]):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+    assert_close(out, torch.nn.functional.conv_transpose2d(x, w, None, 2, 1), "float64", 0)
+    assert {t.kernel for t in tuning.tuning_report()[-2:]} == {"input_layout", "backend"}
 
 
 def test_backend_switch_refuses_unknown_names():
