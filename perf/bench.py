@@ -134,7 +134,10 @@ METHODS = ("tritondeconv", "cudnn", "naive", "subpixel_torch")
 # one GEMM; the experimental TMA phase GEMM where TRITONDECONV_EXPERIMENTAL=tma and the
 # layout allows it); timed only when asked for (--methods).
 VARIANTS = {"phases": (("ONE_GEMM", False), ("TMA_W", False)), "one_gemm": (("ONE_GEMM", True),),
-            "tma": (("TMA_W", True),)}
+            "tma": (("TMA_W", True),),
+            # The race on NCHW input (forward and input gradient): the phase GEMM on a
+            # channels-last copy of its input, or on the input as given.
+            "staged": (("staged", True),), "gathered": (("staged", False),)}
 # The methods that are tritondeconv's own: each must launch a Triton kernel.
 OURS = ("tritondeconv", "naive", *VARIANTS)
 # The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
@@ -238,12 +241,9 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if method in OURS and not launches:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} launched no Triton kernel "
                                "(it fell back to aten), so its time would not be tritondeconv's")
-        if method in VARIANTS:
-            if not any(launch.constants.get("TRANSPOSED")
-                       and all(bool(launch.constants.get(constant)) == on for constant, on in VARIANTS[method])
-                       for launch in launches):
-                print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
-                continue
+        if method in VARIANTS and not _offered(method, launches, layout):
+            print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
+            continue
         out = result if pass_ != "fwd+bwd" else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
@@ -273,6 +273,19 @@ def _gradient_methods(cell: Cell, pass_: str, x, w, grad_y) -> tuple[dict, torch
             "wgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_weight_grad(
                 x, grad_y, list(w.shape[2:]), stride, padding, dilation, 1)}[pass_]
     return {"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)}, aten(x.double(), w.double(), grad_y.double())
+
+
+def _offered(method: str, launches: list, layout: str) -> bool:
+    """Whether a run forced onto the variant ``method`` took it: a staging copy
+    (``staged``); a phase GEMM on NCHW input (``gathered``); a forward phase GEMM with
+    the variant's constants (the others)."""
+    if method == "staged":
+        return any(launch.kernel == "staging" for launch in launches)
+    if method == "gathered":
+        return layout == "nchw" and any(launch.kernel == "phase_gemm" for launch in launches)
+    return any(launch.constants.get("TRANSPOSED")
+               and all(bool(launch.constants.get(constant)) == on for constant, on in VARIANTS[method])
+               for launch in launches)
 
 
 def _forced(only: tuple, fn):

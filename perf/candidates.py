@@ -20,6 +20,7 @@ import common  # noqa: I001 (first: the compiler's kernels (their parameters), n
 common.use_compiler()
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -43,7 +44,7 @@ STAGES = {
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "grads-bf16-cl": dict(suites="2d", passes="dgrad,wgrad", dtypes="bf16", layouts="channels_last"),
-    "wgrad-nchw": dict(suites="2d", passes="wgrad", dtypes="bf16", layouts="nchw"),
+    "grads-nchw": dict(suites="2d", passes="wgrad,dgrad", dtypes="bf16", layouts="nchw"),
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
     "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",
@@ -92,8 +93,9 @@ def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
     with common.recording(on_launch), \
             mock.patch.dict(os.environ, {"TRITONDECONV_EXPERIMENTAL": experimental} if experimental else {}):
         for cell, dtype_name, layout, pass_ in jobs_of(argparse.Namespace(quick=False, **spec)):
-            for forced[0] in variants:
-                with launcher.intercept(only=forced[0]):
+            # NCHW input: a first call races the phase GEMM on it and on a channels-last copy.
+            for forced[0], staged in itertools.product(variants, (False, True) if layout == "nchw" else (False,)):
+                with launcher.intercept(only=(*(forced[0] or ()), *(("staged", True),) * staged) or None):
                     _run(cell, DTYPES[dtype_name], layout, pass_)
     return keys, compiles
 

@@ -45,7 +45,7 @@ class Launch:
     @property
     def tile(self) -> str:
         c, o = dict(self.constants), dict(self.options)
-        blocks = "x".join(str(c[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if b in c)
+        blocks = "x".join(str(c[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK", "BLOCK_C", "BLOCK_P") if b in c)
         return f"{blocks} w{o['num_warps']} s{o['num_stages']}"
 
 
@@ -112,7 +112,9 @@ def recording(on_launch, per_key: int | None = None, int64: bool = False, device
     ranked as on that GPU (default ``tuning.TIMED``, the ones a first call compiles:
     ``tuning.first_timed``; 0: all of them), go to
     ``on_launch(request, candidates, timed)``, ``timed`` as ``(Launch, config)`` pairs;
-    ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits."""
+    ``int64``: as if the tensors were past 2**31 elements, indexed in 64 bits.  Nothing is
+    timed: where the ops race two ways of computing a result, the default one runs (an
+    ``only`` hook selects another)."""
     from tritondeconv.kernels import launcher, tuning
     from tritondeconv.kernels.common import force_int64_index
 
@@ -124,6 +126,7 @@ def recording(on_launch, per_key: int | None = None, int64: bool = False, device
                                          config) for config in timed])
         return candidates[0]
 
-    with launcher.intercept(choose=choose, launch=lambda request, config: None, device=device or launcher.H100), \
+    with launcher.intercept(choose=choose, launch=lambda request, config: None, tune=False,
+                            device=device or launcher.H100), \
             (force_int64_index() if int64 else nullcontext()):
         yield

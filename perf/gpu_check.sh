@@ -21,17 +21,17 @@ set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
 
-STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl wgrad-nchw nd blocks fwd-fp16-fp32 tests sanitize)
+STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl grads-nchw nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs, the one GEMM and the experimental TMA phase GEMM (channels_last), each forced and tuned, beside the tuner's pick (TMA among its candidates) and cuDNN" ;;
-    fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods" ;;
+    fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods, and ours forced onto a channels-last copy of the input (staged) and onto the input as given (gathered)" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
     grads-bf16-cl) echo "2-D suite, the input gradient and the weight gradient each alone, bf16 channels_last: ours vs cuDNN" ;;
-    wgrad-nchw)    echo "2-D suite, the weight gradient alone, bf16 NCHW (its own table of shallower tiles): ours vs cuDNN" ;;
+    grads-nchw)    echo "2-D suite, the weight gradient and the input gradient each alone, bf16 NCHW (the weight gradient's own table of shallower tiles; the input gradient also forced onto a channels-last copy of grad_output and onto grad_output as given): ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
     blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
     fwd-fp16-fp32) echo "2-D suite forward, fp16 and fp32 (TF32), both layouts" ;;
@@ -118,10 +118,12 @@ for stage in "$@"; do
       rc="${PIPESTATUS[0]}" ;;
     variants)      TRITONDECONV_EXPERIMENTAL=tma bench "$stage" --suites 2d,3d --passes fwd --dtypes bf16 --cells U-Net \
                      --methods tritondeconv,phases,one_gemm,tma,cudnn; rc=$? ;;
-    fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw; rc=$? ;;
+    fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw \
+                     --methods tritondeconv,staged,gathered,cudnn,naive,subpixel_torch; rc=$? ;;
     train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
     grads-bf16-cl) bench "$stage" --suites 2d --passes dgrad,wgrad --dtypes bf16 --layouts channels_last; rc=$? ;;
-    wgrad-nchw)    bench "$stage" --suites 2d --passes wgrad --dtypes bf16 --layouts nchw; rc=$? ;;
+    grads-nchw)    bench "$stage" --suites 2d --passes wgrad,dgrad --dtypes bf16 --layouts nchw \
+                     --methods tritondeconv,staged,gathered,cudnn; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;
     fwd-fp16-fp32) bench "$stage" --suites 2d --passes fwd --dtypes fp16,fp32; rc=$? ;;
     blocks)

@@ -25,7 +25,13 @@ then compiled by Triton for that target (default sm_90), and read:
 * ``tma``: tensor-memory-accelerator loads (``cp.async.bulk.tensor``), in the
   experimental variant (``TRITONDECONV_EXPERIMENTAL=tma`` puts it among the candidates);
 * ``loop_divisions``: integer divisions and remainders inside the PTX's loops (a runtime
-  division is a long instruction sequence; the reduction loops should have none).
+  division is a long instruction sequence; the reduction loops should have none);
+* ``scalar_loads``, ``vector_loads``, ``vector_stores``: global loads of one element of
+  the launch's dtype each; loads of 8 bytes or more at once (``ld.global.v*``,
+  ``cp.async`` of 8 or 16 bytes, TMA); stores of a vector (``st.global.v*``);
+* ``wgmma_in_flight``: the most warpgroup MMAs the code lets run while it issues the
+  next (``wgmma.wait_group N``'s largest ``N``): 0 is a synchronous MMA, which waits for
+  its operands' loads every step; 1 or more, MMAs overlapped with the loads.
 
 Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
 ``perf/results/static-sm<target>/triton-<version>``) and exits non-zero if any
@@ -48,7 +54,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -59,7 +65,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import tritondeconv  # noqa: E402
 import tritondeconv.ops  # noqa: E402
-from tritondeconv.kernels import launcher, phase_gemm, tuning, weight_grad  # noqa: E402
+from tritondeconv.kernels import launcher, phase_gemm, staging, tuning, weight_grad  # noqa: E402
 from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
 
 from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
@@ -73,7 +79,7 @@ TARGETS = {80: launcher.DeviceInfo("NVIDIA A100-SXM4-80GB", shared_memory=166912
 ARCHITECTURES = {80: "Ampere", 90: "Hopper", 100: "Blackwell"}
 REGISTERS_PER_SM = 65536
 KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad,
-           "_sum_splits_kernel": weight_grad}  # kernel -> its module
+           "_sum_splits_kernel": weight_grad, "_channels_last_kernel": staging}  # kernel -> its module
 # The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
 API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
               (torch.float64, False)]
@@ -116,12 +122,19 @@ def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward
 
 
 def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
-           target: int = 90) -> None:
-    """The launches of one cell's forward and backward."""
-    with recording(launches, per_key=per_key, target=target):
+           target: int = 90, staged: bool = False) -> None:
+    """The launches of one cell's forward and backward (``staged``: each phase GEMM that
+    may run on a channels-last copy of its input does)."""
+    with recording(launches, per_key=per_key, target=target), _staging(staged):
         _forward_backward(FUNCTIONS[cell.rank][0], (cell.n, cell.c_in, *cell.spatial),
                           (cell.c_in, cell.c_out, *(cell.k,) * cell.rank), dtype, layout,
                           stride=cell.s, padding=cell.p, output_padding=cell.op)
+
+
+def _staging(staged: bool):
+    """While inside: the phase GEMMs that race a channels-last copy of their input take
+    it (``staged``), or do not (the default run)."""
+    return launcher.intercept(only=(("staged", True),)) if staged else nullcontext()
 
 
 def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
@@ -164,11 +177,22 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
         "2-D k2 s2, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, stride=2),
                                       True),
     })
+    # NCHW (and 1-D) input on a channels-last copy (the race's other run).
+    for name in ("2-D nchw", "1-D", "2-D, 64-bit indices", "2-D k2 s2 nchw"):
+        call, int64 = variants[name]
+        variants[f"{name}, staged"] = (lambda dt, call=call: _staged(call, dt), int64)
+    variants["3-D nchw, staged"] = (lambda dt: _staged(lambda dt: _forward_backward(
+        ct3, (1, 16, 4, 4, 4), (16, 16, 3, 3, 3), dt, stride=2, padding=1, output_padding=1), dt), False)
     for activation in ACTIVATIONS:
         variants[f"2-D {activation} + residual"] = (
             lambda dt, a=activation: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, "channels_last",
                                                        stride=2, padding=1, activation=a, residual=True), False)
     return variants
+
+
+def _staged(call: Callable[[torch.dtype], None], dtype: torch.dtype) -> None:
+    with _staging(True):
+        call(dtype)
 
 
 def _cuobjdump() -> Path:
@@ -201,6 +225,25 @@ def loop_divisions(ptx: str) -> int:
     return sum(bool(_INTEGER_DIVISION.search(lines[i])) for i in in_loop)
 
 
+_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.(v\d\.)?[bfsu](\d+)\b")
+_STORE = re.compile(r"\bst\.global(?:\.[\w:]+)*?\.v\d\.")
+_ASYNC_COPY = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global[^;]*,\s*(0x[0-9a-f]+|\d+)")
+_WGMMA_WAIT = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)")
+
+
+def memory_instructions(ptx: str, element_bits: int) -> dict:
+    """The PTX's global loads of one ``element_bits``-bit element, loads of 8 bytes or
+    more, vector stores, and the largest number of warpgroup MMAs left in flight."""
+    loads = [(int(vector[1:-1] or 1) * int(bits), not vector and int(bits) == element_bits)
+             for vector, bits in _LOAD.findall(ptx)]
+    scalar = sum(one for _, one in loads)
+    wide = sum(bits >= 64 and not one for bits, one in loads)
+    wide += sum(int(size, 0) >= 8 for size in _ASYNC_COPY.findall(ptx))
+    wide += len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    return dict(scalar_loads=scalar, vector_loads=wide, vector_stores=len(_STORE.findall(ptx)),
+                wgmma_in_flight=max(map(int, _WGMMA_WAIT.findall(ptx)), default=0))
+
+
 def compile_launch(launch: Launch, target: int = 90) -> dict:
     """Compile one launch for ``sm_<target>`` and read its resources."""
     kernel = vars(KERNELS[launch.kernel])[launch.kernel]
@@ -228,7 +271,7 @@ def compile_launch(launch: Launch, target: int = 90) -> dict:
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
                tcgen05=len(re.findall(r"tcgen05\.mma", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
                async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), loop_divisions=loop_divisions(ptx),
-               error="")
+               **memory_instructions(ptx, int(re.sub(r"\D", "", row["dtype"]) or 8)), error="")
     row["fits"] = row["shared_bytes"] <= TARGETS[target].shared_memory and row["regs"] * threads <= REGISTERS_PER_SM
     return row
 
@@ -241,7 +284,8 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     """Write the CSV and the markdown summary; return the rows that fail (do not compile,
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
-               "mma_sync", "tcgen05", "async_copies", "tma", "loop_divisions", "error", "cells", "constants"]
+               "mma_sync", "tcgen05", "async_copies", "tma", "loop_divisions", "scalar_loads", "vector_loads",
+               "vector_stores", "wgmma_in_flight", "error", "cells", "constants"]
     native, gpu = NATIVE_MMA[target], TARGETS[target].name.removeprefix("NVIDIA ").split()[0]
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
@@ -256,6 +300,19 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     contiguous = [r for r in ok if "sxc=1" in r["constants"].split()]
     strided = [r for r in ok if "sxc=1" not in r["constants"].split()]
     one = [r for r in ok if "one-gemm" in r["mode"]]
+    gemms = [r for r in ok if r["kernel"] == "phase_gemm"]
+    gathered = [r for r in gemms if "sxc=1" not in r["constants"].split()]
+    staged = [r for r in gemms if "sxc=1" in r["constants"].split()
+              and any(label.endswith("staged") for label in cells[r["key"]])]
+    copies = [r for r in ok if r["kernel"] == "channels_last"]
+
+    def loads(group: list[dict]) -> str:
+        tc = [r for r in group if r[native] > 0]
+        return (f"{len(group)} launches, with scalar loads: {sum(r['scalar_loads'] > 0 for r in group)}, with vector "
+                f"loads: {sum(r['vector_loads'] > 0 for r in group)}, with cp.async: "
+                f"{sum(r['async_copies'] > 0 for r in group)}; tensor-core launches with MMAs in flight: "
+                f"{sum(r['wgmma_in_flight'] > 0 for r in tc)} of {len(tc)}; spilling: "
+                f"{sum(r['local_bytes'] > 0 for r in group)}")
     tma = [r for r in ok if "tma" in r["mode"].split()]
     lines = [
         f"# {ARCHITECTURES[target]} (sm_{target}) compile report: triton {triton.__version__}, "
@@ -279,11 +336,16 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"- experimental TMA launches (`TRITONDECONV_EXPERIMENTAL=tma`): {len(tma)}, reading through TMA "
         f"(cp.async.bulk.tensor): {sum(r['tma'] > 0 for r in tma)}, on {native}: {sum(r[native] > 0 for r in tma)}, "
         f"spilling: {sum(r['local_bytes'] > 0 for r in tma)}",
+        f"- phase GEMM reading strided channels (NCHW and 1-D input as given): {loads(gathered)}",
+        f"- phase GEMM on a channels-last copy of NCHW or 1-D input (calls labelled `staged`): {loads(staged)}",
+        f"- channels-last copies (staging): {len(copies)}, with vector loads: "
+        f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: {sum(r['vector_stores'] > 0 for r in copies)}"
+        f", spilling: {sum(r['local_bytes'] > 0 for r in copies)}",
         "", "Per tile, its launches (one per direction, layout and set of specialised integer arguments) in one "
         f"row; `{stem}.csv` has every launch, its constants and the calls that make it:", "",
         f"| kernel | dtype | tile | launches | spilling | max local B | max regs | max shared KiB | on {native} "
-        "| with cp.async | errors |",
-        "|" + " --- |" * 11,
+        "| with cp.async | MMAs in flight | errors |",
+        "|" + " --- |" * 12,
     ]
     tiles: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -294,7 +356,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         lines.append(f"| {kernel} | {dtype} | {tile} | {len(group)} | {sum(r['local_bytes'] > 0 for r in built)} "
                      f"| {most['local_bytes']} | {most['regs']} | {most['shared_bytes'] / 1024:.0f} "
                      f"| {sum(r[native] > 0 for r in built)} | {sum(r['async_copies'] > 0 for r in built)} "
-                     f"| {len(group) - len(built)} |")
+                     f"| {sum(r['wgmma_in_flight'] > 0 for r in built)} | {len(group) - len(built)} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return bad
 
@@ -341,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                     launches = set()
                     record(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
                     add(launches, f"{cell.label} {dtype} {layout}")
+                    if layout == "nchw":  # and on a channels-last copy, where the race offers one
+                        launches = set()
+                        record(cell, DTYPES[dtype], layout, launches, a.per_key, a.target, staged=True)
+                        add(launches, f"{cell.label} {dtype} {layout} staged")
     print(f"{len(cells)} distinct launches; compiling for sm_{a.target} with {a.jobs} processes", flush=True)
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:

@@ -135,20 +135,24 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     the ordinary layer's 64-row tensor-core tiles use Hopper's wgmma, the k = s layer's
     one-GEMM variant compiles (on wgmma), the experimental TMA variant (asked for here)
     reads through the tensor memory accelerator, no FMA tile issues a tensor-core
-    instruction, and no phase GEMM has a division in a loop."""
+    instruction, no phase GEMM has a division in a loop, and the ordinary layer's NCHW
+    input, copied to channels-last (the race's other run), is read by its phase GEMMs
+    with vector loads and no single-element ones and their MMAs overlap the loads, the
+    copy itself storing vectors."""
     run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, env={**os.environ, "TRITONDECONV_EXPERIMENTAL": "tma"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "quick.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in ("phase_gemm", "weight_grad") for d in ("bf16", "fp32")}
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (k, d) for k in ("phase_gemm", "weight_grad", "channels_last") for d in ("bf16", "fp32")}
     assert {r["mode"].split()[0] for r in rows if r["kernel"] == "phase_gemm"} == {"transposed", "direct"}
     assert all(not r["error"] and r["fits"] == "True" for r in rows)
     tensor_core = [r for r in rows if int(r["wgmma"]) + int(r["mma_sync"]) > 0]
     assert tensor_core and len(tensor_core) < len(rows)  # both paths were compiled
     # An FMA tile stays on FMAs: Triton 3.6 would turn one 16 columns wide over 4
     # channels into a tensor-core dot that computes wrong results on the GPU.
-    fma = [r for r in rows if min(_tile_sides(r)) < 16]
+    fma = [r for r in rows if r["kernel"] != "channels_last" and min(_tile_sides(r)) < 16]
     assert any(_tile_sides(r) == (16, 4) for r in fma)  # the shape that was rewritten
     assert not [r["tile"] for r in fma if r in tensor_core]
     warpgroup_tiles = [r for r in tensor_core if r["tile"].startswith("64x") and " w4 " in r["tile"]]
@@ -158,6 +162,13 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     tma = [r for r in rows if "tma" in r["mode"].split()]
     assert tma and all(int(r["tma"]) > 0 for r in tma)
     assert all(int(r["loop_divisions"]) == 0 for r in rows if r["kernel"] == "phase_gemm")
+    staged = [r for r in tensor_core if r["kernel"] == "phase_gemm" and not r["mode"].endswith("tma")
+              and "sxc=1" in r["constants"].split() and "quick-wide 1x64x8x8->64 k4 s2 p1 bf16 nchw staged" in r["cells"]]
+    assert {r["mode"] for r in staged} == {"transposed", "direct"}  # the forward and the input gradient
+    assert all(int(r["scalar_loads"]) == 0 and int(r["vector_loads"]) > 0 and int(r["wgmma_in_flight"]) > 0
+               for r in staged)
+    copies = [r for r in rows if r["kernel"] == "channels_last"]
+    assert copies and all(int(r["vector_stores"]) > 0 for r in copies)
 
 
 def test_every_api_variant_compiles_for_hopper(tmp_path):
