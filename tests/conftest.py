@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import RUN_SALT
+from reference import RUN_SALT, tile_sides
 from tritondeconv.kernels.common import observe_launches, poison_allocations
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,8 +99,7 @@ def _function_id(item) -> str:
 
 
 def _cell(launch) -> tuple:
-    sides = ("BLOCK_N", "BLOCK_K") if launch.kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
-    path = "tensor-core" if min(launch.constants[s] for s in sides) >= 16 else "fma"
+    path = "tensor-core" if min(tile_sides(launch.kernel, launch.constants)) >= 16 else "fma"
     c = launch.constants
     if launch.kernel == "weight_grad":
         direction = "weight-grad-taps" if c["TAPS_N"] > 1 else "weight-grad"

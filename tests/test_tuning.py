@@ -14,7 +14,7 @@ import triton
 
 import tritondeconv
 from tritondeconv.kernels.common import observe_launches, simulate_capture
-from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, reference, relative_error, tile_sides
 from tritondeconv.kernels import cost, launcher, phase_gemm, tuning, weight_grad
 from tritondeconv.kernels.cost import Part, Problem, prune
 from tritondeconv.kernels.tuning import CacheFile, NoConfigurationRan, Tuner, cache_path, config
@@ -28,8 +28,7 @@ FAMILIES = {"phase_gemm": phase_gemm.configs, "weight_grad": weight_grad.configs
 
 def _uses_dot(c: dict, family: str) -> bool:
     """Whether a configuration multiplies on tensor cores (both of its GEMM's channel tiles >= 16)."""
-    sides = ("BLOCK_N", "BLOCK_K") if family == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
-    return all(c[side] >= 16 for side in sides)
+    return min(tile_sides(family, c)) >= 16
 
 
 # (reduced channels, produced channels) -> which paths are offered, first path first.
