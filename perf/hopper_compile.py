@@ -303,7 +303,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     gemms = [r for r in ok if r["kernel"] == "phase_gemm"]
     gathered = [r for r in gemms if "sxc=1" not in r["constants"].split()]
     staged = [r for r in gemms if "sxc=1" in r["constants"].split()
-              and any(label.endswith("staged") for label in cells[r["key"]])]
+              and any("staged" in label.replace(",", " ").split() for label in cells[r["key"]])]
     copies = [r for r in ok if r["kernel"] == "channels_last"]
 
     def loads(group: list[dict]) -> str:
