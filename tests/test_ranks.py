@@ -242,5 +242,6 @@ def test_a_tuned_one_gemm_is_not_reused_where_it_does_not_apply(device, monkeypa
         tritondeconv.conv_transpose2d(x, w, None, 2)
         out = tritondeconv.conv_transpose2d(x, w, None, 2, output_padding=(0, 1))
     launcher.forget_tunings()
-    assert [launch.constants["ONE_GEMM"] for launch in launches] == [True, False]
+    # (NCHW input: the race may also run its channels-last copy, which is not a GEMM)
+    assert [launch.constants["ONE_GEMM"] for launch in launches if launch.kernel == "phase_gemm"] == [True, False]
     assert_close(out, reference(x, w, None, 2, 0, (0, 1), 1, 1), "float64", seed)
