@@ -308,10 +308,11 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
 
     def loads(group: list[dict]) -> str:
         tc = [r for r in group if r[native] > 0]
+        in_flight = (f"tensor-core launches with MMAs in flight: {sum(r['wgmma_in_flight'] > 0 for r in tc)} of "
+                     f"{len(tc)}; " if native == "wgmma" else "")  # (only Hopper's MMA is asynchronous)
         return (f"{len(group)} launches, with scalar loads: {sum(r['scalar_loads'] > 0 for r in group)}, with vector "
                 f"loads: {sum(r['vector_loads'] > 0 for r in group)}, with cp.async: "
-                f"{sum(r['async_copies'] > 0 for r in group)}; tensor-core launches with MMAs in flight: "
-                f"{sum(r['wgmma_in_flight'] > 0 for r in tc)} of {len(tc)}; spilling: "
+                f"{sum(r['async_copies'] > 0 for r in group)}; {in_flight}spilling: "
                 f"{sum(r['local_bytes'] > 0 for r in group)}")
     tma = [r for r in ok if "tma" in r["mode"].split()]
     lines = [
