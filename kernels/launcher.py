@@ -322,7 +322,8 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
     ``tune`` and ``clock`` apply, and ``only``: a run's name counts as a constant that
     its candidate sets (``(("staged", True),)`` keeps only the run ``"staged"``,
     ``False`` every other)."""
-    only = _hook("only")
+    hooks = _hooks()
+    only = hooks.only
     if only is not None:
         names = [name for name in runs if all((name == constant) == on for constant, on in only if constant in runs)]
         runs = {name: runs[name] for name in names} or runs
@@ -336,6 +337,7 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
             runs[name]()
         return runs[name]()
 
-    config = tuner(family).pick(device_info(device).name, key, lambda: [{"backend": name} for name in runs], run,
-                                tune=_hook("tune"), clock=_hook("clock"))
+    info = hooks.device or _device_info(device)
+    config = tuner(family).pick(info.name, key, lambda: [{"backend": name} for name in runs], run, tune=hooks.tune,
+                                clock=hooks.clock)
     return config["backend"]

@@ -546,37 +546,46 @@ def phase_gemm(
     ``"staged"``).  The race is timed once per exact shape and remembered as a tuning
     (family ``"input_layout"``).
     """
-    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32,
-                activation or "", int64_forced())
+    # The plan's arguments but the input's layout, built once: with the input's they key
+    # the race too (a key of values already at hand, no more work per call).
+    others = ((out.shape, out.stride()), (weight.shape, weight.stride()),
+              None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
+              tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32,
+              activation or "", int64_forced())
 
-    def launch(x: torch.Tensor) -> torch.Tensor:
-        plan = plan_launch(
-            (out.shape, out.stride()), (x.shape, x.stride()), (weight.shape, weight.stride()),
-            None if residual is None else residual.stride(), None if bias is None else bias.stride(0), *geometry,
-            transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
+    def launch(x: torch.Tensor, x_layout: tuple) -> torch.Tensor:
+        out_layout, weight_layout, *geometry = others
+        plan = plan_launch(out_layout, x_layout, weight_layout, *geometry,
+                           transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
         launcher.launch(plan.request(
             "phase_gemm", _phase_gemm_kernel,
             (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
             trailing=(negative_slope,)))
         return out
 
-    if not _stages(x, groups):
-        return launch(x)
-    runs = {"gathered": lambda: launch(x), "staged": lambda: launch(staging.channels_last(x))}
-    key = (str(x.dtype), tuple(x.shape), x.stride(), tuple(weight.shape), tuple(out.shape), out.stride(), tuple(stride),
-           tuple(padding), tuple(dilation), groups, transposed, allow_tf32, activation or "", bias is not None,
-           residual is not None)
-    return runs[launcher.race(x.device, key, runs, family="input_layout")]()
+    x_layout = (x.shape, x.stride())
+    if not _stages(x_layout, x.element_size(), groups):
+        return launch(x, x_layout)
+
+    def staged() -> torch.Tensor:
+        copy = staging.channels_last(x)
+        return launch(copy, (copy.shape, copy.stride()))
+
+    runs = {"gathered": lambda: launch(x, x_layout), "staged": staged}
+    return runs[launcher.race(x.device, (x_layout, *others), runs, family="input_layout")]()
 
 
-def _stages(x: torch.Tensor, groups: int) -> bool:
-    """Whether a channels-last copy of ``x`` may pay: its channels are strided, the GEMM
-    reduces over 16 or more of them per group (a tensor-core tile's depth), the copy's
-    rows of channels are 16-byte aligned (so the GEMM's loads of them are vectors), and
-    its spatial axes are laid out as the copy reads them."""
-    c = x.shape[1]
-    return (x.stride(1) != 1 and c // groups >= 16 and c * x.element_size() % 16 == 0 and x.numel() > 0
-            and staging.flat_pixels(x))
+@functools.lru_cache(maxsize=4096)
+def _stages(x_layout: tuple, itemsize: int, groups: int) -> bool:
+    """Whether a channels-last copy of an input of this layout (``(shape, strides)``)
+    may pay: its channels are strided, the GEMM reduces over 16 or more of them per
+    group (a tensor-core tile's depth), the copy's rows of channels are 16-byte aligned
+    (so the GEMM's loads of them are vectors), and its spatial axes are laid out as the
+    copy reads them."""
+    shape, strides = x_layout
+    c = shape[1]
+    return (strides[1] != 1 and c // groups >= 16 and c * itemsize % 16 == 0 and 0 not in shape
+            and staging.flat_pixels(shape, strides))
 
 
 def _has_tma(device: torch.device) -> bool:

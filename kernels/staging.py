@@ -57,11 +57,12 @@ def _channels_last_kernel(
     tl.store(out_ptr + n * P * C + p[None, :] * C + c[:, None], tile, mask=mask)
 
 
-def flat_pixels(x: torch.Tensor) -> bool:
-    """Whether ``x``'s spatial axes flatten into one of unit stride (what the copy reads):
-    they are laid out as in a contiguous tensor (axes of size 1 aside)."""
+def flat_pixels(shape: tuple, strides: tuple) -> bool:
+    """Whether the spatial axes of a tensor ``[N, C, *spatial]`` of this shape and these
+    strides flatten into one of unit stride (what the copy reads): they are laid out as
+    in a contiguous tensor (axes of size 1 aside)."""
     expected = 1
-    for size, stride in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
+    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:])):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -72,8 +73,7 @@ def flat_pixels(x: torch.Tensor) -> bool:
 def plan_launch(shape: tuple, strides: tuple, dtype: torch.dtype, int64_forced: bool) -> launcher.LaunchPlan:
     """The launch plan of ``channels_last`` for an input of this shape and these strides."""
     n, c, pixels = shape[0], shape[1], math.prod(shape[2:])
-    # (the copy is contiguous: its last element lies numel - 1 from its first)
-    int64 = int64_forced or spans_int64(shape, strides) or n * c * pixels >= 2**31
+    int64 = int64_forced or spans_int64(shape, strides) or spans_int64((n * pixels * c,), (1,))  # (the copy)
     return launcher.LaunchPlan(
         scalars=(c, pixels, strides[0], strides[1]),
         constants=dict(INT64_INDEX=int64),

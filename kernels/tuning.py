@@ -315,7 +315,7 @@ class Tuner:
             self._memo[(device_name, key)] = candidates[0]
             return candidates[0]
         cache = CacheFile(cache_path(device_name))
-        entry_key = json.dumps([self.name, self.version, *key])
+        entry_key = json.dumps([self.name, self.version, *key], default=str)  # (a dtype in a key as its name)
         cached = cache.read().get(entry_key)
         if isinstance(cached, dict) and cached.get("config") in candidates:
             self._memo[(device_name, key)] = cached["config"]

@@ -263,7 +263,7 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
             split, per_split,
         ),
         constants=dict(INT64_INDEX=int64_forced or spans_int64(x_shape, x_strides) or spans_int64(gy_shape, gy_strides)
-                       or split * c_in * c_out_g * taps >= 2**31,  # (the gradient or its workspace)
+                       or spans_int64((split * c_in * c_out_g * taps,), (1,)),  # (the gradient or its workspace)
                        OPERAND_DTYPE=operand_dtype(dtype), INPUT_PRECISION=precision),
         grid=grid,
         # The shape class a tuning is kept for: the GEMM's M (channels per group) and N

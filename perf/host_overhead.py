@@ -6,7 +6,9 @@ on the same tensors.
 The Triton launch is replaced through the launcher's seam (``kernels.launcher.intercept``)
 by a no-op, so what is timed is everything before it: argument checks, the PyTorch
 dispatcher, planning, the tuning lookup, weight packing, allocation.  The tensors are
-small (1×8×4×4, 8 → 8 channels, k4 s2 p1), so aten's own call is mostly host time too.
+small (1×8×4×4, 8 → 8 channels, k4 s2 p1; one case with 16 channels, where the launch
+looks up its race against a channels-last copy of the input), so aten's own call is
+mostly host time too.
 Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, one thread:
 
 * the functional API and a module, forward (no grad) and forward+backward, each beside
@@ -87,9 +89,14 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
             fn(xg).sum().backward()
         return run
 
+    # 16 channels of NCHW input: the phase GEMM's launcher looks up its race against a
+    # channels-last copy of the input (8 channels take no race).
+    x16, w16, b16 = torch.randn(1, 16, 4, 4, device=device), torch.randn(16, 16, 4, 4, device=device), b.repeat(2)
     cases = {
         "functional forward": (lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
                                lambda: F.conv_transpose2d(x, w, b, 2, 1)),
+        "functional forward, 16 channels (the input-copy race)": (
+            lambda: tritondeconv.conv_transpose2d(x16, w16, b16, 2, 1), lambda: F.conv_transpose2d(x16, w16, b16, 2, 1)),
         "module forward": (lambda: ours_module(x), lambda: aten_module(x)),
         "module forward+backward": (backward(ours_module), backward(aten_module)),
     }
