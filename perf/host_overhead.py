@@ -20,6 +20,9 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   (Triton binding the kernel's arguments and the driver call: the implementation with
   the real launch against the no-op one), through Triton's JIT and, with the
   experimental direct launch, straight to the compiled kernel;
+* the parts of our module's forward+backward: the forward that records the graph, the
+  two gradients' implementations alone, and the rest (PyTorch's engine and our
+  backward's own Python among it);
 * with ``--profile N``: where our module's forward+backward spends its time, the N
   functions with the most time of their own (``cProfile``, the launches replaced).
 """
@@ -139,6 +142,39 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     return rows
 
 
+def training_parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
+    """(part, µs) of one forward+backward step of our module: the forward that records
+    the graph, each gradient's implementation called alone, and the rest (the loss's
+    sum and its gradient, our backward's own Python, PyTorch's engine running it,
+    accumulating the gradients)."""
+    x, _, _ = _tensors(device)
+    module = tritondeconv.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
+    xg = x.clone().requires_grad_()
+    grad_y = torch.randn_like(module(x))
+    weight = module.weight.detach()
+    ops = torch.ops.tritondeconv
+    input_grad = IMPLEMENTATIONS[ops.conv_transpose_input_grad.default]
+    weight_grad = IMPLEMENTATIONS[ops.conv_transpose_weight_grad.default]
+    geometry = ([2, 2], [1, 1], [1, 1], 1)
+    calls = {"step": lambda: module(xg).sum().backward(),
+             "forward": lambda: module(xg),
+             "input gradient": lambda: input_grad(grad_y, weight, [4, 4], *geometry),
+             "weight gradient": lambda: weight_grad(x, grad_y, [4, 4], *geometry)}
+    times = {name: [] for name in calls}
+    rounds = 10
+    for _ in range(rounds):
+        with launcher.intercept(**NO_LAUNCH):
+            for name, call in calls.items():
+                with torch.set_grad_enabled(name in ("step", "forward")):
+                    times[name].append(_median_us(call, max(1, repeat // rounds)))
+    us = {name: statistics.median(t) for name, t in times.items()}
+    return [("the forward, recording the graph (our Function's apply and context, the weight packed)", us["forward"]),
+            ("the input gradient's implementation (checks, plan, the weight packed, allocation)", us["input gradient"]),
+            ("the weight gradient's implementation (plan, allocation)", us["weight gradient"]),
+            ("the rest: the loss's sum and its gradient, our backward's Python, PyTorch's engine, the gradients "
+             "accumulated", us["step"] - us["forward"] - us["input gradient"] - us["weight gradient"])]
+
+
 def profile(repeat: int, device: str, top: int) -> str:
     """The ``top`` functions by own time in ``repeat`` forward+backward calls of our
     module, the launches replaced by a no-op (``cProfile``'s table)."""
@@ -180,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| part of a forward call | µs |")
     print("| --- | --- |")
     for name, us in parts(a.repeat, a.device):
+        print(f"| {name} | {us:.1f} |")
+    print()
+    print("| part of a module's forward+backward | µs |")
+    print("| --- | --- |")
+    for name, us in training_parts(a.repeat, a.device):
         print(f"| {name} | {us:.1f} |")
     if a.profile:
         print()

@@ -181,7 +181,7 @@ def _conv_transpose_autograd(keyset, input, weight, bias, stride, padding, outpu
 
 
 LIBRARY.impl("conv_transpose", _conv_transpose_autograd, "Autograd", with_keyset=True)
-_AUTOGRAD_KERNELS = {ops.conv_transpose.default: _conv_transpose_autograd}  # by op, for ``_call``
+_FUNCTIONS = {ops.conv_transpose.default: _ConvTranspose}  # each op's recording Function, by op
 
 
 # --------------------------------------------------------------- I(gy, w) and W(x, gy)
@@ -220,9 +220,12 @@ def _backward_weight_grad(ctx, g, needs=None):
 for _name, _backward in (("conv_transpose_input_grad", _backward_input_grad),
                          ("conv_transpose_weight_grad", _backward_weight_grad)):
     _op = getattr(ops, _name).default
-    _AUTOGRAD_KERNELS[_op] = functools.partial(
-        _autograd_kernel, _autograd_function(f"_{_name}", _op, _setup_gradient_op, _backward), _op)
-    LIBRARY.impl(_name, _AUTOGRAD_KERNELS[_op], "Autograd", with_keyset=True)
+    _FUNCTIONS[_op] = _autograd_function(f"_{_name}", _op, _setup_gradient_op, _backward)
+    LIBRARY.impl(_name, functools.partial(_autograd_kernel, _FUNCTIONS[_op], _op), "Autograd", with_keyset=True)
+
+# Each op's Function's ``apply`` as ``Function.apply`` ends in (record the call, run
+# ``forward``), for ``_call``.
+_RECORD = {op: torch._C._FunctionBase.__dict__["apply"].__get__(None, function) for op, function in _FUNCTIONS.items()}
 
 
 # --------------------------------------------------------------- function transforms
@@ -281,8 +284,10 @@ def _call(op, tensors: tuple, *args):
     """``op(*args)`` (``tensors``: its tensor arguments, None for an absent optional
     one).  Where the dispatcher would run nothing but the op's autograd kernel (plain
     CPU or CUDA tensors; no ``__torch_function__``, mode, autocast, tracing, fake tensor
-    or compilation), that kernel is called directly, with the key set the dispatcher
-    would have computed: the same computation, without a trip through the dispatcher."""
+    or compilation), that kernel's work is done here: the op recorded by its Function
+    where a gradient is wanted, otherwise its implementation below autograd, which is
+    where the plain key set sends it.  The same computation, without a trip through the
+    dispatcher."""
     if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
         keys = torch._C._dispatch_tls_local_include_set()
         for t in tensors:
@@ -290,7 +295,13 @@ def _call(op, tensors: tuple, *args):
                 keys = keys | torch._C._dispatch_keys(t)
         keys = keys - torch._C._dispatch_tls_local_exclude_set()
         if keys.raw_repr() in _PLAIN_CALLS:
-            return _AUTOGRAD_KERNELS[op](keys, *args)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                # ``Function.apply`` without its Python wrapper, whose work (binding
+                # default arguments, unwrapping functorch's dead wrappers) has nothing to
+                # do on plain tensors with no transform active.
+                return _RECORD[op](keys, *args)
+            with torch._C._AutoDispatchBelowAutograd():
+                return IMPLEMENTATIONS[op](*args)
     return op(*args)
 
 

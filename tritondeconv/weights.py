@@ -26,6 +26,7 @@ counter: ``tritondeconv.clear_weight_cache(model)`` forgets the model's copies.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -37,14 +38,27 @@ from .kernels.common import capturing
 CAPACITY = 256  # weights whose packed copies are kept
 
 
+@functools.lru_cache(maxsize=1024)
+def packed_strides(shape: tuple, columns: int) -> tuple:
+    """The strides of a weight of ``shape`` ``[C_in, C_out/g, *k]`` packed for
+    ``columns``: the taps outermost (in order), then the other channel axis, then axis
+    ``columns`` with stride 1."""
+    order = [*range(2, len(shape)), 1 - columns, columns]  # outermost first
+    strides, step = [0] * len(shape), 1
+    for axis in reversed(order):
+        strides[axis], step = step, step * shape[axis]
+    return tuple(strides)
+
+
 def pack(weight: torch.Tensor, columns: int) -> torch.Tensor:
     """The weight ``[C_in, C_out/g, *k]`` with axis ``columns`` (the GEMM's columns: 1,
     C_out, in the forward; 0, C_in, in the input gradient) innermost and the other
     channel axis next: same logical shape, new strides.  A weight already laid out so
-    is returned as it is (no copy)."""
-    order = [*range(2, weight.dim()), 1 - columns, columns]
-    inverse = [order.index(i) for i in range(weight.dim())]
-    return weight.permute(order).contiguous().permute(inverse)
+    (axes of size 1 aside) is returned as it is (no copy)."""
+    strides = packed_strides(tuple(weight.shape), columns)
+    if all(size == 1 or a == b for size, a, b in zip(weight.shape, weight.stride(), strides)):
+        return weight
+    return torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
 
 
 class PackedWeights:
