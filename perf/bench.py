@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -241,7 +242,7 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if method in OURS and not launches:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} launched no Triton kernel "
                                "(it fell back to aten), so its time would not be tritondeconv's")
-        if method in VARIANTS and not _offered(method, launches, layout):
+        if method in VARIANTS and not _offered(method, launches, lambda: _copies_input(methods["tritondeconv"], x, w)):
             print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
             continue
         out = result if pass_ != "fwd+bwd" else fn(x, w)
@@ -275,17 +276,28 @@ def _gradient_methods(cell: Cell, pass_: str, x, w, grad_y) -> tuple[dict, torch
     return {"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)}, aten(x.double(), w.double(), grad_y.double())
 
 
-def _offered(method: str, launches: list, layout: str) -> bool:
-    """Whether a run forced onto the variant ``method`` took it: a staging copy
-    (``staged``); a phase GEMM on NCHW input (``gathered``); a forward phase GEMM with
-    the variant's constants (the others)."""
+def _offered(method: str, launches: list, copies_input: Callable[[], bool]) -> bool:
+    """Whether a run forced onto the variant ``method`` (``launches``: what it launched)
+    took it: a staging copy (``staged``); the input as given where a copy was on offer
+    (``gathered``: ``copies_input()``); a forward phase GEMM with the variant's
+    constants (the others)."""
     if method == "staged":
         return any(launch.kernel == "staging" for launch in launches)
     if method == "gathered":
-        return layout == "nchw" and any(launch.kernel == "phase_gemm" for launch in launches)
+        return copies_input()
     return any(launch.constants.get("TRANSPOSED")
                and all(bool(launch.constants.get(constant)) == on for constant, on in VARIANTS[method])
                for launch in launches)
+
+
+def _copies_input(fn, x, w) -> bool:
+    """Whether ``fn(x, w)`` races a channels-last copy of its input: the call forced onto
+    the copy with its launches replaced (nothing compiled, tuned or computed) launches
+    the copy."""
+    with launcher.intercept(launch=lambda request, config: None, choose=lambda request, candidates: candidates[0],
+                            only=(("staged", True),)), observe_launches() as launches:
+        fn(x, w)
+    return any(launch.kernel == "staging" for launch in launches)
 
 
 def _forced(only: tuple, fn):

@@ -244,18 +244,29 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_forward_allocates_only_output_and_packed_weight(device):
+# The NCHW input (or grad_output) of these layers is raced against a channels-last copy
+# of it: each test forces either way, so that what a tuned run may choose is proven.
+INPUT_COPY = pytest.mark.parametrize("input_copy", [False, True], ids=["as given", "copied"])
+
+
+@INPUT_COPY
+def test_forward_allocates_only_output_and_packed_weight(device, input_copy):
     n, c_in, c_out, size = _sizes(device).values()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(n, c_in, size, size, device=device, dtype=dtype)
     w = torch.randn(c_in, c_out, 4, 4, device=device, dtype=dtype)
-    tritondeconv.conv_transpose2d(x, w, None, 2, 1)  # compile and tune first
-    out, extra, rounding = allocated_during(lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1), device)
-    allowed = _nbytes(out, w) + rounding
-    assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight = {allowed}"
+    with launcher.intercept(only=(("staged", input_copy),)):
+        tritondeconv.conv_transpose2d(x, w, None, 2, 1)  # compile and tune first
+        with observe_launches() as launches:
+            out, extra, rounding = allocated_during(lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1), device)
+    copies = sum(launch.kernel == "staging" for launch in launches)
+    assert copies == input_copy
+    allowed = _nbytes(out, w) + copies * _nbytes(x) + rounding
+    assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight (+ input copy) = {allowed}"
 
 
-def test_backward_allocates_only_gradients_and_split_workspace(device):
+@INPUT_COPY
+def test_backward_allocates_only_gradients_and_split_workspace(device, input_copy):
     n, c_in, c_out, size = _sizes(device).values()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(n, c_in, size, size, device=device, dtype=dtype, requires_grad=True)
@@ -263,14 +274,19 @@ def test_backward_allocates_only_gradients_and_split_workspace(device):
     b = torch.randn(c_out, device=device, dtype=dtype, requires_grad=True)
     out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
     gy = torch.randn_like(out)
-    torch.autograd.grad(out, (x, w, b), gy, retain_graph=True)  # compile and tune first
-    grads, extra, rounding = allocated_during(lambda: torch.autograd.grad(out, (x, w, b), gy), device)
+    with launcher.intercept(only=(("staged", input_copy),)):
+        torch.autograd.grad(out, (x, w, b), gy, retain_graph=True)  # compile and tune first
+        with observe_launches() as launches:
+            grads, extra, rounding = allocated_during(lambda: torch.autograd.grad(out, (x, w, b), gy), device)
     split = tritondeconv.kernels.weight_grad.default_split(n * size * size, -(-c_in // 64) * -(-16 * c_out // 64))
+    copies = sum(launch.kernel == "staging" for launch in launches)
+    assert copies == input_copy
     # The gradients, the input gradient's packed copy of the weight, the weight
     # gradient's fp32 partial sums when its reduction is split (with one range it writes
-    # the gradient directly), and the allocator's rounding.
-    allowed = _nbytes(*grads, w) + (w.numel() * 4 * split if split > 1 else 0) + rounding
-    assert extra <= allowed, f"backward allocated {extra} bytes; gradients + workspace = {allowed}"
+    # the gradient directly), the channels-last copy of grad_output, and the
+    # allocator's rounding.
+    allowed = _nbytes(*grads, w) + (w.numel() * 4 * split if split > 1 else 0) + copies * _nbytes(gy) + rounding
+    assert extra <= allowed, f"backward allocated {extra} bytes; gradients + workspace (+ copy) = {allowed}"
 
 
 def _check_output_slices(x, w, out, slices, precision: str) -> None:
