@@ -138,8 +138,9 @@ def allocated(t: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as its launcher made it: the kernel family (``"phase_gemm"``,
-    ``"weight_grad"``, ``"split_sum"`` or ``"staging"``), the compile-time constants it was specialised with (the tile
-    configuration included), and the dtype of the tensors it read."""
+    ``"weight_grad"``, ``"split_sum"`` or ``"staging"``), the compile-time constants it
+    was specialised with (the tile configuration included), and the dtype of the
+    tensors it read."""
     kernel: str
     constants: dict
     dtype: torch.dtype | None = None
