@@ -110,8 +110,8 @@ def _device_info(device: torch.device) -> DeviceInfo:
 class Request:
     """One launch as a kernel's launcher describes it.
 
-    family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``, ``"split_sum"``):
-               names its tuner.
+    family:    the kernel family (``"phase_gemm"``, ``"weight_grad"``, ``"split_sum"``,
+               ``"staging"``): names its tuner.
     kernel:    the ``@triton.jit`` function.
     args:      its runtime arguments, in its signature's order (the first: the input).
     constants: its compile-time constants other than the tile configuration.

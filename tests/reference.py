@@ -150,7 +150,7 @@ def on_path(path: str | None = None, variant: str | None = None):
     tiles), of the kernel variant ``variant`` (one of ``VARIANTS``) where it is offered,
     of the plain phase GEMMs otherwise."""
     def choose(request, candidates):
-        if len(candidates) == 1:  # nothing to choose (the weight gradient's split sum)
+        if len(candidates) == 1:  # nothing to choose (a one-configuration kernel: the split sum, the staging copy)
             return candidates[0]
         problem = request.problem()
         chosen = [c for c in candidates if all(bool(c.get(v)) == (v == variant) for v in VARIANTS)] or candidates
