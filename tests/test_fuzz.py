@@ -13,6 +13,8 @@ import torch
 import tritondeconv
 from conftest import HAS_CUDA, INTERPRETING
 from reference import TOLERANCES, computed_as, layout, reference, relative_error
+from tritondeconv.kernels import launcher
+from tritondeconv.kernels.common import observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -60,8 +62,19 @@ def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> bool:
     return relative_error(got, want) <= tolerance
 
 
-def run_case(seed: int, device: str) -> None:
+def draw_wide_case(seed: int, device: str) -> dict:
+    """``draw_case``'s call with 16 to 32 channels per group on both sides: the tensor-core
+    tiles, and NCHW input that races a channels-last copy of itself (channels in 16-byte
+    rows in every dtype)."""
     case = draw_case(seed, device)
+    rng = random.Random(-1 - seed)
+    case.update(c_in=case["groups"] * rng.choice([16, 24, 32]), c_out_g=rng.choice([16, 24, 32]))
+    return case
+
+
+def run_case(seed: int, device: str, case: dict | None = None) -> None:
+    """Case ``seed`` (``draw_case``'s, unless ``case`` is given) against the reference."""
+    case = draw_case(seed, device) if case is None else case
     torch.manual_seed(seed)
     dtype = PRECISIONS[case["precision"]]
     tolerance = TOLERANCES[computed_as(dtype, device)]
@@ -89,8 +102,8 @@ def run_case(seed: int, device: str) -> None:
         assert _close(g, r, tolerance), case
 
 
-def _params():
-    for device, count in CASES.items():
+def _params(cases: dict[str, int] = CASES):
+    for device, count in cases.items():
         marks = [pytest.mark.skipif(not INTERPRETING, reason="CPU tensors run the kernels only under TRITON_INTERPRET=1")]
         if device == "cuda":
             marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU, no interpreter")]
@@ -101,6 +114,23 @@ def _params():
 @pytest.mark.parametrize("device, seed", list(_params()))
 def test_fuzz(device, seed):
     run_case(seed, device)
+
+
+# Wide cases per device, each run on both sides of the NCHW input's race: forced onto the
+# input as given and onto its channels-last copy.
+WIDE_CASES = {"cpu": 12, "cuda": max(1, CASES["cuda"] // 10)}
+
+
+@pytest.mark.parametrize("copied", [False, True], ids=["as-given", "copied"])
+@pytest.mark.parametrize("device, seed", list(_params(WIDE_CASES)))
+def test_fuzz_wide_channels_on_both_sides_of_the_input_copy(device, seed, copied):
+    case = draw_wide_case(seed, device)
+    with launcher.intercept(only=(("staged", copied),)), observe_launches() as launches:
+        run_case(seed, device, case)
+    copies = any(launch.kernel == "staging" for launch in launches)
+    assert copies <= copied, case  # never a copy where the input as given was asked for
+    if copied and case["kind"] == "nchw" and case["batch"]:
+        assert copies, case  # contiguous NCHW input with 16-byte rows of channels: always on offer
 
 
 @pytest.mark.parametrize("seed", REGRESSIONS)
