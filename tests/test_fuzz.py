@@ -1,7 +1,8 @@
 """Differential fuzzing against PyTorch: seeded random cases over the whole argument
 space (rank, batch, channels, groups, kernel, stride, padding, output_padding, dilation,
 layout, non-contiguous views, bias, dtype), forward and backward, against PyTorch in
-float64.  Case ``i`` is drawn from seed ``i``, so a failure names its own reproduction:
+float64, and wide-channel cases run on both sides of the NCHW input's channels-last copy
+(the tensor-core tiles' path).  Case ``i`` is drawn from seed ``i``, so a failure names its own reproduction:
 ``pytest tests/test_fuzz.py -k "cpu-17"``; a case that ever fails is copied into
 REGRESSIONS below."""
 import math
