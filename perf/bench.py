@@ -41,8 +41,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 
