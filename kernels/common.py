@@ -153,7 +153,8 @@ _OBSERVERS: list[list[Launch]] = []
 def observe_launches() -> Iterator[list[Launch]]:
     """Collect every kernel launch made while the block runs (from any thread) into the
     list it yields; the tuner's timing runs are not counted, only the launches that
-    compute a result (each run of a ``launcher.race`` computes it, so each is seen).  Observing costs nothing when nobody observes."""
+    compute a result (each run of a ``launcher.race`` computes it, so each is seen).
+    Observing costs nothing when nobody observes."""
     launches: list[Launch] = []
     _OBSERVERS.append(launches)
     try:

@@ -282,7 +282,7 @@ def _offered(method: str, launches: list, copies_input: Callable[[], bool]) -> b
     (``gathered``: ``copies_input()``); a forward phase GEMM with the variant's
     constants (the others)."""
     if method == "staged":
-        return any(launch.kernel == "staging" for launch in launches)
+        return _copied(launches)
     if method == "gathered":
         return copies_input()
     return any(launch.constants.get("TRANSPOSED")
@@ -297,6 +297,11 @@ def _copies_input(fn, x, w) -> bool:
     with launcher.intercept(launch=lambda request, config: None, choose=lambda request, candidates: candidates[0],
                             only=(("staged", True),)), observe_launches() as launches:
         fn(x, w)
+    return _copied(launches)
+
+
+def _copied(launches: list) -> bool:
+    """Whether ``launches`` include a channels-last copy of a GEMM's input."""
     return any(launch.kernel == "staging" for launch in launches)
 
 

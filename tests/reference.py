@@ -160,6 +160,12 @@ def on_path(path: str | None = None, variant: str | None = None):
         yield
 
 
+def input_copies(launches: list) -> int:
+    """How many channels-last copies of a GEMM's input (staging launches) ``launches``
+    (from ``observe_launches``) hold."""
+    return sum(launch.kernel == "staging" for launch in launches)
+
+
 def allocated_during(call, device: str):
     """``call()``'s result and the most bytes it held allocated at once beyond what was
     allocated when it began, with the allocator's rounding allowed for: the CUDA caching

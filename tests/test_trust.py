@@ -14,7 +14,8 @@ import tritondeconv
 import tritondeconv.kernels.phase_gemm
 import tritondeconv.kernels.weight_grad
 from conftest import require_launches
-from reference import DTYPES, TOLERANCES, allocated_during, assert_close, fresh_seed, layout, reference, relative_error
+from reference import (
+    DTYPES, TOLERANCES, allocated_during, assert_close, fresh_seed, input_copies, layout, reference, relative_error)
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches, simulate_capture, spans_int64
 from tritondeconv.weights import PACKED
@@ -259,7 +260,7 @@ def test_forward_allocates_only_output_and_packed_weight(device, input_copy):
         tritondeconv.conv_transpose2d(x, w, None, 2, 1)  # compile and tune first
         with observe_launches() as launches:
             out, extra, rounding = allocated_during(lambda: tritondeconv.conv_transpose2d(x, w, None, 2, 1), device)
-    copies = sum(launch.kernel == "staging" for launch in launches)
+    copies = input_copies(launches)
     assert copies == input_copy
     allowed = _nbytes(out, w) + copies * _nbytes(x) + rounding
     assert extra <= allowed, f"forward allocated {extra} bytes; output + packed weight (+ input copy) = {allowed}"
@@ -279,7 +280,7 @@ def test_backward_allocates_only_gradients_and_split_workspace(device, input_cop
         with observe_launches() as launches:
             grads, extra, rounding = allocated_during(lambda: torch.autograd.grad(out, (x, w, b), gy), device)
     split = tritondeconv.kernels.weight_grad.default_split(n * size * size, -(-c_in // 64) * -(-16 * c_out // 64))
-    copies = sum(launch.kernel == "staging" for launch in launches)
+    copies = input_copies(launches)
     assert copies == input_copy
     # The gradients, the input gradient's packed copy of the weight, the weight
     # gradient's fp32 partial sums when its reduction is split (with one range it writes
