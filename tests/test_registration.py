@@ -181,14 +181,16 @@ def _observed(call, kind: str) -> list:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_what_watches_a_call_sees_the_op(device, grad):
+@pytest.mark.parametrize("mode", ["no-grad", "grad", "inference-mode"])
+def test_what_watches_a_call_sees_the_op(device, mode):
+    grad = mode == "grad"
     x, w, b = _sample(device)
     x, w = x.requires_grad_(grad), w.requires_grad_(grad)
     op, input_grad = torch.ops.tritondeconv.conv_transpose.default, torch.ops.tritondeconv.conv_transpose_input_grad.default
 
     def call():
-        y = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
+        with torch.inference_mode(mode == "inference-mode"):
+            y = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
         if grad:
             y.sum().backward()
 
@@ -218,3 +220,8 @@ def test_the_short_cut_computes_what_the_op_computes(device):
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, (x, w), gy),
                                                   torch.autograd.grad(via_op, (x, w), gy))), f"seed {seed}"
     assert_close(ours, reference(x, w, b, 2, 1, 1, 2, 1), "float64", seed)
+    with torch.inference_mode():  # (normal tensors, then inference tensors)
+        for args in ((x, w, b), (x.detach().clone(), w.detach().clone(), b.clone())):
+            ours = tritondeconv.conv_transpose2d(*args, 2, 1, 1, 2)
+            via_op = torch.ops.tritondeconv.conv_transpose2d(*args, [2, 2], [1, 1], [1, 1], 2, [1, 1])
+            assert ours.is_inference() and torch.equal(ours, via_op), f"seed {seed}"

@@ -69,31 +69,46 @@ def _T(x, w, grad_y_size, stride, padding, dilation, groups):
 # backward needs (``setup``).  Below autograd, a call on plain CPU or CUDA tensors (no
 # subclass, no mode, no functionalisation: nothing between autograd and the backend)
 # calls the op's implementation directly, which is where the dispatcher would send it,
-# sparing a second trip through it.
+# sparing a second trip through it; and without excluding the autograd keys around it,
+# since nothing there can record (grad mode is off, or no argument requires grad) and
+# every ATen call made under a non-default key set leaves the dispatcher's fast path
+# (about 0.5 µs each, several µs per call of ours).
 
-_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+# Dispatch key sets are handled in their raw form (an int: cheaper than the sets'
+# operators), on which ``a & b`` is the sets' intersection and ``a - b`` is
+# ``a & (_BACKEND_BITS | ~b)``: subtracting a set leaves a set's backend bits in place.
+
+
+def _key_set(*keys: str) -> int:
+    """The raw form of the dispatch key set of these key names."""
+    return functools.reduce(lambda a, b: a | b, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
+                                                 for k in keys)).raw_repr()
+
+
+_BACKEND_BITS = (torch._C._dispatch_keyset_full() - torch._C._dispatch_keyset_full()).raw_repr()
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset.raw_repr()
 # Keys that fall through for our ops (no kernel of their own; the dispatcher skips them).
-_FALLTHROUGH = (torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
-                | torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect))
-_BACKENDS = frozenset(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k)).raw_repr() for k in ("CPU", "CUDA"))
+_NOT_FALLTHROUGH = _BACKEND_BITS | ~_key_set("ADInplaceOrView", "BackendSelect")
+_BACKENDS = frozenset(_key_set(k) for k in ("CPU", "CUDA"))
 
 
-def _below_autograd(op, keyset, args):
-    """``op(*args)`` as the dispatcher runs it below autograd."""
-    below = (keyset & _AFTER_AUTOGRAD) - _FALLTHROUGH
+def _below_autograd(op, keys: int, args):
+    """``op(*args)`` as the dispatcher runs it below autograd (``keys``: the call's
+    dispatch key set, raw)."""
+    below = keys & _AFTER_AUTOGRAD & _NOT_FALLTHROUGH
+    if below in _BACKENDS:
+        return IMPLEMENTATIONS[op](*args)
     with torch._C._AutoDispatchBelowAutograd():
-        if below.raw_repr() in _BACKENDS:
-            return IMPLEMENTATIONS[op](*args)
-        return op.redispatch(below, *args)
+        return op.redispatch(torch._C.DispatchKeySet.from_raw_repr(below), *args)
 
 
 def _autograd_function(name: str, op, setup, backward) -> type:
     """The ``torch.autograd.Function`` that records ``op`` for ``backward(ctx, grad,
     needs)`` (``needs``: which of the op's arguments want a gradient)."""
 
-    def forward(ctx, keyset, *args):
+    def forward(ctx, keys, *args):
         with PACKED.trained():
-            out = _below_autograd(op, keyset, args)
+            out = _below_autograd(op, keys, args)
         setup(ctx, args, out)
         return out
 
@@ -108,9 +123,10 @@ def _autograd_function(name: str, op, setup, backward) -> type:
 def _autograd_kernel(function: type, op, keyset, *args):
     """The autograd kernel of ``op``: ``op(*args)``, recorded by ``function`` when a
     gradient is wanted."""
+    keys = keyset.raw_repr()
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return function.apply(keyset, *args)
-    return _below_autograd(op, keyset, args)
+        return function.apply(keys, *args)
+    return _below_autograd(op, keys, args)
 
 
 # --------------------------------------------------------------- conv_transpose
@@ -122,9 +138,9 @@ def setup_conv_transpose(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, residual = inputs
     ctx.save_for_backward(input, weight, bias)
     ctx.has_bias = bias is not None
-    ctx.geometry = (list(stride), list(padding), list(dilation))
+    ctx.geometry = (stride, padding, dilation)  # (tuples, or lists the dispatcher made for this call)
     ctx.groups = groups
-    ctx.epilogue = (list(stride), list(padding), list(output_padding), groups, list(dilation), activation, slope)
+    ctx.epilogue = (stride, padding, output_padding, groups, dilation, activation, slope)
     ctx.has_residual = residual is not None
 
 
@@ -266,17 +282,14 @@ def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
                  groups)
 
 
-def _key_set(*keys: str) -> int:
-    """The raw form of the dispatch key set of these key names."""
-    return functools.reduce(lambda a, b: a | b, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
-                                                 for k in keys)).raw_repr()
-
-
 # The dispatch key sets of a call on plain tensors with nothing active around it but
 # (perhaps) no_grad or inference_mode: the dispatcher then runs the op's autograd kernel
-# and nothing else.
+# (or, in inference mode, which excludes autograd, the implementation) and nothing
+# else.  In inference mode a normal tensor keeps its ADInplaceOrView key (a fallthrough
+# for our ops); an inference tensor has none.
 _PLAIN_CALLS = frozenset(_key_set(*keys) for device in ("CPU", "CUDA")
                          for keys in ((device, "BackendSelect", "ADInplaceOrView", f"Autograd{device}"),
+                                      (device, "BackendSelect", "ADInplaceOrView"),
                                       (device, "BackendSelect")))
 
 
@@ -285,23 +298,22 @@ def _call(op, tensors: tuple, *args):
     one).  Where the dispatcher would run nothing but the op's autograd kernel (plain
     CPU or CUDA tensors; no ``__torch_function__``, mode, autocast, tracing, fake tensor
     or compilation), that kernel's work is done here: the op recorded by its Function
-    where a gradient is wanted, otherwise its implementation below autograd, which is
-    where the plain key set sends it.  The same computation, without a trip through the
-    dispatcher."""
+    where a gradient is wanted, otherwise its implementation, which is where the plain
+    key set sends it (as ``_below_autograd`` calls it).  The same computation, without a
+    trip through the dispatcher."""
     if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
-        keys = torch._C._dispatch_tls_local_include_set()
+        keys = torch._C._dispatch_tls_local_include_set().raw_repr()
         for t in tensors:
             if t is not None:
-                keys = keys | torch._C._dispatch_keys(t)
-        keys = keys - torch._C._dispatch_tls_local_exclude_set()
-        if keys.raw_repr() in _PLAIN_CALLS:
+                keys |= torch._C._dispatch_keys(t).raw_repr()
+        keys &= _BACKEND_BITS | ~torch._C._dispatch_tls_local_exclude_set().raw_repr()
+        if keys in _PLAIN_CALLS:
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
                 # ``Function.apply`` without its Python wrapper, whose work (binding
                 # default arguments, unwrapping functorch's dead wrappers) has nothing to
                 # do on plain tensors with no transform active.
                 return _RECORD[op](keys, *args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return IMPLEMENTATIONS[op](*args)
+            return IMPLEMENTATIONS[op](*args)
     return op(*args)
 
 
