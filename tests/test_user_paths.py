@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
+from tritondeconv.arguments import format_strides
 from tritondeconv.kernels.common import observe_launches
 from reference import assert_close, fresh_seed, on_path, reference
 
@@ -262,6 +263,21 @@ def test_output_memory_format_follows_pytorchs_rule(device, rank, dtype, x_kind,
         # the layout; ours follows the rule of the batched case.
         theirs = TORCH_FUNCTIONS[rank](x.unsqueeze(0).expand(2, *x.shape), w, None, 2)[0]
     assert ours.stride() == theirs.stride()
+
+
+@pytest.mark.parametrize("dims, memory_format", [(3, torch.contiguous_format), (3, torch.channels_last),
+                                                  (4, torch.contiguous_format), (4, torch.channels_last),
+                                                  (5, torch.contiguous_format), (5, torch.channels_last_3d)])
+def test_new_tensors_get_torchs_strides_for_their_memory_format(dims, memory_format):
+    """``format_strides``, by which the ops lay out every tensor they make (their fakes'
+    too), gives ``torch.empty``'s strides, empty and size-1 axes included; a 3-D tensor
+    in ``channels_last`` is a contiguous ``[N, W, C]`` tensor, permuted."""
+    for shape in itertools.product((0, 1, 2, 3), repeat=dims):
+        if dims == 3 and memory_format == torch.channels_last:
+            expected = torch.empty(shape[0], shape[2], shape[1], device="meta").permute(0, 2, 1).stride()
+        else:
+            expected = torch.empty(shape, device="meta", memory_format=memory_format).stride()
+        assert format_strides(shape, memory_format) == expected, shape
 
 
 # ---------------------------------------------------------------- 10. argument types

@@ -31,6 +31,8 @@ class ConvTransposeArgs:
     dilation: tuple[int, ...]
     groups: int
     output_shape: tuple[int, ...]
+    output_format: torch.memory_format  # as aten lays out its output (``output_memory_format``)
+    output_strides: tuple[int, ...]  # the strides of that layout (``format_strides``)
 
 
 def ntuple(value: int | Sequence[int], rank: int, name: str, op: str) -> tuple[int, ...]:
@@ -73,10 +75,13 @@ def check_conv_transpose(
     rank: int,
     op: str,
 ) -> ConvTransposeArgs:
-    """Check every argument of a transposed convolution; ``input`` is batched here."""
-    _check_tensors(input, weight, bias, op)
-    return _check_geometry(input.shape, weight.shape, None if bias is None else bias.shape, _hashable(stride),
-                           _hashable(padding), _hashable(output_padding), groups, _hashable(dilation), rank, op)
+    """Check every argument of a transposed convolution (``input`` is batched here), and
+    size and lay out its output.  What is checked depends on the tensors' shapes, strides,
+    dtypes and devices and on the integer arguments only, so each class of calls is
+    checked once: a repeated call costs one lookup."""
+    return _check(input.shape, input.stride(), input.dtype, input.device, weight.shape, weight.stride(), weight.dtype,
+                  weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device), _hashable(stride),
+                  _hashable(padding), _hashable(output_padding), groups, _hashable(dilation), rank, op)
 
 
 def _hashable(value):
@@ -100,10 +105,19 @@ def _cached(function):
 
 
 @_cached
-def _check_geometry(input_shape, weight_shape, bias_shape, stride, padding, output_padding, groups, dilation,
-                    rank: int, op: str) -> ConvTransposeArgs:
-    """The shape and integer checks of ``check_conv_transpose``, cached (a call that
-    raises is not)."""
+def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strides, weight_dtype, weight_device, bias,
+           stride, padding, output_padding, groups, dilation, rank: int, op: str) -> ConvTransposeArgs:
+    """``check_conv_transpose`` on the tensors' metadata (``bias``: its shape, dtype and
+    device, or None), cached (a call that raises is not)."""
+    for name, (t_dtype, t_device) in (("input", (dtype, device)), ("weight", (weight_dtype, weight_device)),
+                                      *((("bias", bias[1:]),) if bias is not None else ())):
+        if t_dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"{op}: {name} has dtype {t_dtype}; supported dtypes are float16, bfloat16, float32 and float64")
+        if t_dtype != dtype:
+            raise RuntimeError(f"{op}: expected {name} to have the input's dtype {dtype}, but got {t_dtype}")
+        if t_device != device:
+            raise RuntimeError(f"{op}: expected {name} to be on the input's device {device}, but got {t_device}")
+    bias_shape = None if bias is None else bias[0]
     if len(weight_shape) != rank + 2:
         raise RuntimeError(
             f"{op}: expected weight to be {rank + 2}-D [C_in, C_out/groups, *kernel_size], "
@@ -159,7 +173,28 @@ def _check_geometry(input_shape, weight_shape, bias_shape, stride, padding, outp
             f"{list(stride)}, padding {list(padding)}, dilation {list(dilation)}, output_padding "
             f"{list(output_padding)} gives {out_spatial}"
         )
-    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, (n, c_out, *out_spatial))
+    output_shape = (n, c_out, *out_spatial)
+    output_format = _output_memory_format(input_shape, input_strides, weight_shape, weight_strides,
+                                          dtype == torch.float64, device.type == "cuda")
+    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, output_shape, output_format,
+                             format_strides(output_shape, output_format))
+
+
+@_cached
+def format_strides(shape, memory_format: torch.memory_format) -> tuple:
+    """The strides of a new tensor of ``shape`` in ``memory_format``, as ``torch.empty``
+    gives them (``channels_last`` for a 3-D shape puts the channels innermost, as
+    ``ops.empty_in_format`` lays it out: a contiguous ``[N, W, C]`` tensor, permuted)."""
+    dims = len(shape)
+    contiguous = memory_format == torch.contiguous_format
+    order = (range(dims - 1, -1, -1) if contiguous
+             else (1, *range(dims - 1, 1, -1), 0))  # innermost first: the channels, the spatial axes, the batch
+    clamped = contiguous or dims == 3  # (a contiguous layout counts an empty axis as size 1; aten's channels-last does not)
+    strides, step = [0] * dims, 1
+    for axis in order:
+        strides[axis] = step
+        step = step * (torch.sym_max(shape[axis], 1) if clamped else shape[axis])
+    return tuple(strides)
 
 
 # The positions of the integer arguments in the functional signature
@@ -208,16 +243,6 @@ def check_tensor_types(input, weight, bias, op: str) -> None:
     for name, t in (("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor, but got {type(t).__name__}")
-
-
-def _check_tensors(input, weight, bias, op: str) -> None:
-    for name, t in (("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise RuntimeError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32 and float64")
-        if t.dtype != input.dtype:
-            raise RuntimeError(f"{op}: expected {name} to have the input's dtype {input.dtype}, but got {t.dtype}")
-        if t.device != input.device:
-            raise RuntimeError(f"{op}: expected {name} to be on the input's device {input.device}, but got {t.device}")
 
 
 def strides_like_channels_last(sizes, strides) -> bool:

@@ -46,7 +46,7 @@ def _naive(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_paddi
 def _naive_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
                 dilation=(1, 1)):
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, None, None)
-    out = empty_in_format(call.args.output_shape, call.x, output_memory_format(call.x, weight))
+    out = empty_in_format(call.args.output_shape, call.x, call.args.output_format)
     return out.squeeze(0) if call.unbatched else out
 
 

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import strides_like_channels_last, output_memory_format
+from .arguments import ConvTransposeArgs, strides_like_channels_last
 from .autograd import backward_conv_transpose, setup_conv_transpose, transforms_active, transposed_conv
 from .functional import parse_arguments
 from .ops import conv_transpose_into, empty_in_format, prepare
 
 
-def _concatenation_format(up_shape: tuple, up_format: torch.memory_format, skip: torch.Tensor) -> torch.memory_format:
-    """The memory format ``torch.cat`` gives the convolution's output (``up_shape``, laid
-    out as ``up_format``) and ``skip``: channels-last where both have channels-last
-    strides (as aten's ``suggest_memory_format`` decides it), contiguous otherwise."""
-    if len(up_shape) not in (4, 5) or up_format == torch.contiguous_format:
+def _concatenation_format(up: ConvTransposeArgs, skip: torch.Tensor) -> torch.memory_format:
+    """The memory format ``torch.cat`` gives the convolution's output (its checked
+    arguments ``up`` hold its shape and layout) and ``skip``: channels-last where both
+    have channels-last strides (as aten's ``suggest_memory_format`` decides it),
+    contiguous otherwise."""
+    if len(up.output_shape) not in (4, 5) or up.output_format == torch.contiguous_format:
         return torch.contiguous_format
-    up_strides = torch.empty(up_shape, device="meta", memory_format=up_format).stride()
-    both = strides_like_channels_last(up_shape, up_strides) and strides_like_channels_last(skip.shape, skip.stride())
-    return up_format if both else torch.contiguous_format
+    both = (strides_like_channels_last(up.output_shape, up.output_strides)
+            and strides_like_channels_last(skip.shape, skip.stride()))
+    return up.output_format if both else torch.contiguous_format
 
 
 class _ConcatTransposed(torch.autograd.Function):
@@ -37,9 +38,10 @@ class _ConcatTransposed(torch.autograd.Function):
     def forward(ctx, input, skip, weight, bias, stride, padding, output_padding, groups, dilation, activation,
                 slope):
         inputs = (input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, None)
-        up_shape = prepare(*inputs[:8], activation, None).args.output_shape
+        up = prepare(*inputs[:8], activation, None).args
+        up_shape = up.output_shape
         buffer = empty_in_format((up_shape[0], up_shape[1] + skip.shape[1], *up_shape[2:]), input,
-                        _concatenation_format(up_shape, output_memory_format(input, weight), skip))
+                                 _concatenation_format(up, skip))
         conv_transpose_into(buffer[:, :up_shape[1]], *inputs)
         buffer[:, up_shape[1]:].copy_(skip)
         setup_conv_transpose(ctx, inputs, buffer)

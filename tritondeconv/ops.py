@@ -30,7 +30,7 @@ import contextlib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -39,6 +39,7 @@ from .arguments import (
     ConvTransposeArgs,
     as_batched,
     check_conv_transpose,
+    format_strides,
     output_memory_format,
 )
 from .kernels import launcher
@@ -119,14 +120,17 @@ def _computed(op: str, device: torch.device, kernels, aten, call: tuple = ()) ->
         return aten()
 
 
-def _allow_tf32() -> bool:
-    """Whether fp32 products may round to TF32, decided as aten's convolution decides it:
+def _allow_tf32(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether products of ``dtype`` tensors may round to TF32: never but for float32,
+    and for float32 as aten's convolution decides it:
     the precision set for cuDNN convolutions (``torch.backends.cudnn.conv.fp32_precision``),
     where that is "none" the one set for cuDNN as a whole, then the global one
     (``torch.backends.fp32_precision``); TF32 only where the first that is set says
     "tf32".  The legacy ``torch.backends.cudnn.allow_tf32`` writes the convolution's
     setting, so it is honoured too; its getter is never called (it raises once the two
     APIs have been mixed)."""
+    if dtype != torch.float32:
+        return False
     for backend, operation in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
         precision = torch._C._get_fp32_precision_getter(backend, operation)
         if precision != "none":
@@ -136,26 +140,23 @@ def _allow_tf32() -> bool:
 
 def empty_in_format(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """A new tensor of ``shape`` in ``like``'s dtype and device and in ``memory_format``
-    (every tensor the ops return is allocated here, and filled if
+    (every tensor the ops return is allocated here or in ``_empty_output``, and filled if
     ``kernels.common.poison_allocations`` asks; ``channels_last`` for a 3-D shape puts
     its channels innermost)."""
-    if len(shape) == 3 and memory_format == torch.channels_last:
-        n, c, w = shape
-        return allocated(torch.empty((n, w, c), dtype=like.dtype, device=like.device).permute(0, 2, 1))
-    return allocated(torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format))
+    return allocated(like.new_empty_strided(shape, format_strides(tuple(shape), memory_format)))
 
 
-def _empty_output(x: torch.Tensor, weight: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
-    """The output of a transposed convolution of batched ``x`` by ``weight``, laid out as
-    aten lays out its output (``arguments.output_memory_format``)."""
-    return empty_in_format(args.output_shape, x, output_memory_format(x, weight))
+def _empty_output(x: torch.Tensor, args: ConvTransposeArgs) -> torch.Tensor:
+    """The output of a transposed convolution of batched ``x``, laid out as aten lays out
+    its output (the checked ``args`` hold its shape and strides)."""
+    return allocated(x.new_empty_strided(args.output_shape, args.output_strides))
 
 
 def _as_aten_would(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """aten's own result, in the memory format our fake implementation promises (aten's
     CPU backends sometimes pick another layout by heuristics of their own)."""
     memory_format = output_memory_format(x, weight)
-    if out.stride() == empty_in_format(out.shape, out.to("meta"), memory_format).stride():  # (strides without allocating)
+    if out.stride() == format_strides(tuple(out.shape), memory_format):
         return out
     return empty_in_format(out.shape, out, memory_format).copy_(out)
 
@@ -206,8 +207,7 @@ LIBRARY.define(
 )
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One checked call of the op: the batched input and residual, the normalised
     arguments, whether the input was unbatched, and the name errors are reported under."""
 
@@ -218,12 +218,15 @@ class Call:
     name: str
 
 
+_NAMES = {rank: f"conv_transpose{rank}d" for rank in (1, 2, 3)}  # the name errors are reported under, by rank
+
+
 def prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual) -> Call:
     """Check every argument of ``conv_transpose`` (the implementation and the fake share
     this step); the rank is the length of ``stride``."""
     rank = len(stride)
-    name = f"conv_transpose{rank}d"
-    if rank not in (1, 2, 3):
+    name = _NAMES.get(rank)
+    if name is None:
         raise RuntimeError(f"conv_transpose: expected stride to have 1, 2 or 3 entries (the spatial rank), "
                            f"but got stride={list(stride)}")
     x, unbatched = as_batched(input, rank, name)
@@ -248,11 +251,11 @@ def launch_transposed(x: torch.Tensor, weight: torch.Tensor, bias, args: ConvTra
     ``out`` (batched, any strides) or a new output laid out as aten lays out its own,
     with an optional fused epilogue.  Every rank runs on the kernel's three spatial
     axes, the missing leading ones of size 1."""
-    out = _empty_output(x, weight, args) if out is None else out
+    out = _empty_output(x, args) if out is None else out
     if out.numel() == 0:
         return out
     phase_gemm(out, x, PACKED.get(weight, 1), bias, tuple(stride), args.padding, args.dilation, args.groups,
-               transposed=True, allow_tf32=_allow_tf32(), activation=activation, negative_slope=negative_slope,
+               transposed=True, allow_tf32=_allow_tf32(x.dtype), activation=activation, negative_slope=negative_slope,
                residual=residual)
     return out
 
@@ -330,7 +333,7 @@ def conv_transpose_into(out: torch.Tensor, input, weight, bias, stride, padding,
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
                          negative_slope=0.01, residual=None):
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
-    out = _empty_output(call.x, weight, call.args)
+    out = _empty_output(call.x, call.args)
     return out.squeeze(0) if call.unbatched else out
 
 
@@ -403,7 +406,7 @@ def _input_grad(grad_output, weight, input_size, stride, padding, dilation, grou
 
     def kernels():
         phase_gemm(out, grad_output, PACKED.get(weight, 0), None, tuple(stride), tuple(padding), tuple(dilation),
-                   groups, transposed=False, allow_tf32=_allow_tf32())
+                   groups, transposed=False, allow_tf32=_allow_tf32(grad_output.dtype))
         return out
 
     return _computed("conv_transpose_input_grad", grad_output.device, kernels, aten,
@@ -429,7 +432,7 @@ def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, gro
 
     def kernels():
         return weight_grad(input, grad_output, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
-                           allow_tf32=_allow_tf32())
+                           allow_tf32=_allow_tf32(input.dtype))
 
     return _computed("conv_transpose_weight_grad", input.device, kernels, aten,
                      (input, grad_output, kernel_size, stride, padding, dilation, groups))
