@@ -104,14 +104,14 @@ def simulate_capture() -> Iterator[None]:
         _SIMULATED_CAPTURE.pop()
 
 
-def capturing(device: torch.device | None = None) -> bool:
-    """Whether the current CUDA stream is being captured into a graph (for ``device``, if
-    given: never for a CPU tensor), or ``simulate_capture`` is in force. Nothing can be
-    timed during a capture, and what runs is recorded to replay later."""
+def capturing(tensor: torch.Tensor | None = None) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (for ``tensor``'s
+    work, if given: never for a CPU tensor), or ``simulate_capture`` is in force. Nothing
+    can be timed during a capture, and what runs is recorded to replay later."""
     if _SIMULATED_CAPTURE:
         return True
-    if device is not None and device.type != "cuda":
-        return False
+    if tensor is not None:
+        return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -163,7 +163,8 @@ def observe_launches() -> Iterator[list[Launch]]:
         del _OBSERVERS[next(i for i, o in enumerate(_OBSERVERS) if o is launches)]
 
 
-def notify_launch(kernel: str, constants: dict, dtype: torch.dtype | None = None) -> None:
-    """Called by the launcher after a launch: hands it to every observer."""
+def notify_launch(kernel: str, constants: dict, dtype: torch.dtype | None = None, config: dict | None = None) -> None:
+    """Called by the launcher after a launch (its compile-time ``constants`` and tile
+    ``config``): hands it to every observer."""
     for launches in _OBSERVERS:
-        launches.append(Launch(kernel, dict(constants), dtype))
+        launches.append(Launch(kernel, {**constants, **(config or {})}, dtype))

@@ -70,10 +70,9 @@ class LaunchPlan:
         """The ``Request`` of one call of this class: the kernel's arguments are
         ``tensors`` (its pointers, ``None`` for an absent one), the plan's ``scalars``,
         then ``trailing`` (per-call values, such as the activation's slope)."""
-        args = (*tensors, *self.scalars, *trailing)
-        per_call = (*range(len(tensors)), *range(len(args) - len(trailing), len(args)))
-        return Request(family, kernel, args, self.constants, self.grid, self.key, self.configs, self.problem, device,
-                       output, self.variants, self.compiled, per_call)
+        return Request(family, kernel, (*tensors, *self.scalars, *trailing), self.constants, self.grid, self.key,
+                       self.configs, self.problem, device, output, self.variants, self.compiled, len(tensors),
+                       len(trailing))
 
 
 @dataclass(frozen=True)
@@ -124,8 +123,9 @@ class Request:
     output:    the tensor a launch writes (compared when the tuner checks its winner).
     variants:  the compile-time constants that select the kernel's variants.
     compiled:  the plan's compiled kernels (``LaunchPlan.compiled``; ``None``: none kept).
-    per_call:  the positions in ``args`` that are not the plan's scalars (the tensors and
-               the trailing values): with the configuration, all that can change which
+    pointers, trailing:
+               how many of ``args`` come before the plan's scalars (the tensors) and after
+               them (per-call values): with the configuration, all that can change which
                compiled kernel a launch of the plan runs.
     """
     family: str
@@ -140,7 +140,8 @@ class Request:
     output: torch.Tensor
     variants: tuple = ()
     compiled: dict | None = None
-    per_call: tuple = ()
+    pointers: int = 0
+    trailing: int = 0
 
 
 @dataclass
@@ -264,7 +265,9 @@ COMPILED_PER_PLAN = 64
 
 def _compiled_key(request: Request, config: dict) -> tuple:
     """What, besides the plan, decides which compiled kernel Triton's JIT launches."""
-    return (request.device, *config.items(), *(_specialised(request.args[i]) for i in request.per_call))
+    args = request.args
+    per_call = (*args[:request.pointers], *args[len(args) - request.trailing:])
+    return (request.device, *config.items(), *(_specialised(arg) for arg in per_call))
 
 
 def _specialised(arg) -> tuple:
@@ -297,17 +300,22 @@ def launch(request: Request) -> dict:
     if hooks.choose is not None:
         config = hooks.choose(request, candidates(request, info))
     else:
-        if hooks.compile is not None:
-            compile = functools.partial(hooks.compile, request)
-        else:
-            compile = functools.partial(_compile, request) if request.device.type == "cuda" and hooks.launch is None else None
         key = request.key if hooks.only is None else (*request.key, *hooks.only)
-        config = tuner(request.family, request.kernel).pick(
-            info.name, key, lambda: candidates(request, info),
-            lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock,
-            variants=request.variants)
+        family = tuner(request.family, request.kernel)
+        config = family.chosen(info.name, key)  # (a tuned key: one lookup, nothing built for a first call)
+        if config is None:
+            if hooks.compile is not None:
+                compile = functools.partial(hooks.compile, request)
+            elif request.device.type == "cuda" and hooks.launch is None:
+                compile = functools.partial(_compile, request)
+            else:
+                compile = None
+            config = family.pick(
+                info.name, key, lambda: candidates(request, info),
+                lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock,
+                variants=request.variants)
     _run(request, config, hooks.launch)
-    notify_launch(request.family, {**request.constants, **config}, request.args[0].dtype)
+    notify_launch(request.family, request.constants, request.args[0].dtype, config)
     return config
 
 
@@ -328,16 +336,19 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
         names = [name for name in runs if all((name == constant) == on for constant, on in only if constant in runs)]
         runs = {name: runs[name] for name in names} or runs
         key = (*key, *only)
-    warm: set = set()
-
-    def run(config: dict) -> torch.Tensor:
-        name = config["backend"]
-        if name not in warm:
-            warm.add(name)
-            runs[name]()
-        return runs[name]()
-
     info = hooks.device or _device_info(device)
-    config = tuner(family).pick(info.name, key, lambda: [{"backend": name} for name in runs], run, tune=hooks.tune,
-                                clock=hooks.clock)
+    chooser = tuner(family)
+    config = chooser.chosen(info.name, key)
+    if config is None:
+        warm: set = set()
+
+        def run(config: dict) -> torch.Tensor:
+            name = config["backend"]
+            if name not in warm:
+                warm.add(name)
+                runs[name]()
+            return runs[name]()
+
+        config = chooser.pick(info.name, key, lambda: [{"backend": name} for name in runs], run, tune=hooks.tune,
+                              clock=hooks.clock)
     return config["backend"]

@@ -280,6 +280,12 @@ class Tuner:
         """Forget what this process has tuned (the cache file stays)."""
         self._memo.clear()
 
+    def chosen(self, device_name: str, key: tuple) -> dict | None:
+        """The configuration already chosen for ``key`` (``pick``'s answer on every call
+        after the first), or None: not chosen yet, or none could run (``pick`` says so)."""
+        chosen = self._memo.get((device_name, key))
+        return None if chosen is _NONE_RAN else chosen
+
     def pick(self, device_name: str, key: tuple, candidates: Callable[[], list[dict]],
              launch: Callable[[dict], torch.Tensor | None], tune: bool | None = None,
              compile: Callable[[dict], Compiled | None] | None = None,

@@ -76,11 +76,13 @@ class PackedWeights:
         """``weight`` packed for ``columns`` (``pack``), from the kept copy when it is
         current.  Inside ``trained``, a weight that requires grad is about to change: its
         kept copy is used once more if current, and dropped."""
-        if weight.is_inference() or capturing(weight.device):
+        if weight.is_inference() or capturing(weight):
             return self._pack(weight, columns)
         key = (id(weight), columns)
-        state = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
         keep = not (weight.requires_grad and getattr(self._training, "depth", 0))
+        if not keep and key not in self._entries:  # (the common case in training: nothing kept to drop)
+            return self._pack(weight, columns)
+        state = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
         with self._lock:
             entry = self._entries.get(key) if keep else self._entries.pop(key, None)
             if entry is not None and entry[0]() is weight and entry[1] == state:
