@@ -11,8 +11,9 @@ looks up its race against a channels-last copy of the input), so aten's own call
 mostly host time too.
 Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, one thread:
 
-* the functional API and a module, forward (no grad) and forward+backward, each beside
-  aten's, and their ratio (the targets: forward ≤ 0.5× aten, forward+backward ≤ 0.7×);
+* the functional API and a module, forward (no grad; a module's also under
+  ``torch.inference_mode``) and forward+backward, each beside aten's, and their ratio
+  (the targets: forward ≤ 0.5× aten, forward+backward ≤ 0.7×);
 * the forward's parts: our implementation (checks, planning, tuning lookup, packing,
   allocation), the public function's own layer (argument parsing; on plain tensors it
   reaches our autograd kernel without the dispatcher), the trip through PyTorch's
@@ -94,6 +95,12 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
             fn(xg).sum().backward()
         return run
 
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                return fn(x)
+        return run
+
     # 16 channels of NCHW input: the phase GEMM's launcher looks up its race against a
     # channels-last copy of the input (8 channels take no race).
     x16, w16, b16 = torch.randn(1, 16, 4, 4, device=device), torch.randn(16, 16, 4, 4, device=device), b.repeat(2)
@@ -103,6 +110,7 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
         "functional forward, 16 channels (the input-copy race)": (
             lambda: tritondeconv.conv_transpose2d(x16, w16, b16, 2, 1), lambda: F.conv_transpose2d(x16, w16, b16, 2, 1)),
         "module forward": (lambda: ours_module(x), lambda: aten_module(x)),
+        "module forward under inference_mode": (inference(ours_module), inference(aten_module)),
         "module forward+backward": (backward(ours_module), backward(aten_module)),
     }
     rows = []
