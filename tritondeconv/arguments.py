@@ -239,7 +239,11 @@ def parse_int_argument(value, name: str, op: str):
 
 
 def check_tensor_types(input, weight, bias, op: str) -> None:
-    """TypeError, as PyTorch's functional API raises, for a non-tensor argument."""
+    """TypeError, as PyTorch's functional API raises, for a non-tensor argument (the
+    common case, three tensors, decided first)."""
+    if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and (
+            bias is None or isinstance(bias, torch.Tensor)):
+        return
     for name, t in (("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor, but got {type(t).__name__}")

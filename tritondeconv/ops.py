@@ -55,7 +55,8 @@ def runs_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (see the module docstring;
     also any device while the kernels' launches are replaced through
     ``kernels.launcher.intercept``)."""
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRETING) or launcher.launches_replaced()
+    kind = device.type
+    return kind == "cuda" or (INTERPRETING and kind == "cpu") or launcher.launches_replaced()
 
 
 BACKENDS = ("triton", "auto")
