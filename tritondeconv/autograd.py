@@ -261,23 +261,16 @@ def transposed_conv(x, w, b, stride, padding, output_padding, groups, dilation, 
                     residual=None):
     """``activation(T(x, w) + b) + residual`` (arguments parsed, one entry per spatial
     axis) through the op, or through ``TransposedConv`` under a function transform."""
-    if transforms_active():
-        return TransposedConv.apply(x, w, b, stride, padding, output_padding, groups, dilation, activation, slope,
-                                    residual)
     return _call(ops.conv_transpose.default, (x, w, b, residual), x, w, b, stride, padding, output_padding, groups,
                  dilation, activation, slope, residual)
 
 
 def _input_grad(grad_y, w, input_size, stride, padding, dilation, groups):
-    if transforms_active():
-        return InputGrad.apply(grad_y, w, input_size, stride, padding, dilation, groups)
     return _call(ops.conv_transpose_input_grad.default, (grad_y, w), grad_y, w, input_size, stride, padding, dilation,
                  groups)
 
 
 def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
-    if transforms_active():
-        return WeightGrad.apply(x, grad_y, kernel_size, stride, padding, dilation, groups)
     return _call(ops.conv_transpose_weight_grad.default, (x, grad_y), x, grad_y, kernel_size, stride, padding, dilation,
                  groups)
 
@@ -295,12 +288,15 @@ _PLAIN_CALLS = frozenset(_key_set(*keys) for device in ("CPU", "CUDA")
 
 def _call(op, tensors: tuple, *args):
     """``op(*args)`` (``tensors``: its tensor arguments, None for an absent optional
-    one).  Where the dispatcher would run nothing but the op's autograd kernel (plain
-    CPU or CUDA tensors; no ``__torch_function__``, mode, autocast, tracing, fake tensor
-    or compilation), that kernel's work is done here: the op recorded by its Function
-    where a gradient is wanted, otherwise its implementation, which is where the plain
-    key set sends it (as ``_below_autograd`` calls it).  The same computation, without a
-    trip through the dispatcher."""
+    one), or under a function transform the same through the op's transform-aware
+    Function (``transforms_active``).  Where the dispatcher would run nothing but the
+    op's autograd kernel (plain CPU or CUDA tensors; no ``__torch_function__``, mode,
+    autocast, tracing, fake tensor or compilation), that kernel's work is done here: the
+    op recorded by its Function where a gradient is wanted, otherwise its
+    implementation, which is where the plain key set sends it (as ``_below_autograd``
+    calls it).  The same computation, without a trip through the dispatcher."""
+    if transforms_active():
+        return _TRANSFORM_AWARE[op].apply(*args)
     if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
         keys = torch._C._dispatch_tls_local_include_set().raw_repr()
         for t in tensors:
@@ -447,3 +443,7 @@ InputGrad.__doc__ = "``I(gy, w)``, the input gradient (see the module docstring)
 WeightGrad = _gradient_function("WeightGrad", ops.conv_transpose_weight_grad, _weight_grad, _backward_weight_grad,
                                 _weight_grad_vmap)
 WeightGrad.__doc__ = "``W(x, gy)``, the weight gradient (see the module docstring)."
+
+# Each op's transform-aware Function (taking the op's arguments), for ``_call``.
+_TRANSFORM_AWARE = {ops.conv_transpose.default: TransposedConv, ops.conv_transpose_input_grad.default: InputGrad,
+                    ops.conv_transpose_weight_grad.default: WeightGrad}
