@@ -64,6 +64,9 @@ class LaunchPlan:
     # The kernels compiled for this class, by what else decides Triton's specialisation
     # (see ``run_kernel``): filled by the launches themselves.
     compiled: dict = field(default_factory=dict, compare=False, repr=False)
+    # The races decided for this class's calls (``race``'s answers, kept where the caller
+    # passes this as ``decided``).
+    raced: dict = field(default_factory=dict, compare=False, repr=False)
 
     def request(self, family: str, kernel, tensors: tuple, device: torch.device, output: torch.Tensor,
                 trailing: tuple = ()) -> "Request":
@@ -201,10 +204,16 @@ def tuner(family: str, kernel=None) -> Tuner:
     return _TUNERS[family]
 
 
+# Counts the calls of ``forget_tunings``: an answer ``race`` keeps outside the tuners
+# (in ``decided``) holds only within the count it was decided in.
+_FORGOTTEN = [0]
+
+
 def forget_tunings() -> None:
     """Forget every configuration this process has tuned (the cache file stays)."""
     for t in _TUNERS.values():
         t.forget()
+    _FORGOTTEN[0] += 1
 
 
 def candidates(request: Request, info: DeviceInfo) -> list[dict]:
@@ -320,7 +329,7 @@ def launch(request: Request) -> dict:
 
 
 def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Tensor]],
-         family: str = "backend") -> str:
+         family: str = "backend", decided: dict | None = None) -> str:
     """The name of the fastest of ``runs`` (each computes the same result) for ``key``,
     timed on the key's first call, remembered as a tuning is (as ``family`` in the cache:
     a race run inside another's runs needs a family of its own, since a family tunes one
@@ -329,8 +338,15 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
     tuning is not what gets timed); without tuning, only the default runs.  Hooks
     ``tune`` and ``clock`` apply, and ``only``: a run's name counts as a constant that
     its candidate sets (``(("staged", True),)`` keeps only the run ``"staged"``,
-    ``False`` every other)."""
+    ``False`` every other).  ``decided``: a dict the caller keeps for this one key (a
+    launch plan's ``raced``), where the answer is kept too, so that a repeated call
+    costs a lookup of the device and hooks instead of hashing the whole key."""
     hooks = _hooks()
+    memo = (device, hooks.device, hooks.only)
+    if decided is not None:
+        kept = decided.get(memo)
+        if kept is not None and kept[0] == _FORGOTTEN[0]:
+            return kept[1]
     only = hooks.only
     if only is not None:
         names = [name for name in runs if all((name == constant) == on for constant, on in only if constant in runs)]
@@ -351,4 +367,6 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
 
         config = chooser.pick(info.name, key, lambda: [{"backend": name} for name in runs], run, tune=hooks.tune,
                               clock=hooks.clock)
+    if decided is not None and chooser.chosen(info.name, key) is not None:  # (what the tuner keeps: not a capture's pick)
+        decided[memo] = (_FORGOTTEN[0], config["backend"])
     return config["backend"]

@@ -553,10 +553,12 @@ def phase_gemm(
               tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32,
               activation or "", int64_forced())
 
-    def launch(x: torch.Tensor, x_layout: tuple) -> torch.Tensor:
+    def plan(x: torch.Tensor, x_layout: tuple) -> launcher.LaunchPlan:
         out_layout, weight_layout, *geometry = others
-        plan = plan_launch(out_layout, x_layout, weight_layout, *geometry,
+        return plan_launch(out_layout, x_layout, weight_layout, *geometry,
                            transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
+
+    def launch(x: torch.Tensor, plan: launcher.LaunchPlan) -> torch.Tensor:
         launcher.launch(plan.request(
             "phase_gemm", _phase_gemm_kernel,
             (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
@@ -564,15 +566,18 @@ def phase_gemm(
         return out
 
     x_layout = (x.shape, x.stride())
+    gathered = plan(x, x_layout)
     if not _stages(x_layout, x.element_size(), groups):
-        return launch(x, x_layout)
+        return launch(x, gathered)
 
     def staged() -> torch.Tensor:
         copy = staging.channels_last(x)
-        return launch(copy, (copy.shape, copy.stride()))
+        return launch(copy, plan(copy, (copy.shape, copy.stride())))
 
-    runs = {"gathered": lambda: launch(x, x_layout), "staged": staged}
-    return runs[launcher.race(x.device, (x_layout, *others), runs, family="input_layout")]()
+    runs = {"gathered": lambda: launch(x, gathered), "staged": staged}
+    # (The plan of the input as given is this exact class of calls: it keeps the answer.)
+    winner = launcher.race(x.device, (x_layout, *others), runs, family="input_layout", decided=gathered.raced)
+    return runs[winner]()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -646,6 +646,18 @@ def test_auto_backend_races_aten_per_op_and_remembers(device, first_calls, winne
     assert bool(again) == (winner == "tritondeconv")
 
 
+def _layout_clock(winner: str, timed: list):
+    """A clock under which run ``winner`` (``"staged"``: the one that copies its input)
+    is the faster; it records which run it timed (True: the staged one)."""
+    def clock(run):
+        with observe_launches() as launched:
+            run()
+        staged = input_copies(launched) > 0
+        timed.append(staged)
+        return 0.5 if staged == (winner == "staged") else 1.0
+    return clock
+
+
 @pytest.mark.parametrize("winner", ["staged", "gathered"])
 def test_nchw_input_races_a_channels_last_copy_and_remembers(device, first_calls, winner):
     """On NCHW input with 16 or more channels, a layer's first call times the phase GEMM
@@ -655,15 +667,7 @@ def test_nchw_input_races_a_channels_last_copy_and_remembers(device, first_calls
     w = torch.randn(16, 16, 3, 3, dtype=torch.float64, device=device)
     ref = torch.nn.functional.conv_transpose2d(x, w, None, 2, 1)
     timed = []
-
-    def clock(run):
-        with observe_launches() as launched:
-            run()
-        staged = input_copies(launched) > 0
-        timed.append(staged)
-        return 0.5 if staged == (winner == "staged") else 1.0
-
-    with launcher.intercept(tune=True, clock=clock):
+    with launcher.intercept(tune=True, clock=_layout_clock(winner, timed)):
         out = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
         with observe_launches() as again:
             out2 = tritondeconv.conv_transpose2d(x, w, None, 2, 1)
@@ -673,6 +677,23 @@ def test_nchw_input_races_a_channels_last_copy_and_remembers(device, first_calls
     assert (input_copies(again) > 0) == (winner == "staged")
     entry = tuning.tuning_report()[-1]
     assert (entry.kernel, entry.config) == ("input_layout", {"backend": winner})
+
+
+def test_a_forgotten_race_is_raced_again(device, first_calls, monkeypatch, tmp_path):
+    """``forget_tunings`` forgets the input-layout race too (whose answer the launch
+    plan also keeps): with a cache file that has not seen the layer either, the next
+    call races again, and keeps the new answer."""
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, device=device)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64, device=device)
+    for winner in ("staged", "gathered"):
+        monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path / winner))
+        timed = []
+        with launcher.intercept(tune=True, clock=_layout_clock(winner, timed)):
+            tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+            with observe_launches() as again:
+                tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+        assert sorted(timed) == [False, True] and (input_copies(again) > 0) == (winner == "staged"), winner
+        launcher.forget_tunings()
 
 
 def test_auto_backend_times_a_layer_whose_kernels_race_a_copy(device, first_calls):
