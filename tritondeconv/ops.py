@@ -27,6 +27,7 @@ Where the work runs:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -282,9 +283,9 @@ def _transposed(call: Call, weight, bias, activation, negative_slope, out=None) 
 
     return _computed(
         call.name, x.device,
-        lambda: launch_transposed(x, weight, bias, args, args.stride, activation, negative_slope, r, out), aten,
-        (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation, activation,
-         negative_slope, r),
+        functools.partial(launch_transposed, x, weight, bias, args, args.stride, activation, negative_slope, r, out),
+        aten, (x, weight, bias, args.stride, args.padding, args.output_padding, args.groups, args.dilation, activation,
+               negative_slope, r),
     )
 
 
