@@ -225,3 +225,7 @@ def test_the_short_cut_computes_what_the_op_computes(device):
             ours = tritondeconv.conv_transpose2d(*args, 2, 1, 1, 2)
             via_op = torch.ops.tritondeconv.conv_transpose2d(*args, [2, 2], [1, 1], [1, 1], 2, [1, 1])
             assert ours.is_inference() and torch.equal(ours, via_op), f"seed {seed}"
+    with torch._C._AutoDispatchBelowAutograd():  # autograd excluded, grad mode on: nothing is recorded
+        ours = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
+        via_op = torch.ops.tritondeconv.conv_transpose2d(x, w, b, [2, 2], [1, 1], [1, 1], 2, [1, 1])
+    assert ours.grad_fn is None and via_op.grad_fn is None and torch.equal(ours, via_op), f"seed {seed}"

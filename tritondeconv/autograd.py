@@ -276,14 +276,14 @@ def _weight_grad(x, grad_y, kernel_size, stride, padding, dilation, groups):
 
 
 # The dispatch key sets of a call on plain tensors with nothing active around it but
-# (perhaps) no_grad or inference_mode: the dispatcher then runs the op's autograd kernel
-# (or, in inference mode, which excludes autograd, the implementation) and nothing
-# else.  In inference mode a normal tensor keeps its ADInplaceOrView key (a fallthrough
-# for our ops); an inference tensor has none.
-_PLAIN_CALLS = frozenset(_key_set(*keys) for device in ("CPU", "CUDA")
-                         for keys in ((device, "BackendSelect", "ADInplaceOrView", f"Autograd{device}"),
-                                      (device, "BackendSelect", "ADInplaceOrView"),
-                                      (device, "BackendSelect")))
+# (perhaps) no_grad or inference_mode, and whether autograd is among them: the
+# dispatcher then runs the op's autograd kernel, or where autograd is excluded (inference
+# mode) the implementation, and nothing else.  There a normal tensor keeps its
+# ADInplaceOrView key (a fallthrough for our ops); an inference tensor has none.
+_PLAIN_CALLS = {_key_set(*keys): autograd for device in ("CPU", "CUDA")
+                for keys, autograd in (((device, "BackendSelect", "ADInplaceOrView", f"Autograd{device}"), True),
+                                       ((device, "BackendSelect", "ADInplaceOrView"), False),
+                                       ((device, "BackendSelect"), False))}
 
 
 def _call(op, tensors: tuple, *args):
@@ -303,8 +303,9 @@ def _call(op, tensors: tuple, *args):
             if t is not None:
                 keys |= torch._C._dispatch_keys(t).raw_repr()
         keys &= _BACKEND_BITS | ~torch._C._dispatch_tls_local_exclude_set().raw_repr()
-        if keys in _PLAIN_CALLS:
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        autograd = _PLAIN_CALLS.get(keys)
+        if autograd is not None:
+            if autograd and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
                 # ``Function.apply`` without its Python wrapper, whose work (binding
                 # default arguments, unwrapping functorch's dead wrappers) has nothing to
                 # do on plain tensors with no transform active.
