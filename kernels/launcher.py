@@ -64,8 +64,10 @@ class LaunchPlan:
     # The kernels compiled for this class, by what else decides Triton's specialisation
     # (see ``run_kernel``): filled by the launches themselves.
     compiled: dict = field(default_factory=dict, compare=False, repr=False)
-    # The races decided for this class's calls (``race``'s answers, kept where the caller
-    # passes this as ``decided``).
+    # The configurations chosen for this class's launches, by device and hooks (``launch``
+    # keeps the tuner's answers here), and the races decided for its calls (``race``'s
+    # answers, kept where the caller passes this as ``decided``).
+    tuned: dict = field(default_factory=dict, compare=False, repr=False)
     raced: dict = field(default_factory=dict, compare=False, repr=False)
 
     def request(self, family: str, kernel, tensors: tuple, device: torch.device, output: torch.Tensor,
@@ -75,7 +77,7 @@ class LaunchPlan:
         then ``trailing`` (per-call values, such as the activation's slope)."""
         return Request(family, kernel, (*tensors, *self.scalars, *trailing), self.constants, self.grid, self.key,
                        self.configs, self.problem, device, output, self.variants, self.compiled, len(tensors),
-                       len(trailing))
+                       len(trailing), self.tuned)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ H100 = DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132, capabi
 
 
 @functools.lru_cache(maxsize=None)
-def _device_info(device: torch.device) -> DeviceInfo:
+def _described(device: torch.device) -> DeviceInfo:
+    """``device`` as tuning sees it (``device_info`` without the hook)."""
     if device.type != "cuda":
         return DeviceInfo(device.type)
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -130,6 +133,7 @@ class Request:
                how many of ``args`` come before the plan's scalars (the tensors) and after
                them (per-call values): with the configuration, all that can change which
                compiled kernel a launch of the plan runs.
+    tuned:     the plan's chosen configurations (``LaunchPlan.tuned``; ``None``: none kept).
     """
     family: str
     kernel: object
@@ -145,6 +149,7 @@ class Request:
     compiled: dict | None = None
     pointers: int = 0
     trailing: int = 0
+    tuned: dict | None = None
 
 
 @dataclass
@@ -190,8 +195,10 @@ def launches_replaced() -> bool:
     return _hook("launch") is not None
 
 
-def device_info(device: torch.device) -> DeviceInfo:
-    return _hook("device") or _device_info(device)
+def device_info(device: torch.device, hooks: _Hooks | None = None) -> DeviceInfo:
+    """``device`` as tuning sees it, or the ``device`` hook's description where one is in
+    force (``hooks``: the hooks in force, where the caller has read them already)."""
+    return (hooks or _hooks()).device or _described(device)
 
 
 _TUNERS: dict[str, Tuner] = {}
@@ -204,8 +211,8 @@ def tuner(family: str, kernel=None) -> Tuner:
     return _TUNERS[family]
 
 
-# Counts the calls of ``forget_tunings``: an answer ``race`` keeps outside the tuners
-# (in ``decided``) holds only within the count it was decided in.
+# Counts the calls of ``forget_tunings``: an answer kept outside the tuners (a launch
+# plan's ``tuned`` and ``raced``) holds only within the count it was decided in.
 _FORGOTTEN = [0]
 
 
@@ -214,6 +221,21 @@ def forget_tunings() -> None:
     for t in _TUNERS.values():
         t.forget()
     _FORGOTTEN[0] += 1
+
+
+def _kept(answers: dict | None, hooks: _Hooks, device: torch.device):
+    """The answer kept in ``answers`` (a plan's ``tuned`` or ``raced``) for this device
+    and these hooks since the last ``forget_tunings``, or None.  A repeated call of a
+    class costs this small lookup instead of the tuner's, which hashes the whole key."""
+    kept = answers.get((device, hooks.device, hooks.only)) if answers is not None else None
+    return kept[1] if kept is not None and kept[0] == _FORGOTTEN[0] else None
+
+
+def _keep(answers: dict | None, hooks: _Hooks, device: torch.device, answer) -> None:
+    """Keep ``answer`` in ``answers`` (see ``_kept``); the caller has checked that the
+    tuner keeps it too (a capture's untimed pick is not kept)."""
+    if answers is not None:
+        answers[(device, hooks.device, hooks.only)] = (_FORGOTTEN[0], answer)
 
 
 def candidates(request: Request, info: DeviceInfo) -> list[dict]:
@@ -301,28 +323,37 @@ def _compile(request: Request, config: dict) -> Compiled | None:
     return Compiled(kernel.n_regs, kernel.n_spills, kernel.metadata.shared)
 
 
+def _tuned(request: Request, hooks: _Hooks) -> dict:
+    """The tuner's configuration for the request (on its key's first call: tuned), kept
+    in the plan's ``tuned`` too where the tuner keeps it."""
+    info = device_info(request.device, hooks)
+    key = request.key if hooks.only is None else (*request.key, *hooks.only)
+    family = tuner(request.family, request.kernel)
+    config = family.chosen(info.name, key)  # (a tuned key: one lookup, nothing built for a first call)
+    if config is None:
+        if hooks.compile is not None:
+            compile = functools.partial(hooks.compile, request)
+        elif request.device.type == "cuda" and hooks.launch is None:
+            compile = functools.partial(_compile, request)
+        else:
+            compile = None
+        config = family.pick(
+            info.name, key, lambda: candidates(request, info),
+            lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock,
+            variants=request.variants)
+    if family.chosen(info.name, key) is not None:
+        _keep(request.tuned, hooks, request.device, config)
+    return config
+
+
 def launch(request: Request) -> dict:
     """Choose the request's configuration (on a key's first call: tune it), launch it,
     and report the launch to the observers; the configuration."""
     hooks = _hooks()
-    info = hooks.device or _device_info(request.device)
     if hooks.choose is not None:
-        config = hooks.choose(request, candidates(request, info))
+        config = hooks.choose(request, candidates(request, device_info(request.device, hooks)))
     else:
-        key = request.key if hooks.only is None else (*request.key, *hooks.only)
-        family = tuner(request.family, request.kernel)
-        config = family.chosen(info.name, key)  # (a tuned key: one lookup, nothing built for a first call)
-        if config is None:
-            if hooks.compile is not None:
-                compile = functools.partial(hooks.compile, request)
-            elif request.device.type == "cuda" and hooks.launch is None:
-                compile = functools.partial(_compile, request)
-            else:
-                compile = None
-            config = family.pick(
-                info.name, key, lambda: candidates(request, info),
-                lambda config: _run(request, config, hooks.launch), tune=hooks.tune, compile=compile, clock=hooks.clock,
-                variants=request.variants)
+        config = _kept(request.tuned, hooks, request.device) or _tuned(request, hooks)
     _run(request, config, hooks.launch)
     notify_launch(request.family, request.constants, request.args[0].dtype, config)
     return config
@@ -342,17 +373,15 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
     launch plan's ``raced``), where the answer is kept too, so that a repeated call
     costs a lookup of the device and hooks instead of hashing the whole key."""
     hooks = _hooks()
-    memo = (device, hooks.device, hooks.only)
-    if decided is not None:
-        kept = decided.get(memo)
-        if kept is not None and kept[0] == _FORGOTTEN[0]:
-            return kept[1]
+    kept = _kept(decided, hooks, device)
+    if kept is not None:
+        return kept
     only = hooks.only
     if only is not None:
         names = [name for name in runs if all((name == constant) == on for constant, on in only if constant in runs)]
         runs = {name: runs[name] for name in names} or runs
         key = (*key, *only)
-    info = hooks.device or _device_info(device)
+    info = device_info(device, hooks)
     chooser = tuner(family)
     config = chooser.chosen(info.name, key)
     if config is None:
@@ -367,6 +396,6 @@ def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Te
 
         config = chooser.pick(info.name, key, lambda: [{"backend": name} for name in runs], run, tune=hooks.tune,
                               clock=hooks.clock)
-    if decided is not None and chooser.chosen(info.name, key) is not None:  # (what the tuner keeps: not a capture's pick)
-        decided[memo] = (_FORGOTTEN[0], config["backend"])
+    if chooser.chosen(info.name, key) is not None:
+        _keep(decided, hooks, device, config["backend"])
     return config["backend"]

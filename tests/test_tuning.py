@@ -591,6 +591,24 @@ def test_a_first_call_tunes_through_the_seam_and_remembers(device, first_calls):
     assert _fma(launched[-1][1]) and len(launched) == tuned + 1  # the second call: one launch, nothing timed
 
 
+@pytest.mark.fma_only("the fake clock makes the FMA tile win one of the tunings")
+def test_a_forgotten_tuning_is_tuned_again(device, first_calls, monkeypatch, tmp_path):
+    """``forget_tunings`` forgets a layer's configuration everywhere it is kept (the
+    launch plan keeps it too): with a cache file that has not seen the layer either, the
+    next call tunes again and keeps the new winner."""
+    x, w, ref = _narrow_layer(device)
+    for fma_wins in (True, False):
+        monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path / str(fma_wins)))
+        launched = []
+        clock = lambda run: (run(), 0.5 if _fma(launched[-1][1]) == fma_wins else 1.0)[1]  # noqa: E731
+        with launcher.intercept(tune=True, clock=clock, launch=_recording_launches(launched)):
+            tritondeconv.conv_transpose2d(x, w, None, 2, 1)
+            tuned = len(launched)
+            assert_close(tritondeconv.conv_transpose2d(x, w, None, 2, 1), ref, "float64", 0)
+        assert tuned > 2 and len(launched) == tuned + 1 and _fma(launched[-1][1]) == fma_wins, fma_wins
+        launcher.forget_tunings()
+
+
 def test_a_kernel_that_disagrees_is_caught_by_the_first_tuning(device, first_calls, caplog):
     """Fault injection: the FMA tile (timed fastest) corrupts one output element; the
     winner check keeps the tensor-core tile, and the result is right."""
