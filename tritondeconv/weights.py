@@ -70,7 +70,7 @@ class PackedWeights:
         self.copies = 0
         self._entries: OrderedDict[tuple[int, int], tuple[weakref.ref, tuple, torch.Tensor | None]] = OrderedDict()
         self._lock = threading.RLock()  # re-entrant: a weight may die (and drop its entry) while the lock is held
-        self._training = threading.local()
+        self._training = _Depth()
 
     def get(self, weight: torch.Tensor, columns: int) -> torch.Tensor:
         """``weight`` packed for ``columns`` (``pack``), from the kept copy when it is
@@ -79,7 +79,7 @@ class PackedWeights:
         if weight.is_inference() or capturing(weight):
             return self._pack(weight, columns)
         key = (id(weight), columns)
-        keep = not (weight.requires_grad and getattr(self._training, "depth", 0))
+        keep = not (weight.requires_grad and self._training.depth)
         if not keep and key not in self._entries:  # (the common case in training: nothing kept to drop)
             return self._pack(weight, columns)
         state = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
@@ -135,14 +135,21 @@ class PackedWeights:
                 del self._entries[key]
 
 
+class _Depth(threading.local):
+    """A per-thread nesting depth, 0 in a thread that never entered (a class default:
+    reading it raises nothing, unlike ``getattr`` with a default on a plain
+    ``threading.local``, whose miss costs an exception on every call)."""
+    depth = 0
+
+
 class _Trained:
     """``PackedWeights.trained``: a per-thread depth, so that contexts nest."""
 
-    def __init__(self, state: threading.local):
+    def __init__(self, state: _Depth):
         self._state = state
 
     def __enter__(self) -> None:
-        self._state.depth = getattr(self._state, "depth", 0) + 1
+        self._state.depth += 1
 
     def __exit__(self, *exc) -> None:
         self._state.depth -= 1
