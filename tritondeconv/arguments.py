@@ -189,8 +189,14 @@ def format_strides(shape, memory_format: torch.memory_format) -> tuple:
     contiguous = memory_format == torch.contiguous_format
     order = (range(dims - 1, -1, -1) if contiguous
              else (1, *range(dims - 1, 1, -1), 0))  # innermost first: the channels, the spatial axes, the batch
-    clamped = contiguous or dims == 3  # (a contiguous layout counts an empty axis as size 1; aten's channels-last does not)
-    strides, step = [0] * dims, 1
+    # (A contiguous layout counts an empty axis as size 1; aten's channels-last does not.)
+    return strides_in_order(shape, order, clamped=contiguous or dims == 3)
+
+
+def strides_in_order(shape, order, clamped: bool = False) -> tuple:
+    """The strides of a dense tensor of ``shape`` whose axes lie in memory in ``order``
+    (innermost first); ``clamped``: an empty axis steps as one of size 1."""
+    strides, step = [0] * len(shape), 1
     for axis in order:
         strides[axis] = step
         step = step * (torch.sym_max(shape[axis], 1) if clamped else shape[axis])

@@ -33,6 +33,7 @@ from collections import OrderedDict
 
 import torch
 
+from .arguments import strides_in_order
 from .kernels.common import capturing
 
 CAPACITY = 256  # weights whose packed copies are kept
@@ -43,11 +44,7 @@ def packed_strides(shape: tuple, columns: int) -> tuple:
     """The strides of a weight of ``shape`` ``[C_in, C_out/g, *k]`` packed for
     ``columns``: the taps outermost (in order), then the other channel axis, then axis
     ``columns`` with stride 1."""
-    order = [*range(2, len(shape)), 1 - columns, columns]  # outermost first
-    strides, step = [0] * len(shape), 1
-    for axis in reversed(order):
-        strides[axis], step = step, step * shape[axis]
-    return tuple(strides)
+    return strides_in_order(shape, (columns, 1 - columns, *range(len(shape) - 1, 1, -1)))
 
 
 def pack(weight: torch.Tensor, columns: int) -> torch.Tensor:
