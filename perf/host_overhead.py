@@ -21,6 +21,10 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   (Triton binding the kernel's arguments and the driver call: the implementation with
   the real launch against the no-op one), through Triton's JIT and, with the
   experimental direct launch, straight to the compiled kernel;
+* Triton's JIT per launch on this host, answering as an H100 (sm_90), measurable without
+  a GPU: binding and specialising the forward kernel's arguments and building its cache
+  key, what every launch through the JIT pays before the driver call (the direct launch
+  skips it);
 * the parts of our module's forward+backward: the forward that records the graph, the
   two gradients' implementations alone, and the rest (PyTorch's engine and our
   backward's own Python among it);
@@ -152,6 +156,31 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     return rows
 
 
+def jit_binding(repeat: int) -> tuple[int, float]:
+    """(arguments, µs): the forward's phase-GEMM launch as Triton's JIT prepares it on
+    every call before looking up its compiled kernel (``binder``: binding and
+    specialising each argument; ``compute_cache_key``), for an sm_90 target, timed on
+    this host with the launch's real arguments (taken through the launcher's seam)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    x, w, b = _tensors("cpu")
+    seen = []
+    with launcher.intercept(launch=lambda request, config: seen.append((request, config)), tune=False):
+        tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    request, config = seen[0]
+    kernel = request.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    arguments, options, keys = request.args, {**request.constants, **config, "debug": False}, {}
+
+    def prepare():
+        _, specialisation, compile_options = binder(*arguments, **options)
+        compute_cache_key(keys, specialisation, compile_options)
+
+    return len(arguments), statistics.median(_median_us(prepare, max(1, repeat // 10)) for _ in range(10))
+
+
 def training_parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     """(part, µs) of one forward+backward step of our module: the forward that records
     the graph, each gradient's implementation called alone, and the rest (the loss's
@@ -206,6 +235,16 @@ def profile(repeat: int, device: str, top: int) -> str:
     return text.getvalue()
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name, as the kernel reports it (the machine where no name is found)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000)
@@ -217,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print("host_overhead: --device cuda needs a CUDA GPU; this machine has none (use --device cpu)")
         return 2
     torch.set_num_threads(1)  # tiny tensors: one thread, and no spinning workers to skew the clock
-    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({platform.machine()}, one thread)"
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({_cpu_model()}, one thread)"
     print(f"torch {torch.__version__}, triton {triton.__version__}; {where}; {a.repeat} calls per case; "
           "the launch itself replaced by a no-op")
     print("| call | ours µs | aten µs | ours / aten |")
@@ -229,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- |")
     for name, us in parts(a.repeat, a.device):
         print(f"| {name} | {us:.1f} |")
+    count, us = jit_binding(a.repeat)
+    print(f"| Triton's JIT per launch, before the driver call: binding and specialising the forward kernel's {count} "
+          f"arguments, its cache key (as an H100, sm_90) | {us:.1f} |")
     print()
     print("| part of a module's forward+backward | µs |")
     print("| --- | --- |")
