@@ -161,13 +161,12 @@ def _phase_gemm_kernel(
     N, C_red_g, C_col_g,
     I_D, I_H, I_W, O_D, O_H, O_W,
     sxn, sxc, sxd, sxh, sxw,
-    swr, swc, swg, swd, swh, sww,
+    swr, swc, swd, swh, sww,
     syn, syc, syd, syh, syw,
     srn, src, srd, srh, srw,
-    sbc,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
-    M_MAX, negative_slope,
+    negative_slope,
     TRANSPOSED: tl.constexpr,
     ONE_GEMM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -183,8 +182,10 @@ def _phase_gemm_kernel(
 
     x_ptr:   input ``[N, groups*C_red_g, I_D, I_H, I_W]``, strides ``(sxn, sxc, sxd, sxh, sxw)``.
     w_ptr:   weight; element (reduction channel c, column channel j, tap) of group g at
-             ``g*swg + c*swr + j*swc + kd*swd + kh*swh + kw*sww``.
-    b_ptr:   bias ``[groups*C_col_g]``, stride ``sbc`` (read only when ``HAS_BIAS``).
+             ``g*C_in_g*sw_in + c*swr + j*swc + kd*swd + kh*swh + kw*sww``, where the
+             group's first input channel ``g*C_in_g`` is reduced over (``swr``) when
+             transposed and produced (``swc``) by the direct convolution.
+    b_ptr:   bias ``[groups*C_col_g]``, contiguous (read only when ``HAS_BIAS``).
     y_ptr:   output ``[N, groups*C_col_g, O_D, O_H, O_W]``, strides ``(syn, syc, syd, syh, syw)``.
     r_ptr:   residual, shaped like the output, strides ``(srn, ..., srw)`` (read only when
              ``HAS_RESIDUAL``).
@@ -194,7 +195,6 @@ def _phase_gemm_kernel(
     K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
     G_*:     ``gcd(D, S)`` per axis (transposed only).
     INV_*:   inverse of ``D/G`` modulo ``S/G`` per axis, 0 when ``S/G == 1`` (transposed only).
-    M_MAX:   rows of the largest phase; the grid's row tiles are laid out for it.
     negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     ONE_GEMM: (transposed; the launcher offers it only where every output gathers
@@ -247,15 +247,20 @@ def _phase_gemm_kernel(
         n_cols = C_col_g
     M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
 
-    if TMA_W:
-        # Row tiles are (n, t_d, patch of t_h, patch of t_w), laid out for the largest
-        # phase: ceil(O / S) rows along each axis.
-        rows_d = tl.cdiv(O_D, S_D)
-        patches_h = tl.cdiv(tl.cdiv(O_H, S_H), BLOCK_M // TMA_W)
-        patches_w = tl.cdiv(tl.cdiv(O_W, S_W), TMA_W)
-        num_pid_m = N * rows_d * patches_h * patches_w
+    # The grid's row tiles are laid out for the largest phase: ceil(O / S) rows along
+    # each axis (every output for the direct convolution).
+    if TRANSPOSED:
+        rows_d, rows_h, rows_w = tl.cdiv(O_D, S_D), tl.cdiv(O_H, S_H), tl.cdiv(O_W, S_W)
     else:
-        num_pid_m = tl.cdiv(M if ONE_GEMM else M_MAX, BLOCK_M)
+        rows_d, rows_h, rows_w = O_D, O_H, O_W
+    if TMA_W:  # row tiles (n, t_d, patch of t_h, patch of t_w)
+        patches_h = tl.cdiv(rows_h, BLOCK_M // TMA_W)
+        patches_w = tl.cdiv(rows_w, TMA_W)
+        num_pid_m = N * rows_d * patches_h * patches_w
+    elif ONE_GEMM:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+    else:
+        num_pid_m = tl.cdiv(tl.cast(N, pid.dtype) * rows_d * rows_h * rows_w, BLOCK_M)
 
     # Grouped ordering of (row tile, column tile) for L2 reuse.
     num_pid_n = tl.cdiv(n_cols, BLOCK_N)
@@ -316,7 +321,13 @@ def _phase_gemm_kernel(
         w_tap_cols = 0
 
     x_rows = x_ptr + n * sxn + (group * C_red_g) * sxc
-    w_cols = w_ptr + group * swg + channel * swc + w_tap_cols
+    # The group's weight starts at its first input channel, group * C_in_g: a reduced
+    # channel when transposed, a produced one in the direct convolution.
+    if TRANSPOSED:
+        w_group = group * C_red_g * swr
+    else:
+        w_group = group * C_col_g * swc
+    w_cols = w_ptr + w_group + channel * swc + w_tap_cols
 
     acc_dtype = tl.float64 if OPERAND_DTYPE == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
@@ -377,7 +388,7 @@ def _phase_gemm_kernel(
 
     # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:
-        bias = tl.load(b_ptr + (group * C_col_g + channel) * sbc, mask=mask_n, other=0.0)
+        bias = tl.load(b_ptr + group * C_col_g + channel, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
     acc = activations.apply(acc, ACTIVATION, negative_slope)
 
@@ -403,7 +414,7 @@ def _phase_gemm_kernel(
 
 @functools.lru_cache(maxsize=4096)
 def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,
-                bias_stride: int | None, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
+                has_bias: bool, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
                 dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool,
                 tma: bool = False) -> launcher.LaunchPlan:
     """The launch plan of ``phase_gemm`` for tensors of these layouts (``(shape,
@@ -476,17 +487,15 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
             n, c_red_g, c_col_g,
             *x_shape[2:], *out_shape[2:],
             *x_strides,
-            sw_red, sw_col, c_in_g * sw_in, *w_strides[2:],
+            sw_red, sw_col, *w_strides[2:],
             *out_strides,
             *(residual_strides or out_strides),
-            bias_stride or 0,
             *kernel_size, *stride, *padding, *dilation,
             *(g for g, _ in consts), *(inv for _, inv in consts),
-            m_max,
         ),
         constants=dict(
             TRANSPOSED=transposed,
-            HAS_BIAS=bias_stride is not None,
+            HAS_BIAS=has_bias,
             ACTIVATION=activation,
             HAS_RESIDUAL=residual_strides is not None,
             INT64_INDEX=int64,
@@ -528,7 +537,8 @@ def phase_gemm(
 ) -> torch.Tensor:
     """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
     then, fused into the store, ``activation`` (one of ``activations.ACTIVATIONS``) and ``+ residual``
-    (shaped like ``out``, any strides).
+    (shaped like ``out``, any strides).  ``bias``: ``[C_out]``, any stride (a strided
+    one is read from a contiguous copy).
 
     The tensors have 1 to 3 spatial axes (all the same number), any strides: ``x``
     ``[N, C_x, *spatial]``, ``out`` ``[N, C_out, *spatial']``, ``weight``
@@ -546,10 +556,12 @@ def phase_gemm(
     ``"staged"``).  The race is timed once per exact shape and remembered as a tuning
     (family ``"input_layout"``).
     """
+    if bias is not None and not bias.is_contiguous():  # (the kernel reads it contiguous)
+        bias = bias.contiguous()
     # The plan's arguments but the input's layout, built once: with the input's they key
     # the race too (a key of values already at hand, no more work per call).
     others = ((out.shape, out.stride()), (weight.shape, weight.stride()),
-              None if residual is None else residual.stride(), None if bias is None else bias.stride(0),
+              None if residual is None else residual.stride(), bias is not None,
               tuple(stride), tuple(padding), tuple(dilation), groups, transposed, x.dtype, allow_tf32,
               activation or "", int64_forced())
 
