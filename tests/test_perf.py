@@ -2,6 +2,7 @@
 it checks every method against float64, writes the CSV and table, and plots them, and
 says where the kernels ran."""
 import csv
+import inspect
 import os
 import subprocess
 import sys
@@ -262,6 +263,27 @@ def test_candidates_counts_and_warms_a_stage():
     keys, offered, timed, compiles = map(int, counts.split())
     assert keys > 0 and timed <= 6 * 2 * keys and timed < offered and 0 < compiles <= timed  # (k = s: two variants)
     assert warmed == f"({compiles}, 0) {compiles} True"
+
+
+def test_host_overhead_reports_every_part():
+    """perf/host_overhead.py (the GPU run's smoke stage runs it too) times every call
+    beside aten's and every part, Triton's JIT binding the forward kernel's arguments
+    among them: every runtime argument of the phase GEMM (bound as an sm_90 target
+    would, without a GPU)."""
+    from tritondeconv.kernels.phase_gemm import _phase_gemm_kernel
+
+    run = subprocess.run([sys.executable, str(PERF / "host_overhead.py"), "--repeat", "20"], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")]
+    calls = {row[0]: row[1:] for row in rows if len(row) == 4 and row[0] != "call"}
+    assert len(calls) == 5 and all(float(ours) > 0 and float(aten) > 0 for ours, aten, _ in calls.values())
+    binding = [row for row in rows if row[0].startswith("Triton's JIT per launch")]
+    parameters = inspect.signature(_phase_gemm_kernel.fn).parameters.values()  # (jitted or interpreted)
+    runtime = [p for p in parameters if "constexpr" not in str(p.annotation)]
+    assert len(binding) == 1 and f"the forward kernel's {len(runtime)} arguments" in binding[0][0]
+    assert float(binding[0][1]) > 0
 
 
 def test_plot_figures_read_at_a_glance():
