@@ -50,8 +50,6 @@ STRIDE_KINDS = ["sliced", "offset", "expanded"]
 def test_every_tensor_argument_is_read_through_its_strides(device, rank, argument, kind):
     """Forward and backward read every tensor through its own strides and storage
     offset, zero strides included (a bias expanded from one element, say)."""
-    if argument == "residual" and rank != 2:
-        pytest.skip("the fused residual exists for conv_transpose2d only")
     seed = fresh_seed()
     c_in, c_out, groups = 4, 6, 2
     x = torch.randn(2, c_in, *(3,) * rank, device=device, dtype=torch.float64)
