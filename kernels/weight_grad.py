@@ -83,7 +83,7 @@ def _weight_grad_kernel(
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
-    SPLIT,
+    SPLIT, PIXELS_PER_SPLIT,
     INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -100,8 +100,10 @@ def _weight_grad_kernel(
     N, C_in_g, C_out_g: batch, input and output channels per group.
     I_*, O_*: input and output spatial sizes.
     K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
-    SPLIT:   number of pixel ranges the reduction is split into, of
-             ``ceil(N*I_D*I_H*I_W / SPLIT)`` pixels each (the last one may be shorter).
+    SPLIT:   number of pixel ranges the reduction is split into.
+    PIXELS_PER_SPLIT: pixels (of ``N*I_D*I_H*I_W``) in each range (an argument, though
+             derivable: where Triton sees it divisible by 16, each range's input loads
+             are vectorised and pipelined).
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE, INPUT_PRECISION: as in ``phase_gemm``.
     BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, (tap, output channel) columns,
@@ -149,9 +151,8 @@ def _weight_grad_kernel(
     acc_dtype = tl.float64 if OPERAND_DTYPE == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     pixels = N * I_D * I_H * I_W
-    per_split = tl.cdiv(pixels, SPLIT)
-    start = split * per_split
-    stop = tl.minimum(start + per_split, pixels)
+    start = split * PIXELS_PER_SPLIT
+    stop = tl.minimum(start + PIXELS_PER_SPLIT, pixels)
     for q0 in range(start, stop, BLOCK_K):
         # Pixel q = ((n*I_D + i_d)*I_H + i_h)*I_W + i_w.
         q = q0 + offs_q
@@ -261,7 +262,7 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
             *x_shape[2:], *gy_shape[2:],
             *x_strides, *gy_strides,
             *kernel_size, *stride, *padding, *dilation,
-            split,
+            split, per_split,
         ),
         constants=dict(INT64_INDEX=int64_forced or spans_int64(x_shape, x_strides) or spans_int64(gy_shape, gy_strides)
                        or spans_int64((split * c_in * c_out_g * taps,), (1,)),  # (the gradient or its workspace)
