@@ -197,6 +197,38 @@ def test_tuning_picks_the_fastest_and_persists_it(cache_dir):
     assert data["format"] == tuning.FORMAT and len(data["entries"]) == 1
 
 
+def test_a_tuned_key_never_waits_behind_another_threads_tuning(cache_dir):
+    """While one thread tunes a key (its clock held until released), another thread's
+    launches of a key tuned earlier return at once: the tuner's lock is taken only by a
+    key's first call."""
+    import threading
+
+    tuner = _tuner([])
+    tuned = _pick(tuner, ("tuned", 1))
+    started, release = threading.Event(), threading.Event()
+
+    def held_clock(launch):
+        started.set()
+        assert release.wait(timeout=60)
+        return SPEED[launch()["BLOCK_M"]]
+
+    tuning_thread = threading.Thread(target=lambda: tuner.pick("Fake GPU", ("new", 2), lambda: CANDIDATES, lambda c: c,
+                                                              tune=True, clock=held_clock))
+    tuning_thread.start()
+    try:
+        assert started.wait(timeout=60)  # the other thread is inside its tuning, holding the lock
+        picks = []
+        launcher_thread = threading.Thread(target=lambda: picks.extend(_pick(tuner, ("tuned", 1)) for _ in range(100)))
+        launcher_thread.start()
+        launcher_thread.join(timeout=10)
+        assert not launcher_thread.is_alive() and picks == [tuned] * 100
+        assert tuning_thread.is_alive()  # (still tuning: the launches above did not wait for it)
+    finally:
+        release.set()
+        tuning_thread.join(timeout=60)
+    assert tuner.chosen("Fake GPU", ("new", 2)) == CANDIDATES[1]
+
+
 def test_untuned_pick_is_the_first_candidate_and_writes_nothing(cache_dir):
     timed = []
     assert _tuner(timed).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=False) == CANDIDATES[0]
