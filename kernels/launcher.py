@@ -268,8 +268,9 @@ def run_kernel(request: Request, config: dict) -> None:
     once for this plan goes straight to the compiled kernel the next time: its
     ``CompiledKernel[grid](*arguments)`` takes the same arguments as the JIT passes it
     (every parameter in the signature's order, the compile-time ones included), and
-    skips the JIT's per-call work (specialising ~60 arguments, building its cache key:
-    about 16 µs on this project's CPU machine).  The kernel is reused only where the
+    skips the JIT's per-call work (binding and specialising the phase GEMM's 53
+    arguments, building its cache key: about 14 µs on a CPU host, as
+    ``perf/host_overhead.py`` times it).  The kernel is reused only where the
     JIT would pick the same one: same device and configuration, the same scalars (the
     plan's), and for each per-call argument the same dtype and 16-byte alignment
     (tensors) or type and value (others), which is everything Triton specialises on.
