@@ -237,7 +237,8 @@ def profile(repeat: int, device: str, top: int) -> str:
 
 
 def _cpu_model() -> str:
-    """The host CPU's model name, as the kernel reports it (the machine where no name is found)."""
+    """The host CPU's model name, as the kernel reports it (the architecture's name where
+    it reports none)."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

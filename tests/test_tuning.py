@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -201,8 +202,6 @@ def test_a_tuned_key_never_waits_behind_another_threads_tuning(cache_dir):
     """While one thread tunes a key (its clock held until released), another thread's
     launches of a key tuned earlier return at once: the tuner's lock is taken only by a
     key's first call."""
-    import threading
-
     tuner = _tuner([])
     tuned = _pick(tuner, ("tuned", 1))
     started, release = threading.Event(), threading.Event()
@@ -496,7 +495,7 @@ def test_a_k_equals_s_layer_times_the_best_of_both_variants():
 
 def test_candidates_compile_concurrently_before_any_is_timed(cache_dir):
     events = []
-    together = __import__("threading").Barrier(2, timeout=30)  # two compiles must be under way at once
+    together = threading.Barrier(2, timeout=30)  # two compiles must be under way at once
 
     def compile_(c):
         if c in MANY[:2]:

@@ -49,7 +49,8 @@ STRIDE_KINDS = ["sliced", "offset", "expanded"]
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_every_tensor_argument_is_read_through_its_strides(device, rank, argument, kind):
     """Forward and backward read every tensor through its own strides and storage
-    offset, zero strides included (a bias expanded from one element, say)."""
+    offset, zero strides included (a residual expanded along an axis, say); a bias whose
+    stride is not 1, from a contiguous copy."""
     seed = fresh_seed()
     c_in, c_out, groups = 4, 6, 2
     x = torch.randn(2, c_in, *(3,) * rank, device=device, dtype=torch.float64)
