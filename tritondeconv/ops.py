@@ -26,10 +26,8 @@ Where the work runs:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 import warnings
 from typing import NamedTuple
 
@@ -50,7 +48,7 @@ from .kernels.phase_gemm import phase_gemm
 from .kernels.tuning import NoConfigurationRan
 from .kernels.weight_grad import weight_grad
 from .planner import output_size
-from .weights import PACKED
+from .weights import PACKED, ThreadDepth
 
 def runs_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (see the module docstring;
@@ -166,18 +164,13 @@ def _as_aten_would(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> 
 # ---------------------------------------------------------------- conv_transpose{1,2,3}d
 
 
-_CARRIED = threading.local()  # .depth: how many tritondeconv autograd Functions are running their forward
+_CARRIED = ThreadDepth()  # how many tritondeconv autograd Functions are running their forward
 
 
-@contextlib.contextmanager
-def tangents_carried():
+def tangents_carried() -> ThreadDepth:
     """Marks the ops called in the block as called by a ``torch.autograd.Function`` that
     carries their forward-mode tangents itself (``autograd.TransposedConv`` and kin)."""
-    _CARRIED.depth = getattr(_CARRIED, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _CARRIED.depth -= 1
+    return _CARRIED
 
 
 def _refuse_forward_ad(op: str, *tensors) -> None:
@@ -186,7 +179,7 @@ def _refuse_forward_ad(op: str, *tensors) -> None:
     ``torch.autograd.forward_ad``) must come through the public functions, whose
     Functions carry it.  Called directly inside a forward-AD level, the op cannot tell
     whether ``torch.func.jvp`` unwrapped a tangent away, so it refuses."""
-    if forward_ad._current_level < 0 or getattr(_CARRIED, "depth", 0):
+    if forward_ad._current_level < 0 or _CARRIED.depth:
         return
     if torch._C._is_fwd_grad_enabled() or any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):

@@ -67,7 +67,7 @@ class PackedWeights:
         self.copies = 0
         self._entries: OrderedDict[tuple[int, int], tuple[weakref.ref, tuple, torch.Tensor | None]] = OrderedDict()
         self._lock = threading.RLock()  # re-entrant: a weight may die (and drop its entry) while the lock is held
-        self._training = _Depth()
+        self._training = ThreadDepth()
 
     def get(self, weight: torch.Tensor, columns: int) -> torch.Tensor:
         """``weight`` packed for ``columns`` (``pack``), from the kept copy when it is
@@ -99,10 +99,10 @@ class PackedWeights:
                 self._entries.popitem(last=False)
         return weight if packed.data_ptr() == weight.data_ptr() else packed
 
-    def trained(self) -> "_Trained":
+    def trained(self) -> ThreadDepth:
         """A context in which no copy is kept of a weight that requires grad (autograd's
-        recorded calls and their backward)."""
-        return _Trained(self._training)
+        recorded calls and their backward); contexts nest, per thread."""
+        return self._training
 
     def __len__(self) -> int:
         """How many packed copies (or already-packed weights) are kept."""
@@ -132,24 +132,19 @@ class PackedWeights:
                 del self._entries[key]
 
 
-class _Depth(threading.local):
-    """A per-thread nesting depth, 0 in a thread that never entered (a class default:
-    reading it raises nothing, unlike ``getattr`` with a default on a plain
-    ``threading.local``, whose miss costs an exception on every call)."""
+class ThreadDepth(threading.local):
+    """A per-thread nesting depth and the context that counts it: ``with depth:`` is one
+    level more in this thread for the block; ``depth.depth`` is 0 in a thread that never
+    entered (a class default: reading it raises nothing, where ``getattr`` with a default
+    on a plain ``threading.local`` pays for a caught exception on every miss)."""
+
     depth = 0
 
-
-class _Trained:
-    """``PackedWeights.trained``: a per-thread depth, so that contexts nest."""
-
-    def __init__(self, state: _Depth):
-        self._state = state
-
     def __enter__(self) -> None:
-        self._state.depth += 1
+        self.depth += 1
 
     def __exit__(self, *exc) -> None:
-        self._state.depth -= 1
+        self.depth -= 1
 
 
 PACKED = PackedWeights()
