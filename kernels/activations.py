@@ -53,11 +53,17 @@ ACTIVATIONS = tuple(TABLE)
 @triton.jit
 def apply(v, ACTIVATION: tl.constexpr, negative_slope):
     """``ACTIVATION`` (a name of ``TABLE``, or ``""`` for none) of ``v``, as PyTorch
-    computes it.  The op layer refuses any other name before a launch."""
+    computes it.  The op layer refuses any other name before a launch.
+    ``negative_slope`` (float64) is rounded to ``v``'s dtype first, as PyTorch rounds the
+    scalar to the dtype it computes in (float32 for the half types and float32, float64
+    for float64)."""
     if ACTIVATION == "relu":
         v = tl.maximum(v, 0.0)
     elif ACTIVATION == "leaky_relu":
-        v = tl.where(v > 0, v, v * negative_slope)
+        # (A scalar of v's dtype made from the float as it is: compiled, a cast of the
+        # float64 argument; interpreted, where the float arrives as a Python float, a
+        # constant of that dtype.)
+        v = tl.where(v > 0, v, v * tl.full((), negative_slope, v.dtype))
     elif ACTIVATION == "silu":
         v = v * tl.sigmoid(v)
     elif ACTIVATION == "gelu":

@@ -166,7 +166,7 @@ def _phase_gemm_kernel(
     srn, src, srd, srh, srw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     G_D, G_H, G_W, INV_D, INV_H, INV_W,
-    negative_slope,
+    negative_slope: tl.float64,
     TRANSPOSED: tl.constexpr,
     ONE_GEMM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -195,7 +195,10 @@ def _phase_gemm_kernel(
     K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
     G_*:     ``gcd(D, S)`` per axis (transposed only).
     INV_*:   inverse of ``D/G`` modulo ``S/G`` per axis, 0 when ``S/G == 1`` (transposed only).
-    negative_slope: the slope of ``leaky_relu`` (unused by the other activations).
+    negative_slope: the slope of ``leaky_relu`` (unused by the other activations), passed
+             as a float64 whatever the tensors' dtype (an unannotated Python float would
+             reach the kernel rounded to float32) and rounded in the epilogue to the
+             accumulator's dtype, as PyTorch rounds its scalar to the op's compute type.
     TRANSPOSED: transposed (phase-decomposed) or direct convolution.
     ONE_GEMM: (transposed; the launcher offers it only where every output gathers
              exactly one (input pixel, tap) pair, as with kernel size = stride and no

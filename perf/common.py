@@ -55,6 +55,7 @@ def specialise(kernel, args: tuple, kwargs: dict) -> Launch:
     names = kernel.arg_names
     values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
     constexprs = {p.name for p in kernel.params if p.is_constexpr}
+    annotated = {p.name: p.annotation_type for p in kernel.params if p.annotation_type}
     signature, constants, divisible = {}, {}, []
     for i, name in enumerate(names):
         v = values[name]
@@ -64,7 +65,7 @@ def specialise(kernel, args: tuple, kwargs: dict) -> Launch:
         elif name in constexprs:
             signature[name], constants[name] = "constexpr", v
         elif isinstance(v, float):
-            signature[name] = "fp32"
+            signature[name] = annotated.get(name, "fp32")  # (an unannotated float is an fp32 to the JIT)
         elif v == 1:
             signature[name], constants[name] = "constexpr", 1
         else:
@@ -102,6 +103,14 @@ def hopper_jit():
         yield
     finally:
         driver.set_active(None)  # back to "the machine's own driver, when first asked"
+
+
+def compile_for_hopper(request, config: dict):
+    """One launch (a ``launcher.Request`` and its tile ``config``) compiled by Triton's own
+    JIT for an H100 (sm_90) on this machine, as a GPU's first launch compiles it: the
+    compiled kernel, its IRs in ``.asm``.  Needs ``use_compiler()``."""
+    with hopper_jit():
+        return request.kernel.warmup(*request.args, grid=request.grid, **request.constants, **config)
 
 
 @contextmanager

@@ -130,6 +130,45 @@ def _tile_sides(row: dict) -> tuple:
     return tile_sides(row["kernel"], dict(c.split("=", 1) for c in row["constants"].split()))
 
 
+# Records the launches of a leaky_relu layer's forward and backward in float64 and float32
+# (nothing runs), prints each kernel's float parameters as "family name type" and, per
+# dtype, the type of the phase GEMM's slope in its sm_90 IR and how the IR uses it.
+_FLOAT_SCALARS = """
+import re, sys; sys.path.insert(0, sys.argv[1]); import common; common.use_compiler()
+import torch, tritondeconv
+seen = []
+with common.recording(lambda request, candidates, timed: seen.append((request, candidates[0])), per_key=1):
+    for dtype in (torch.float64, torch.float32):
+        x, w = (torch.randn(shape, dtype=dtype, requires_grad=True) for shape in ((1, 16, 4, 4), (16, 16, 3, 3)))
+        y = tritondeconv.conv_transpose2d(x, w, None, 2, 1, activation="leaky_relu", negative_slope=0.1)
+        torch.autograd.grad(y, (x, w), torch.ones_like(y))
+for request, config in seen:
+    for param, arg in zip(request.kernel.params, request.args):
+        if isinstance(arg, float):
+            print("float", request.family, param.name, param.annotation_type or "unannotated")
+    if request.constants.get("ACTIVATION") == "leaky_relu":
+        ir = common.compile_for_hopper(request, config).asm["ttir"]
+        uses = [line.split("=", 1)[1].split()[0] for line in ir.splitlines() if "%negative_slope " in line]
+        print("ir", str(request.args[0].dtype), re.search(r"%negative_slope: (\\w+)", ir)[1], *uses)
+"""
+
+
+def test_float_scalars_reach_the_compiled_kernel_unrounded():
+    """Every Python float a kernel takes (the activation's slope) is a float64 parameter:
+    an unannotated float reaches a compiled kernel rounded to float32, which the
+    interpreter (exact) never shows.  Compiled for sm_90, the phase GEMM takes the
+    slope as ``f64`` for every dtype, uses it as it is in float64 and rounds it once
+    (``truncf``) in float32, as PyTorch rounds the scalar to the dtype it computes in."""
+    run = subprocess.run([sys.executable, "-c", _FLOAT_SCALARS, str(PERF)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    floats = {tuple(line[1:]) for line in lines if line[0] == "float"}
+    assert floats == {("phase_gemm", "negative_slope", "fp64")}
+    assert sorted(tuple(line[1:]) for line in lines if line[0] == "ir") == [
+        ("torch.float32", "f64", "arith.truncf"), ("torch.float64", "f64", "tt.splat")]
+
+
 def test_quick_launches_compile_for_hopper(tmp_path):
     """Every configuration the tuner offers on two small layers, in both layouts,
     compiles for sm_90 with the installed Triton (no GPU needed) and fits an H100 block,
