@@ -86,3 +86,18 @@ def test_demo_does_not_claim_a_kernel_that_did_not_launch(capsys):
     out = capsys.readouterr().out
     assert "ran: aten fallback: no Triton kernel launched" in out
     assert not RAN_KERNEL.search(out)
+
+
+@pytest.mark.skipif(not tritondeconv.ops.runs_triton(torch.device("cuda" if HAS_CUDA else "cpu")),
+                    reason="the kernels run neither on a GPU nor in the interpreter here")
+def test_demo_fails_when_its_result_is_wrong(capsys):
+    """A kernel that writes a wrong result (here: every launch's output zeroed after the
+    real kernel ran, through the launcher's seam) makes the demo say so and exit 1."""
+    def wrong(request, config):
+        launcher.run_kernel(request, config)
+        request.output.zero_()
+
+    with launcher.intercept(launch=wrong):
+        assert tritondeconv.demo.main() == 1
+    out = capsys.readouterr().out
+    assert "relative error against PyTorch in float64: 1.00e+00" in out and "check: FAILED" in out

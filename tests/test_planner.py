@@ -182,7 +182,8 @@ def test_explain_counts_in_singular_and_plural(capsys):
      "out_channels must be divisible by groups"),
     (["--kernel-size", "3", "3", "--stride", "1", "1", "1"], "--kernel-size needs 1 or 3 values for a 3-D geometry"),
     (["--kernel-size", "5", "--input-size", "1", "--padding", "3"], "output size"),
-], ids=["output_padding", "in_channels", "out_channels", "ranks", "empty output"])
+    (["--kernel-size", "3", "3", "3", "3"], "1, 2 or 3 spatial axes, but a size argument has 4 values"),
+], ids=["output_padding", "in_channels", "out_channels", "ranks", "empty output", "four axes"])
 def test_explain_refuses_what_the_op_refuses(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         explain_main(args)
@@ -213,3 +214,7 @@ def test_explain_plot_legend_colours_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         explain_main(["--kernel-size", "3", "3", "3", "--stride", "2", "--plot", str(tmp_path / "x.png")])
     assert "--plot draws 2-D geometries" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        explain_main(["--kernel-size", "3", "--stride", "2", "--plot", str(tmp_path / "x.txt")])
+    assert exit_.value.code == 2 and "extension names the picture's format, one of" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()

@@ -15,6 +15,7 @@ Triton kernel runs (``python -m tritondeconv.demo`` runs one).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .planner import AxisPlan, Plan, plan
@@ -185,6 +186,19 @@ def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> N
         list(geometry["dilation"]))
 
 
+def _check_plot_file(ap: argparse.ArgumentParser, path: str) -> None:
+    """A usage error, before anything is computed, where ``--plot`` cannot be drawn: no
+    matplotlib, or a file extension it cannot write."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        ap.error('--plot needs matplotlib: pip install -e ".[perf]"')
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        ap.error(f"--plot {path}: the file's extension names the picture's format, one of {', '.join(sorted(formats))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritondeconv.explain", description=__doc__.splitlines()[0])
     ap.add_argument("--kernel-size", "--kernel", type=int, nargs="+", required=True, dest="kernel_size",
@@ -205,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     given = {"input_size": a.input_size, "kernel_size": a.kernel_size, "stride": a.stride, "padding": a.padding,
              "dilation": a.dilation, "output_padding": a.output_padding}
     rank = a.rank or max(2, *(len(v) for v in given.values()))
+    if rank > 3:
+        ap.error(f"a transposed convolution has 1, 2 or 3 spatial axes, but a size argument has {rank} values")
+    if a.plot:
+        _check_plot_file(ap, a.plot)
     try:
         geometry = {name: _per_axis(values, rank, "--" + name.replace("_", "-")) for name, values in given.items()}
         _check_as_the_op_does(rank, a, geometry)
@@ -217,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.plot:
         try:
             draw(p, a.plot, a.batch, a.in_channels, a.out_channels, a.groups)
-        except ImportError:
-            ap.error('--plot needs matplotlib: pip install -e ".[perf]"')
         except OSError as e:
             ap.error(f"--plot cannot write {a.plot}: {e.strerror or e}")
         print(f"wrote {a.plot}")
