@@ -55,6 +55,42 @@ def test_unchanged_model_runs_our_kernels_while_enabled(device):
         assert_close(ours, theirs, "float64", seed)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference tensors"])
+def test_calls_without_autograd_run_our_kernels_while_enabled(device, mode):
+    """Where autograd is skipped (``torch.inference_mode``, inference tensors) or records
+    nothing (``torch.no_grad``), an unchanged model still runs our kernels."""
+    seed = fresh_seed()
+    up = nn.ConvTranspose2d(4, 3, 3, 2, 1, 1).to(device, torch.float64)
+    x = torch.randn(2, 4, 3, 4, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        expected = up(x)
+    with torch.inference_mode() if mode != "no_grad" else torch.no_grad():
+        x = x.clone() if mode == "inference tensors" else x
+        with tritondeconv.enabled(), observe_launches() as launches:
+            out = up(x)
+    assert [launch.kernel for launch in launches] == ["phase_gemm"]
+    assert_close(out, expected, "float64", seed)
+
+
+@pytest.mark.no_kernel("inside a torch.func transform the switch leaves convolutions to aten")
+@pytest.mark.parametrize("transform", ["grad", "jvp", "jacrev", "vmap"])
+def test_function_transforms_over_unchanged_code_work_while_enabled(device, transform):
+    """``torch.func`` transforms of code that calls PyTorch's own transposed convolution
+    give what they give without the switch (aten computes the convolutions inside a
+    transform)."""
+    seed = fresh_seed()
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, device=device, dtype=torch.float64)
+    up = lambda x: torch.nn.functional.conv_transpose2d(x, w, None, 2, 1, 1)  # noqa: E731
+    run = {"grad": lambda: torch.func.grad(lambda x: up(x).square().sum())(x),
+           "jvp": lambda: torch.func.jvp(up, (x,), (torch.ones_like(x),))[1],
+           "jacrev": lambda: torch.func.jacrev(up)(x[:1]),
+           "vmap": lambda: torch.func.vmap(up)(x.unsqueeze(1))}[transform]
+    expected = run()
+    with tritondeconv.enabled():
+        assert_close(run(), expected, "float64", seed)
+
+
 @pytest.mark.no_kernel("checks that nothing of ours runs once the switch is off")
 def test_disable_restores_aten_exactly(device):
     model, inputs = _model(device), _inputs(device)

@@ -1,14 +1,16 @@
 """The global switch: PyTorch's own transposed convolutions, in unchanged model code,
 computed by our kernels.
 
-``enable()`` registers a kernel for ``aten::convolution`` at the autograd dispatch keys
-of the devices where our kernels run (CUDA, and the CPU under ``TRITON_INTERPRET=1``).
+``enable()`` registers a kernel for ``aten::convolution`` at the autograd and backend
+dispatch keys of the devices where our kernels run (CUDA, and the CPU under
+``TRITON_INTERPRET=1``), so that calls under ``torch.inference_mode`` come too.
 Every transposed convolution that reaches it (``F.conv_transpose1d/2d/3d``,
 ``nn.ConvTranspose*d`` of any model, a direct ``torch.ops.aten.convolution`` with
 ``transposed=True``) is computed by ``tritondeconv.conv_transpose{1,2,3}d``, which
 records its own gradients; everything else (ordinary convolutions, unsupported dtypes,
-devices where the kernels do not run, and any convolution our own code calls while it
-runs) goes to ``aten::_convolution``, the op aten's ``convolution`` calls itself, with
+devices where the kernels do not run, any convolution our own code calls while it
+runs, and every convolution inside a ``torch.func`` transform: reached here, below the
+transform's own layer, our transform-aware Functions cannot run) goes to ``aten::_convolution``, the op aten's ``convolution`` calls itself, with
 the flags it would pass: exactly aten's result and gradients, never a re-entry into
 the switch.  ``disable()`` removes the registration, restoring aten's dispatch exactly.
 
@@ -53,7 +55,8 @@ def _convolution(input, weight, bias, stride, padding, dilation, transposed, out
     """The switch's ``aten::convolution``: ours for a transposed convolution we compute,
     aten's otherwise."""
     ours = (transposed and not getattr(_STATE, "inside", False) and 3 <= input.dim() <= 5
-            and input.dim() == weight.dim() and input.dtype in _DTYPES and runs_triton(input.device))
+            and input.dim() == weight.dim() and input.dtype in _DTYPES and runs_triton(input.device)
+            and torch._C._functorch.peek_interpreter_stack() is None)
     if not ours:
         return _aten(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     _STATE.inside = True
@@ -64,7 +67,11 @@ def _convolution(input, weight, bias, stride, padding, dilation, transposed, out
 
 
 def _keys() -> tuple[str, ...]:
-    return ("AutogradCUDA", "AutogradCPU") if INTERPRETING else ("AutogradCUDA",)
+    """The dispatch keys the switch takes ``aten::convolution`` at: each device's autograd
+    key (where it records its own gradients) and its backend key (what a call reaches
+    where autograd is skipped: under ``torch.inference_mode``, or on inference tensors)."""
+    devices = ("CUDA", "CPU") if INTERPRETING else ("CUDA",)
+    return tuple(key for device in devices for key in (f"Autograd{device}", device))
 
 
 def enable() -> None:
