@@ -30,30 +30,39 @@ def _train(model, z, target, steps):
     return torch.tensor(losses, dtype=torch.float64)
 
 
+def _drift(curve: torch.Tensor, exact: torch.Tensor) -> float:
+    """The largest relative difference between a loss curve and the float64 one."""
+    return ((curve - exact).abs() / exact.abs()).max().item()
+
+
 def test_dcgan_generator_trains_like_pytorchs():
     """Same seed, same data, exact fp32 (TF32 off), 300 Adam steps regressing fixed
-    targets from fixed latents.
+    targets from fixed latents; PyTorch's own generator trained in float64 is the exact
+    curve.
 
-    Tolerance: each step's loss may differ by 1e-3 relative.  The two models differ only
-    in the order of fp32 additions (~1e-7 relative per op); Adam's normalisation lets
-    such differences grow over training, but on a smooth regression like this one they
-    should stay orders of magnitude below 1e-3, while a wrong gradient (scale, sign, a missed tap) changes the curve by O(1)
-    within tens of steps, so 1e-3 separates the two cases with margin.  The loss must
-    also fall, so that agreeing curves mean both learned."""
+    Tolerance, calibrated against PyTorch on the device under test: fp32 rounding
+    (~1e-7 relative per op) grows through Adam's normalisation over hundreds of steps,
+    so PyTorch's own fp32 curve drifts from the float64 one (about 2e-2 on an H200).
+    Ours, which differs from PyTorch's fp32 model only in the order of additions, may
+    drift as far, with margin: 4× PyTorch's drift, plus 1e-3.  A wrong gradient
+    (scale, sign, a missed tap) changes the curve by O(1) within tens of steps.  The
+    loss must also fall, so that agreeing curves mean both learned."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         torch.manual_seed(0)
-        z = torch.randn(64, 32, 1, 1, device="cuda")
-        target = torch.rand(64, 3, 32, 32, device="cuda") * 2 - 1
-        theirs = _generator().cuda()
-        ours = _generator().cuda()
-        ours.load_state_dict(theirs.state_dict())
+        z = torch.randn(64, 32, 1, 1, device="cuda", dtype=torch.float64)
+        target = torch.rand(64, 3, 32, 32, device="cuda", dtype=torch.float64) * 2 - 1
+        exact = _generator().cuda().double()
+        theirs, ours = _generator().cuda(), _generator().cuda()
+        theirs.load_state_dict(exact.state_dict())
+        ours.load_state_dict(exact.state_dict())
         assert tritondeconv.convert(ours, return_count=True) == (ours, 4)
-        curve_theirs = _train(theirs, z, target, 300)
-        curve_ours = _train(ours, z, target, 300)
+        curve_exact = _train(exact, z, target, 300)
+        curve_theirs = _train(theirs, z.float(), target.float(), 300)
+        curve_ours = _train(ours, z.float(), target.float(), 300)
     finally:
         torch.backends.cudnn.allow_tf32 = before
     assert curve_ours[-1] < 0.8 * curve_ours[0]
-    rel = ((curve_ours - curve_theirs).abs() / curve_theirs.abs()).max().item()
-    assert rel < 1e-3, f"loss curves differ by {rel:.2e} relative"
+    pytorchs, drift = _drift(curve_theirs, curve_exact), _drift(curve_ours, curve_exact)
+    assert drift < 4 * pytorchs + 1e-3, f"ours drifts {drift:.2e} from float64, PyTorch's fp32 model {pytorchs:.2e}"
