@@ -3,12 +3,14 @@
 turning a traced ``torch.cat([up(x), skip], 1)`` into one.  Numeric checks compare
 with PyTorch's two-step form in float64."""
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritondeconv
+from tritondeconv.arguments import overlaps_itself
 from reference import allocated_during, assert_close, computed_as, fresh_seed, layout, same_layout
 from tritondeconv.kernels.common import observe_launches
 
@@ -155,7 +157,7 @@ def test_out_writes_into_the_tensor_given_and_returns_it(device, rank, into):
 @pytest.mark.parametrize("case, match", [
     ("shape", r"expected out to have the output's size \[2, 8, 6, 8\]"),
     ("dtype", "expected out to have the input's dtype"),
-    ("overlaps input", "out shares memory with input"),
+    ("self-overlapping", "more than one element of out refers to a single memory location"),
     ("requires grad", "don't support automatic differentiation"),
 ])
 def test_out_follows_pytorchs_rules(device, case, match):
@@ -166,13 +168,40 @@ def test_out_follows_pytorchs_rules(device, case, match):
         out = out[..., 1:]
     elif case == "dtype":
         out = out.float()
-    elif case == "overlaps input":
-        storage = torch.empty(2 * 8 * 6 * 8, device=device, dtype=F64)
-        x, out = storage[:2 * 16 * 3 * 4].view(2, 16, 3, 4), storage.view(2, 8, 6, 8)
+    elif case == "self-overlapping":
+        out = out[..., :1].expand(out.shape)
     elif case == "requires grad":
         w.requires_grad_()
     with pytest.raises(RuntimeError, match=match):
         tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1, out=out)
+
+
+@pytest.mark.parametrize("case", ["a slice beside the input", "a slice across the input"])
+def test_out_sharing_a_buffer_with_the_input_is_decided_by_elements(device, case):
+    """``out`` and the input are slices of one buffer (a concatenation written in
+    place): sharing no element, the result is written as aten's ``out=`` writes it;
+    sharing some, aten computes the result apart and then copies it, and so do we."""
+    seed = fresh_seed()
+    buffer = torch.randn(2, 24, 6, 8, device=device, dtype=F64)
+    w = torch.randn(16, 8, 3, 3, device=device, dtype=F64)
+    channels = slice(0, 8) if case == "a slice beside the input" else slice(4, 12)
+    theirs = buffer.clone()
+    torch.ops.aten.convolution.out(theirs[:, 8:, :3, :4], w, None, [2, 2], [1, 1], [1, 1], True, [1, 1], 1,
+                                   out=theirs[:, channels])
+    out = buffer[:, channels]
+    assert tritondeconv.conv_transpose2d(buffer[:, 8:, :3, :4], w, None, 2, 1, 1, out=out) is out
+    assert_close(buffer, theirs, "float64", seed)
+
+
+@pytest.mark.parametrize("shape, strides", [((2, 8), (0, 1)), ((3, 3), (2, 1)), ((3, 2), (2, 3)), ((4, 4), (8, 2)),
+                                            ((2, 3, 2), (1, 4, 2))])
+def test_an_out_overlapping_itself_is_told_by_its_elements(shape, strides):
+    """Whether two elements of ``out`` share memory, against counting the memory
+    locations its strides reach: also where the strides alone do not tell (neither
+    sorted nor zero)."""
+    out = torch.empty(64, dtype=F64).as_strided(shape, strides)
+    locations = {sum(i * s for i, s in zip(index, strides)) for index in itertools.product(*map(range, shape))}
+    assert overlaps_itself(out) == (len(locations) < out.numel())
 
 
 def test_out_resizes_an_empty_tensor(device):

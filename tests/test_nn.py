@@ -57,6 +57,33 @@ def test_padding_mode_other_than_zeros_is_refused():
         tritondeconv.nn.ConvTranspose2d(2, 2, 3, padding_mode="reflect")
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["ConvTranspose", "ConcatUpsample"])
+def test_padding_mode_set_after_construction_is_refused_as_pytorch_refuses_it(rank, kind):
+    """PyTorch's transposed convolutions check ``padding_mode`` in ``forward``: changed
+    after construction, it raises there, and so do ours (never computing with zeros)."""
+    theirs = getattr(torch.nn, f"ConvTranspose{rank}d")(2, 2, 3)
+    ours = getattr(tritondeconv.nn, f"{kind}{rank}d")(2, 2, 3)
+    x = torch.randn(1, 2, *(4,) * rank)
+    args = (x,) if kind == "ConvTranspose" else (x, torch.randn(1, 1, *(6,) * rank))
+    for module in (theirs, ours):
+        module.padding_mode = "reflect"
+    with pytest.raises(ValueError) as pytorchs:
+        theirs(x)
+    with pytest.raises(ValueError) as raised:
+        ours(*args)
+    assert str(raised.value) == str(pytorchs.value).replace("ConvTranspose", kind)
+
+
+def test_upsample_conv2d_refuses_a_padding_mode_that_does_not_fold():
+    """Only zero padding folds into a transposed convolution: another ``padding_mode``
+    (which a ``Conv2d`` would honour) is refused in ``forward``, never computed with zeros."""
+    m = tritondeconv.nn.UpsampleConv2d(2, 2, 3, scale_factor=2, padding=1)
+    m.padding_mode = "reflect"
+    with pytest.raises(ValueError, match="Only `zeros` padding mode is supported for UpsampleConv2d"):
+        m(torch.randn(1, 2, 4, 4))
+
+
 class _Generator(torch.nn.Module):
     """A small DCGAN-style generator."""
 
@@ -169,3 +196,32 @@ def test_compile_fullgraph_forward_and_backward(device):
     assert relative_error(out, ref) <= TOLERANCES["float64"], f"seed {seed}"
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         assert relative_error(p.grad, q.grad) <= 1e-10, f"grad of {name} (seed {seed})"
+
+
+class _Decoder(torch.nn.Module):
+    """A U-Net decoder stage: PyTorch's transposed convolution (which ``convert`` swaps),
+    our concatenating and folding modules, and a call of our function."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(4, 3, 4, 2, 1)
+        self.up_cat = tritondeconv.nn.ConcatUpsample2d(3, 2, 2, 2)
+        self.fold = tritondeconv.nn.UpsampleConv2d(5, 2, 3, scale_factor=2, padding=1)
+
+    def forward(self, x, skip):
+        y = self.fold(self.up_cat(torch.relu(self.up(x)), skip))
+        return y + tritondeconv.conv_transpose2d(x, self.up.weight[:, :2], None, stride=10)
+
+
+def test_symbolic_trace_of_a_converted_model_records_our_calls(device):
+    """``torch.fx.symbolic_trace`` traces a converted model as it traces PyTorch's
+    modules: each call of our modules and functions is one node of the graph (not
+    traced into), and the traced module computes what the model computes."""
+    seed = fresh_seed()
+    model = tritondeconv.convert(_Decoder().to(device, torch.float64))
+    x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64)
+    skip = torch.randn(2, 3, 12, 12, device=device, dtype=torch.float64)
+    traced = torch.fx.symbolic_trace(model)
+    ours = {node.target.__name__ for node in traced.graph.nodes if node.op == "call_function"}
+    assert {"conv_transpose_cat", "upsample_conv2d", "conv_transpose2d"} <= ours
+    assert relative_error(traced(x, skip), model(x, skip)) <= TOLERANCES["float64"], f"seed {seed}"

@@ -229,3 +229,33 @@ def test_the_short_cut_computes_what_the_op_computes(device):
         ours = tritondeconv.conv_transpose2d(x, w, b, 2, 1, 1, 2)
         via_op = torch.ops.tritondeconv.conv_transpose2d(x, w, b, [2, 2], [1, 1], [1, 1], 2, [1, 1])
     assert ours.grad_fn is None and via_op.grad_fn is None and torch.equal(ours, via_op), f"seed {seed}"
+
+
+# ---------------------------------------------------------------- FLOP counts
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_flop_counter_counts_what_it_counts_for_pytorchs_layer(device, rank, groups, batched):
+    """``torch.utils.flop_counter.FlopCounterMode`` counts our forward and gradients as it
+    counts PyTorch's convolution and its backward on the same shapes (so MFU reports
+    agree), the naive baseline as the convolution it computes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours = getattr(tritondeconv, f"conv_transpose{rank}d")
+    theirs = getattr(torch.nn.functional, f"conv_transpose{rank}d")
+    x = torch.randn(2, 4, *(3,) * rank, device=device, dtype=torch.float64, requires_grad=True)
+    x = x if batched else x[0].detach().requires_grad_()
+    w = torch.randn(4, 6 // groups, *(2,) * rank, device=device, dtype=torch.float64, requires_grad=True)
+
+    def counted(function, backward: bool = True) -> int:
+        with FlopCounterMode(display=False) as mode:
+            y = function(x if backward else x.detach(), w if backward else w.detach(), None, 2, 1, 1, groups)
+            if backward:
+                y.sum().backward()
+        return mode.get_total_flops()
+
+    assert counted(ours) == counted(theirs) > 0
+    if rank == 2:
+        assert counted(tritondeconv.naive_conv_transpose2d, backward=False) == counted(theirs, backward=False) > 0

@@ -3,6 +3,7 @@ PyTorch's precision switches, the output's memory format, argument types, degene
 shapes, autocast and function transforms, each matched against PyTorch's own
 behaviour (values in float64, exceptions by type)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -164,8 +165,11 @@ def test_non_finite_input_reaches_exactly_pytorchs_outputs(device, value, channe
 def test_values_near_the_dtypes_range_overflow_where_pytorchs_do(device, dtype, path):
     """Products past the dtype's largest value become infinities exactly where PyTorch's
     (computed on the CPU in the same dtype) do, and the rest stay equal to its values:
-    one input pixel at 3/4 of the range meets weights of 2 (overflow) and of 1/4."""
-    big = torch.finfo(dtype).max * 0.75
+    one input pixel at 3/4 of the range meets weights of 2 (overflow) and of 1/4.  Every
+    value has at most two significant bits, so products and sums are exact in every
+    precision a GPU may multiply float32 in (TF32 keeps 10 bits), as in PyTorch's."""
+    finfo = torch.finfo(dtype)
+    big = 1.5 * 2.0 ** math.floor(math.log2(finfo.max))  # 3/4 of the next power of two: exact in TF32
     channels = 16 if path == "tensor-core" else 4
     x = torch.zeros(1, channels, 4, 4, dtype=dtype)
     x[0, 1, 1, 2] = big
@@ -218,21 +222,52 @@ def test_degenerate_shapes_behave_as_pytorch(device, rank, case):
         n = 0
     make = lambda *shape: torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)  # noqa: E731
     x, w = make(n, c_in, *(size,) * rank), make(c_in, c_out, *(2,) * rank)
+    _behaves_as(lambda x, w: FUNCTIONS[rank](x, w, None, 2), lambda x, w: TORCH_FUNCTIONS[rank](x, w, None, 2), x, w)
+
+
+def _behaves_as(ours, theirs, *inputs) -> None:
+    """``ours(*inputs)`` raises PyTorch's exception type where ``theirs(*inputs)`` (PyTorch
+    on the same device) raises, and otherwise returns PyTorch's output (an empty one, or
+    a copy of a concatenated tensor) with PyTorch's gradients for ``inputs`` (zeros, or
+    empty), exactly."""
     try:
-        expected = TORCH_FUNCTIONS[rank](x, w, None, 2)
+        expected = theirs(*inputs)
     except RuntimeError:
         with pytest.raises(RuntimeError):
-            FUNCTIONS[rank](x, w, None, 2)
-        return_value = None
+            ours(*inputs)
+        return
+    out = ours(*inputs)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    for mine, pytorchs in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        assert torch.equal(mine, pytorchs)
+
+
+@pytest.mark.no_kernel("an output without channels has nothing to launch for")
+@pytest.mark.parametrize("way", ["module", "upsample_conv", "concat", "compiled"])
+def test_zero_output_channels_behave_as_pytorch_on_each_device(device, way):
+    """A weight without output channels: PyTorch's CPU kernels refuse it, its CUDA ones
+    return an empty output with zero gradients; its ``conv2d`` (so an upsampling
+    followed by a convolution) refuses it everywhere.  Each way in does what PyTorch's
+    twin does on the device under test."""
+    new = lambda *shape: torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    inputs = (new(2, 4, 3, 3),)
+    if way == "upsample_conv":
+        ours = tritondeconv.nn.UpsampleConv2d(4, 0, 3, scale_factor=2, padding=1)
+        conv = torch.nn.Conv2d(4, 0, 3, padding=1).to(device, torch.float64)
+        theirs = lambda x: conv(F.interpolate(x, scale_factor=2))  # noqa: E731
+    elif way == "concat":
+        ours = tritondeconv.nn.ConcatUpsample2d(4, 0, 2, 2)
+        up = torch.nn.ConvTranspose2d(4, 0, 2, 2).to(device, torch.float64)
+        theirs = lambda x, skip: torch.cat([up(x), skip], 1)  # noqa: E731
+        inputs = (*inputs, new(2, 3, 6, 6))
     else:
-        out = FUNCTIONS[rank](x, w, None, 2)
-        assert out.shape == expected.shape
-        grad = torch.randn_like(out)
-        gx, gw = torch.autograd.grad(out, (x, w), grad)
-        ex, ew = torch.autograd.grad(expected, (x, w), grad)
-        assert gx.shape == ex.shape and torch.equal(gw, ew)  # zero batch: a zero weight gradient
-        return_value = out
-    assert return_value is None or return_value.numel() == 0
+        ours = tritondeconv.nn.ConvTranspose2d(4, 0, 2, 2)
+        theirs = torch.nn.ConvTranspose2d(4, 0, 2, 2).to(device, torch.float64)
+    ours = ours.to(device, torch.float64)
+    if way == "compiled":
+        ours = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    _behaves_as(ours, theirs, *inputs)
 
 
 # ---------------------------------------------------------------- 9. memory format

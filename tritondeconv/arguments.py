@@ -158,7 +158,9 @@ def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strid
             f"{op}: weight of size {list(weight_shape)} expects input to have {w_in} channels, "
             f"but got input of size {list(input_shape)} with {c_in} channels"
         )
-    if c_out_g == 0 or min(kernel) == 0:
+    # PyTorch's CPU kernels refuse a weight without output channels; its CUDA ones return
+    # an empty output (and zero gradients).  Neither takes an empty kernel.
+    if (c_out_g == 0 and device.type != "cuda") or min(kernel) == 0:
         raise RuntimeError(f"{op}: expected a non-empty weight, but got weight of size {list(weight_shape)}")
     if min(spatial) == 0:
         raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input_shape)}")
@@ -201,6 +203,50 @@ def strides_in_order(shape, order, clamped: bool = False) -> tuple:
         strides[axis] = step
         step = step * (torch.sym_max(shape[axis], 1) if clamped else shape[axis])
     return tuple(strides)
+
+
+def _element_span(t: torch.Tensor) -> tuple[int, int]:
+    """The elements of ``t``'s storage that ``t`` can reach: ``[first, last + 1)``."""
+    first = t.storage_offset()
+    return first, first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` lie at one memory location (an ``expand``ed tensor),
+    decided by elements: the strides answer it where they can (a zero stride on an axis
+    longer than 1; or each axis, by growing stride, stepping past all the smaller ones:
+    no overlap), and otherwise each element's index is written through ``t``'s strides
+    into a scratch buffer and read back."""
+    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: the strides do not tell aten
+    if status != 2:
+        return status == 1
+    reach = 0
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride <= reach:
+            break
+        reach += (size - 1) * stride
+    else:
+        return False
+    first, end = _element_span(t)
+    scratch = torch.full((end - first,), -1, dtype=torch.int64, device=t.device)
+    view = scratch.as_strided(t.shape, t.stride())
+    index = torch.arange(t.numel(), device=t.device).view(t.shape)
+    return not torch.equal(view.copy_(index), index)
+
+
+def shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether some element of ``a`` and some element of ``b`` lie at one memory location
+    (two tensors of one dtype), decided by elements, not storages: two slices of one
+    buffer that interleave without meeting (a concatenation's parts) share none."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a_first, a_end), (b_first, b_end) = _element_span(a), _element_span(b)
+    if a_end <= b_first or b_end <= a_first:
+        return False
+    first = min(a_first, b_first)
+    marks = torch.zeros(max(a_end, b_end) - first, dtype=torch.bool, device=a.device)
+    marks.as_strided(a.shape, a.stride(), a_first - first).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), b_first - first).any())
 
 
 # The positions of the integer arguments in the functional signature

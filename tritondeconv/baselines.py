@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils import flop_counter
 
 from .arguments import output_memory_format
-from .ops import LIBRARY, _computed, aten_transposed, empty_in_format, launch_transposed, prepare, register_autocast
+from .ops import (LIBRARY, _computed, aten_transposed, conv_transpose_flops, empty_in_format, launch_transposed, prepare,
+                  register_autocast)
 
 
 def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
@@ -56,3 +58,5 @@ LIBRARY.define(
 LIBRARY.impl("naive_conv_transpose2d", _naive, "CompositeExplicitAutograd")
 torch.library.register_fake("tritondeconv::naive_conv_transpose2d", _naive_fake, lib=LIBRARY)
 register_autocast("naive_conv_transpose2d")
+# Counted as the transposed convolution it computes (the zeros it multiplies are not FLOPs of the layer).
+flop_counter.register_flop_formula(torch.ops.tritondeconv.naive_conv_transpose2d)(conv_transpose_flops)

@@ -15,7 +15,7 @@ import torch
 
 from .arguments import ConvTransposeArgs, strides_like_channels_last
 from .autograd import backward_conv_transpose, setup_conv_transpose, transforms_active, transposed_conv
-from .functional import parse_arguments
+from .functional import fx_proxies, parse_arguments
 from .ops import conv_transpose_into, empty_in_format, prepare
 
 
@@ -64,6 +64,10 @@ def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, outp
     module docstring); ``activation`` as for the convolution functions.  ``input`` is
     batched; ``skip`` has the convolution output's batch and spatial sizes, and the
     input's dtype and device."""
+    if type(input) is not torch.Tensor and fx_proxies(input, skip, weight, bias):
+        return torch.overrides.handle_torch_function(
+            conv_transpose_cat, fx_proxies(input, skip, weight, bias), input, skip, weight, bias, stride, padding,
+            output_padding, groups, dilation, activation=activation, negative_slope=negative_slope)
     rank = weight.dim() - 2 if isinstance(weight, torch.Tensor) else 0
     name = f"conv_transpose{rank}d"
     stride, padding, output_padding, groups, dilation = parse_arguments(

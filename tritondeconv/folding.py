@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import ntuple
-from .functional import conv_transpose2d
+from .functional import conv_transpose2d, fx_proxies
 
 
 def box_convolve(weight: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
@@ -56,6 +56,10 @@ def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=
     ``negative_slope`` and ``residual`` are fused into the epilogue as in
     ``conv_transpose2d``.
     """
+    if type(input) is not torch.Tensor and fx_proxies(input, weight, bias, residual):
+        return torch.overrides.handle_torch_function(
+            upsample_conv2d, fx_proxies(input, weight, bias, residual), input, weight, bias, scale_factor, padding, groups,
+            activation=activation, negative_slope=negative_slope, residual=residual)
     op = "upsample_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise RuntimeError(f"{op}: expected weight to be a 4-D Conv2d weight [C_out, C_in/groups, kH, kW]")
@@ -71,6 +75,9 @@ def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=
         )
     if not isinstance(groups, int) or groups <= 0 or weight.shape[0] % groups:
         raise RuntimeError(f"{op}: groups={groups!r} must be a positive integer dividing C_out={weight.shape[0]}")
+    if weight.shape[0] < groups:  # (as conv2d refuses a weight without output channels, on every device)
+        raise RuntimeError(f"{op}: given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+                           f"but got weight of size {list(weight.shape)}")
     folded = box_convolve(transposed_weight(weight, groups), scale)
     transposed_padding = [k - 1 - p for k, p in zip(kernel, padding)]
     return conv_transpose2d(input, folded, bias, scale, transposed_padding, 0, groups, 1,

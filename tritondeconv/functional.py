@@ -65,11 +65,24 @@ def parse_arguments(op: str, rank: int, input, weight, bias, stride, padding, ou
                                                               "dilation", op))
 
 
+def fx_proxies(*values) -> tuple:
+    """The ``torch.fx`` proxies among ``values``.  A public function called on one while
+    ``torch.fx.symbolic_trace`` traces hands the call to it (``__torch_function__``),
+    which records it as one node of the graph, as it records PyTorch's own functions;
+    the public functions check for proxies only where ``input`` is not a plain tensor."""
+    return tuple(v for v in values if isinstance(v, torch.fx.Proxy))
+
+
 def _conv_transpose_function(rank: int):
     name = f"conv_transpose{rank}d"
 
     def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        activation=None, negative_slope=0.01, residual=None, out=None):
+        if type(input) is not torch.Tensor and fx_proxies(input, weight, bias, residual, out):
+            return torch.overrides.handle_torch_function(
+                conv_transpose, fx_proxies(input, weight, bias, residual, out), input, weight, bias, stride, padding,
+                output_padding, groups, dilation, activation=activation, negative_slope=negative_slope,
+                residual=residual, out=out)
         stride, padding, output_padding, groups, dilation = parse_arguments(
             name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
         if out is not None:
@@ -93,5 +106,8 @@ conv_transpose3d = _conv_transpose_function(3)
 def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """The zero-insertion baseline, same signature as ``conv_transpose2d`` (forward only:
     it has no gradient of its own)."""
+    if type(input) is not torch.Tensor and fx_proxies(input, weight, bias):
+        return torch.overrides.handle_torch_function(naive_conv_transpose2d, fx_proxies(input, weight, bias), input,
+                                                     weight, bias, stride, padding, output_padding, groups, dilation)
     args = parse_arguments("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
     return torch.ops.tritondeconv.naive_conv_transpose2d.default(input, weight, bias, *args)

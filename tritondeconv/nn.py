@@ -25,6 +25,15 @@ def _refuse_scripting(module: torch.nn.Module) -> NoReturn:
     )
 
 
+def _zeros_padding_only(module: torch.nn.Module) -> None:
+    """The ``ValueError`` PyTorch's transposed convolutions raise in ``forward`` for a
+    ``padding_mode`` other than ``"zeros"`` (set after construction too); an
+    ``UpsampleConv2d`` (a ``Conv2d``) refuses it likewise, since only zero padding folds
+    into a transposed convolution."""
+    if module.padding_mode != "zeros":
+        raise ValueError(f"Only `zeros` padding mode is supported for {type(module).__name__}")
+
+
 def clear_weight_cache(model: torch.nn.Module) -> int:
     """Forget the packed copies kept of the weights of ``model``'s transposed convolutions
     (needed only after changing a weight through ``.data``, which its version counter does
@@ -65,6 +74,7 @@ class _TritonForward:
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        _zeros_padding_only(self)
         output_padding = self.output_padding if output_size is None else self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
@@ -106,6 +116,7 @@ class _ConcatForward:
     ``torch.cat([up(x), skip], 1)`` by a change of class)."""
 
     def forward(self, input: torch.Tensor, skip: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        _zeros_padding_only(self)
         output_padding = self.output_padding if output_size is None else self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )
@@ -176,6 +187,7 @@ class UpsampleConv2d(torch.nn.Conv2d):
         return folded
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        _zeros_padding_only(self)
         return upsample_conv2d(input, self.weight, self.bias, self.scale_factor, self.padding, self.groups,
                                activation=self.activation, negative_slope=self.negative_slope, residual=residual)
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.utils import flop_counter
 
 from .arguments import (
     ConvTransposeArgs,
@@ -40,6 +41,8 @@ from .arguments import (
     check_conv_transpose,
     format_strides,
     output_memory_format,
+    overlaps_itself,
+    shares_elements,
 )
 from .kernels import launcher
 from .kernels.common import INTERPRETING, allocated
@@ -296,9 +299,12 @@ def conv_transpose_into(out: torch.Tensor, input, weight, bias, stride, padding,
                         activation=None, negative_slope=0.01, residual=None) -> torch.Tensor:
     """``conv_transpose`` (arguments parsed: one entry per spatial axis) written into
     ``out``, any strides (a slice of a larger tensor among them), by PyTorch's ``out=``
-    rules: ``out`` has the output's shape (a tensor with no elements is resized to it),
-    the input's dtype and device, and shares no memory with an argument; and autograd
-    cannot record it (an error where it would have to).  Returns ``out``."""
+    rules: ``out`` has the output's shape (a tensor with no elements is resized to it)
+    and the input's dtype and device, no two of its elements share memory, and autograd
+    cannot record it (an error where it would have to).  Where ``out`` shares elements
+    with an argument, the result is computed apart and then copied, as aten does; a slice
+    of the same buffer sharing none (the concatenation's) is written directly.  Returns
+    ``out``."""
     call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, residual)
     arguments = {"input": input, "weight": weight, "bias": bias, "residual": residual}
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, *arguments.values())):
@@ -312,13 +318,16 @@ def conv_transpose_into(out: torch.Tensor, input, weight, bias, stride, padding,
     if out.dtype != input.dtype or out.device != input.device:
         raise RuntimeError(f"{call.name}: expected out to have the input's dtype {input.dtype} and device "
                            f"{input.device}, but got {out.dtype} on {out.device}")
-    for name, tensor in arguments.items():
-        if tensor is not None and torch._C._overlaps(out, tensor):
-            raise RuntimeError(f"{call.name}: out shares memory with {name}; out= needs memory of its own")
+    if overlaps_itself(out):
+        raise RuntimeError(f"{call.name}: unsupported operation: more than one element of out refers to a single "
+                           "memory location; clone() it before passing it as out")
     if out.numel() == 0:
         return out
     if (torch.compiler.is_compiling() or torch._C._has_torch_function((out, input, weight))
-            or torch._C._functorch.peek_interpreter_stack() is not None):  # (through the op, then copied)
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(t is not None and shares_elements(out, t) for t in arguments.values())):
+        # Through the op into a new output, then copied (as aten's out= computes, so an
+        # out sharing elements with an argument gets aten's result).
         return out.copy_(conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation,
                                         activation, negative_slope, residual))
     _transposed(call, weight, bias, activation, negative_slope, out.unsqueeze(0) if call.unbatched else out)
@@ -394,6 +403,8 @@ def _input_grad(grad_output, weight, input_size, stride, padding, dilation, grou
     out = _input_grad_empty(grad_output, weight, input_size)
     if out.numel() == 0:
         return out
+    if weight.numel() == 0:  # (no output channels, on CUDA: every input reached nothing)
+        return out.zero_()
 
     def aten():
         full = torch.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
@@ -417,6 +428,8 @@ def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, gro
     (batched) ``input`` that produced ``grad_output``'s shape."""
     _refuse_forward_ad("conv_transpose_weight_grad", input, grad_output)
     c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
+    if c_out_g == 0:  # (no output channels, on CUDA: an empty gradient)
+        return input.new_empty((c_in, 0, *kernel_size))
 
     def aten():
         output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding, dilation)
@@ -447,6 +460,40 @@ for _name, _impl, _fake in (("conv_transpose_input_grad", _input_grad, _input_gr
 IMPLEMENTATIONS = {torch.ops.tritondeconv.conv_transpose.default: _conv_transpose,
                    torch.ops.tritondeconv.conv_transpose_input_grad.default: _input_grad,
                    torch.ops.tritondeconv.conv_transpose_weight_grad.default: _weight_grad}
+
+
+# ---------------------------------------------------------------- FLOP counts
+# ``torch.utils.flop_counter.FlopCounterMode`` counts each op as it counts the aten
+# convolution (or convolution gradient) that computes the same: its own formula, on the
+# shapes aten's would see, so MFU reports come out as they do for PyTorch's layers.
+
+
+def _batched_shape(x_shape, w_shape) -> list:
+    """An input's shape with the batch axis that an unbatched one lacks."""
+    return [1, *x_shape] if len(x_shape) == len(w_shape) - 1 else list(x_shape)
+
+
+def _swapped(shape) -> list:
+    """The shape with its first two axes swapped (how aten counts a weight gradient)."""
+    return [shape[1], shape[0], *shape[2:]]
+
+
+def conv_transpose_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The FLOPs of a transposed convolution (the forward ops' formula)."""
+    return flop_counter.conv_flop_count(_batched_shape(x_shape, w_shape), w_shape, out_shape, transposed=True)
+
+
+flop_counter.register_flop_formula(torch.ops.tritondeconv.conv_transpose)(conv_transpose_flops)
+
+
+@flop_counter.register_flop_formula(torch.ops.tritondeconv.conv_transpose_input_grad)
+def _input_grad_flops(grad_out_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.conv_flop_count(grad_out_shape, w_shape, out_shape, transposed=False)
+
+
+@flop_counter.register_flop_formula(torch.ops.tritondeconv.conv_transpose_weight_grad)
+def _weight_grad_flops(x_shape, grad_out_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.conv_flop_count(_swapped(grad_out_shape), _swapped(x_shape), _swapped(out_shape))
 
 
 # ---------------------------------------------------------------- autocast
