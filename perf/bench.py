@@ -112,6 +112,11 @@ SUITES = {
         Cell("HiFi-GAN", 16, 128, (2048,), 64, 4, 2, 1),
         Cell("HiFi-GAN", 16, 64, (4096,), 32, 4, 2, 1),
     ],
+    "small": [  # decoder layers whose calls are short enough for the host to decide (bf16 channels-last on an H200)
+        Cell("decoder", 64, 128, (16, 16), 64, 4, 2, 1),
+        Cell("decoder", 4, 512, (32, 32), 128, 4, 2, 1),
+        Cell("decoder", 32, 512, (16, 16), 512, 3, 2),
+    ],
     "3d": [  # a 3-D U-Net decoder, batch 2
         Cell("3D-U-Net", 2, 256, (16, 32, 32), 128, 2, 2),
         Cell("3D-U-Net", 2, 64, (32, 64, 64), 32, 2, 2),
@@ -121,6 +126,7 @@ SUITES = {
 QUICK_SUITES = {
     "2d": [Cell("quick-U-Net", 2, 8, (5, 5), 4, 2, 2), Cell("quick-op", 1, 4, (4, 3), 3, 3, 2, 1, 1)],
     "1d": [Cell("quick-1d", 2, 8, (7,), 4, 4, 2, 1)],
+    "small": [Cell("quick-small", 1, 8, (4, 4), 8, 4, 2, 1)],
     "3d": [Cell("quick-3d", 1, 4, (3, 3, 2), 3, 3, 2, 1, 1)],
 }
 FUNCTIONS = {  # rank -> (ours, PyTorch's)
@@ -192,10 +198,76 @@ def measure_peaks(device: str, quick: bool) -> tuple[dict[str, float], float]:
     return peaks, bandwidth
 
 
-def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, selected=METHODS):
-    """Check, then time, every applicable method of ``selected`` on one cell; yields one
-    row per method as soon as it is measured (ours with ``tuning_s``: the tuning its
-    first call did)."""
+def kernel_us(run: Callable[[], object], calls: int = 10) -> float:
+    """GPU kernel time per call of ``run``, in µs: the durations of the device's kernels
+    (and copies) ``calls`` calls launch, as ``torch.profiler`` records them, summed (no
+    host time, no gaps between kernels); NaN where nothing can be recorded."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    device_events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if device_events:
+        return sum(e.time_range.elapsed_us() for e in device_events) / calls
+    total = sum(e.self_device_time_total for e in profiler.key_averages())  # (where the events hide the kernels)
+    return total / calls if total else math.nan
+
+
+def back_to_back_us(runs: dict[str, Callable[[], object]], calls: int, rounds: int = 5) -> dict[str, float]:
+    """Wall time per call of each of ``runs``, in µs, host included: ``calls`` calls one
+    after another and one synchronisation, in ``rounds`` rounds that alternate the runs
+    (so that a drift of the machine's speed hits all alike); the median round.
+    ``do_bench`` clears a 256 MB buffer before each timed call, which hides up to tens of
+    µs of host time per call: this does not."""
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            sync()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def graphed_us(run: Callable[[], object], calls: int) -> float:
+    """Time per replay of ``run`` captured in a CUDA graph, in µs: ``calls`` replays and
+    one synchronisation (warmed up first on a side stream, as capture requires); NaN,
+    with the reason printed, where ``run`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / calls * 1e6
+    except Exception as error:  # noqa: BLE001  (a method that cannot be captured is reported, not fatal)
+        print(f"  (not captured in a CUDA graph: {type(error).__name__}: {str(error).splitlines()[0][:200]})", flush=True)
+        return math.nan
+
+
+def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, selected=METHODS,
+             back_to_back: int = 0):
+    """Check every applicable method of ``selected`` on one cell, then time each: the
+    median of ``timer`` (``median_ms``), and with ``back_to_back`` calls (0: not) the
+    wall time per call of that many calls in a row, the methods alternating (``wall_us``),
+    and on a GPU the kernels' own time (``gpu_us``) and the time per replay of a CUDA
+    graph (``graphed_us``).  Yields one row per method once the cell is measured (ours
+    with ``tuning_s``: the tuning its first call did)."""
     dtype = DTYPES[dtype_name]
     ours, torch_fn = FUNCTIONS[cell.rank]
     x = torch.randn(cell.n, cell.c_in, *cell.spatial, device=device, dtype=dtype)
@@ -224,17 +296,19 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     for method, only in VARIANTS.items():
         methods[method] = _forced(only, methods["tritondeconv"])
 
+    checked = {}
     for method, fn in methods.items():
         if method not in selected:
             continue
-        if pass_ != "fwd+bwd":
-            def run():
+        if pass_ not in TRAINING:
+            def run(fn=fn):
                 return fn(x, w)
         else:
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
 
-            def run():
-                return torch.autograd.grad(fn(xg, wg), (xg, wg), grad_y)
+            def run(fn=fn, xg=xg, wg=wg):
+                with torch.autograd.set_multithreading_enabled(TRAINING[pass_]):
+                    return torch.autograd.grad(fn(xg, wg), (xg, wg), grad_y)
         tuned_before = len(tuning.TUNING_LOG)
         with observe_launches() as launches:
             result = run()  # the first call: tunes every new shape key
@@ -245,14 +319,22 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if method in VARIANTS and not _offered(method, launches, lambda: _copies_input(methods["tritondeconv"], x, w)):
             print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
             continue
-        out = result if pass_ != "fwd+bwd" else fn(x, w)
+        out = result if pass_ not in TRAINING else fn(x, w)
         err = relative_error(out, ref)
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
-        yield dict(method=method, median_ms=timer(run), rel_error=err,
-                   tuning_s=tuning_s if method == "tritondeconv" else "")
+        checked[method] = (run, err, tuning_s if method == "tritondeconv" else "")
+    wall = back_to_back_us({method: run for method, (run, _, _) in checked.items()}, back_to_back) if back_to_back else {}
+    for method, (run, err, tuning_s) in checked.items():
+        compiled = DEVICE == "cuda" and back_to_back
+        yield dict(method=method, median_ms=timer(run), rel_error=err, tuning_s=tuning_s, wall_us=wall.get(method, ""),
+                   gpu_us=kernel_us(run) if compiled else "", graphed_us=graphed_us(run, back_to_back) if compiled else "")
 
 
+# The passes that run a training step, forward and backward: each with whether the
+# backward runs on the autograd engine's device thread (PyTorch's default) or inline on
+# the calling thread (``torch.autograd.set_multithreading_enabled(False)``).
+TRAINING = {"fwd+bwd": True, "fwd+bwd-inline": False}
 # The backward's two parts, each timed alone: the input gradient and the weight gradient.
 GRADIENTS = {"dgrad": 0, "wgrad": 1}
 
@@ -322,7 +404,7 @@ def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
     macs = plan.macs(cell.n, cell.c_in, cell.c_out)["useful"]
     elements = (cell.n * cell.c_in * math.prod(cell.spatial) + cell.c_in * cell.c_out * cell.k**r
                 + cell.n * cell.c_out * math.prod(plan.output_shape))
-    factor = 3 if pass_ == "fwd+bwd" else 1
+    factor = 3 if pass_ in TRAINING else 1
     return 2.0 * macs * factor, elements * DTYPES[dtype_name].itemsize * factor
 
 
@@ -383,6 +465,18 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
         lines.append(f"| {shape} | {dtype} | {layout} | {pass_} | {ours:.3f} | {cell('cudnn')} | {cell('naive')} "
                      f"| {cell('subpixel_torch')} | {ratio('cudnn')} | {ratio('naive')} | {ratio('subpixel_torch')} "
                      f"| {m['tritondeconv']['pct_roofline']:.0f} | {m['tritondeconv']['tuning_s']:.1f} |")
+    timed = [(key, m) for key, m in keyed.items() if "tritondeconv" in m and m["tritondeconv"].get("wall_us") != ""]
+    if timed:
+        lines += ["", "Per call, µs: back-to-back wall time (host included), the kernels' own time (profiler), a CUDA "
+                  "graph's replay; ours / cuDNN's:", "",
+                  "| shape | dtype | layout | pass | wall | GPU kernels | graphed |", "|" + " --- |" * 7]
+        for (rank, shape, dtype, layout, pass_), m in timed:
+            def pair(column, m=m):
+                if "cudnn" not in m or m["cudnn"].get(column) in ("", None):
+                    return f"{m['tritondeconv'][column]:.1f}" if m["tritondeconv"].get(column) != "" else "–"
+                return f"{m['tritondeconv'][column]:.1f} / {m['cudnn'][column]:.1f}"
+            lines.append(f"| {shape} | {dtype} | {layout} | {pass_} | {pair('wall_us')} | {pair('gpu_us')} "
+                         f"| {pair('graphed_us')} |")
     lines += ["", "Geometric-mean speedup of tritondeconv (time of the other method / ours):", ""]
     for (rank, pass_, method), values in sorted(speedups.items()):
         geo = math.exp(sum(map(math.log, values)) / len(values))
@@ -391,7 +485,10 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
 
 
 COLUMNS = ["gpu", "rank", "shape", "dtype", "layout", "pass", "method", "median_ms", "tflops", "gbps",
-           "pct_roofline", "tuning_s", "rel_error", "peak_tflops", "copy_gbps", "versions", "date"]
+           "pct_roofline", "tuning_s", "rel_error", "peak_tflops", "copy_gbps", "versions", "date",
+           "wall_us", "gpu_us", "graphed_us"]
+# The columns of ``--back-to-back`` runs (empty otherwise; the GPU's two without a GPU).
+TIMES_US = ("wall_us", "gpu_us", "graphed_us")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -401,7 +498,8 @@ def read_csv(path: Path) -> list[dict]:
     for r in rows:
         for key in ("median_ms", "tflops", "gbps", "pct_roofline", "rel_error", "peak_tflops", "copy_gbps"):
             r[key] = float(r[key])
-        r["tuning_s"] = float(r["tuning_s"]) if r["tuning_s"] else ""
+        for key in ("tuning_s", *TIMES_US):
+            r[key] = float(r[key]) if r.get(key) else ""
     return rows
 
 
@@ -512,7 +610,7 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
         flops, nbytes = roofline(cell, dtype_name, pass_)
         bound_ms = max(flops / (peaks[dtype_name] * 1e12), nbytes / (bandwidth * 1e9)) * 1e3
         summary = []
-        for r in run_cell(cell, dtype_name, layout, pass_, device, methods):
+        for r in run_cell(cell, dtype_name, layout, pass_, device, methods, a.back_to_back):
             r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
                      tflops=flops / (r["median_ms"] * 1e-3) / 1e12, gbps=nbytes / (r["median_ms"] * 1e-3) / 1e9,
                      pct_roofline=100 * bound_ms / r["median_ms"], versions=versions,
@@ -527,12 +625,17 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, one dtype: a smoke run of the harness")
-    ap.add_argument("--suites", default="2d,1d,3d", help="which suites: 2d, 1d, 3d")
+    ap.add_argument("--suites", default="2d,1d,3d", help="which suites: 2d, 1d, 3d, small (host-bound decoder layers)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--layouts", default="nchw,channels_last", help="(1-D inputs have only nchw)")
     ap.add_argument("--passes", default="fwd,fwd+bwd",
-                    help="fwd, fwd+bwd, and the backward's parts alone: dgrad (input gradient), wgrad (weight gradient)")
+                    help="fwd, fwd+bwd (fwd+bwd-inline: the backward on the calling thread, not the autograd "
+                         "engine's device thread), and the backward's parts alone: dgrad (input gradient), wgrad "
+                         "(weight gradient)")
     ap.add_argument("--cells", default="", help="only the cells whose label contains one of these (comma-separated)")
+    ap.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                    help="also time N calls in a row per method, the methods alternating (host time included), "
+                         "and on a GPU the kernels' own time (torch.profiler) and a CUDA graph's replay")
     ap.add_argument("--methods", default=",".join(METHODS), help="which methods to time (comma-separated)")
     ap.add_argument("--budget", type=float, metavar="SECONDS",
                     help="stop after the cell in progress once this many seconds have passed")

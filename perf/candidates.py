@@ -41,6 +41,7 @@ from tritondeconv.kernels import launcher  # noqa: E402
 # TRITONDECONV_EXPERIMENTAL the stage runs with).
 STAGES = {
     "fwd-bf16-cl": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="channels_last"),
+    "host": dict(suites="small", passes="fwd,fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "grads-bf16-cl": dict(suites="2d", passes="dgrad,wgrad", dtypes="bf16", layouts="channels_last"),

@@ -21,11 +21,12 @@ set -uo pipefail
 out="${1:?usage: perf/gpu_check.sh OUTPUT_DIR [STAGE ...] | --list}"
 shift
 
-STAGES=(smoke fwd-bf16-cl tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl grads-nchw nd blocks fwd-fp16-fp32 tests sanitize)
+STAGES=(smoke fwd-bf16-cl host tune-check variants fwd-nchw train-bf16-cl grads-bf16-cl grads-nchw nd blocks fwd-fp16-fp32 tests sanitize)
 describe() {
   case "$1" in
     smoke)         echo "install, versions, every kernel variant once on CUDA (tests/test_kernel_variants.py), the demo, host time per call, hits in a carried Triton cache" ;;
     fwd-bf16-cl)   echo "2-D suite forward, bf16 channels_last: ours vs cuDNN vs naive vs the torch sub-pixel rewrite" ;;
+    host)          echo "host-bound decoder layers, bf16 channels_last, forward and training step (its backward on the device thread and inline): per call the back-to-back wall time, the kernels' own time (profiler) and a CUDA graph's replay, ours vs cuDNN; host time per call with the launch stubbed" ;;
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs, the one GEMM and the experimental TMA phase GEMM (channels_last), each forced and tuned, beside the tuner's pick (TMA among its candidates) and cuDNN" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods, and ours forced onto a channels-last copy of the input (staged) and onto the input as given (gathered)" ;;
@@ -112,6 +113,13 @@ for stage in "$@"; do
       fi
       echo "carried-cache: $carried" | tee -a "$out/summary.txt" ;;
     fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
+    host)          calls=100
+                   [ -n "$dry" ] && calls=1  # (the interpreter takes a tenth of a second a call)
+                   bench "$stage" --suites small --passes fwd,fwd+bwd,fwd+bwd-inline --dtypes bf16 --layouts channels_last \
+                     --methods tritondeconv,cudnn --back-to-back "$calls"; rc=$?
+                   host_device="${dry:+cpu}"
+                   timeout 150 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 \
+                     | tee "$work/host-overhead.txt" ;;
     tune-check)
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \
         | tee "$work/$stage.log"

@@ -11,6 +11,9 @@ looks up its race against a channels-last copy of the input), so aten's own call
 mostly host time too.
 Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, one thread:
 
+* Python-level calls (``sys.setprofile``'s function and builtin calls) of a module's
+  forward without grad and of a training step, ours beside torch.nn's (``--counts``:
+  only these, no timing);
 * the functional API and a module, forward (no grad; a module's also under
   ``torch.inference_mode``) and forward+backward, each beside aten's, and their ratio
   (the targets: forward ≤ 0.5× aten, forward+backward ≤ 0.7×);
@@ -121,6 +124,45 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
     for name, (ours, aten) in cases.items():
         with torch.set_grad_enabled(name.endswith("backward")):
             rows.append((name, *_compare_us(ours, aten, repeat)))
+    return rows
+
+
+def python_calls(fn) -> int:
+    """The Python-level calls one call of ``fn`` makes: function and builtin calls, as
+    ``sys.setprofile`` reports them (its ``call`` and ``c_call`` events), in this thread;
+    noise-free, unlike a time.  ``fn`` runs twice first, so that nothing of a first call
+    is counted."""
+    fn()
+    fn()
+    count = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            count[0] += 1
+
+    sys.setprofile(profile)
+    fn()
+    sys.setprofile(None)
+    return count[0] - 1  # (the call of sys.setprofile that ends the count)
+
+
+def call_counts(device: str = "cpu") -> list[tuple[str, int, int]]:
+    """(case, our calls, torch.nn's calls): a module's forward without grad, and a
+    training step (forward, the loss's sum, backward), the launches replaced by a no-op.
+    A CPU backward runs in the calling thread, so its calls are counted too (a CUDA
+    backward runs on the autograd engine's device thread, which ``sys.setprofile`` does
+    not see: count on the CPU)."""
+    x, _, _ = _tensors(device)
+    ours = tritondeconv.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
+    aten = torch.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
+    xg = x.clone().requires_grad_()
+    rows = []
+    for name, run in (("module forward (no grad)", lambda m: m(x)),
+                      ("training step (module forward, sum, backward)", lambda m: m(xg).sum().backward())):
+        with torch.set_grad_enabled(name.startswith("training")):
+            with launcher.intercept(**NO_LAUNCH):
+                counted = python_calls(lambda: run(ours))
+            rows.append((name, counted, python_calls(lambda: run(aten))))
     return rows
 
 
@@ -251,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--counts", action="store_true", help="only the Python-level call counts (no timing)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the N functions with the most own time in our module's forward+backward")
     a = ap.parse_args(argv)
@@ -261,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({_cpu_model()}, one thread)"
     print(f"torch {torch.__version__}, triton {triton.__version__}; {where}; {a.repeat} calls per case; "
           "the launch itself replaced by a no-op")
+    print("| Python-level calls (sys.setprofile) | ours | torch.nn's |")
+    print("| --- | --- | --- |")
+    for name, ours, aten in call_counts(a.device):
+        print(f"| {name} | {ours} | {aten} |")
+    if a.counts:
+        return 0
+    print()
     print("| call | ours µs | aten µs | ours / aten |")
     print("| --- | --- | --- | --- |")
     for name, ours, aten in measure(a.repeat, a.device):

@@ -93,12 +93,15 @@ def test_bench_writes_each_row_as_it_is_measured(tmp_path):
 
 def test_bench_selects_cells_and_methods_and_stops_at_its_budget(tmp_path):
     command, env = _bench(tmp_path, "--quick", "--cells", "quick-op", "--methods", "tritondeconv,naive",
-                          "--out", str(tmp_path / "out"))
+                          "--back-to-back", "1", "--out", str(tmp_path / "out"))
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     with open(tmp_path / "out" / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["shape"].split()[0] for r in rows} == {"quick-op"}
     assert {r["method"] for r in rows} == {"tritondeconv", "naive"}
+    # Back to back: the wall time per call everywhere; the kernels' own time and a graph's replay on a GPU.
+    assert all(float(r["wall_us"]) > 0 and (r["gpu_us"] != "") == (r["graphed_us"] != "") == COMPILED for r in rows)
+    assert "back-to-back wall time" in (tmp_path / "out" / "bench.md").read_text()
     command, env = _bench(tmp_path, "--quick", "--budget", "0", "--out", str(tmp_path / "none"))
     run = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     assert "budget of 0 s spent: stopped after 0 of" in run.stdout
@@ -274,12 +277,15 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
         with open(unpacked / name, newline="") as f:
             rows = list(csv.DictReader(f))
         assert rows and all(float(r[key]) > 0 for r in rows), name
-    # Each of the 8 bench stages measured one cell before its budget ran out, and wrote it
+    # Each of the 9 bench stages measured one cell before its budget ran out, and wrote it
     # (--quick measures fp32 only: the fp16/fp32 and variants stages' first cell is the
-    # NCHW stage's).
+    # NCHW stage's); the host stage's with its back-to-back wall time.
     with open(unpacked / "bench.csv", newline="") as f:
-        measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in csv.DictReader(f)}
-    assert len(measured) == 6 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "dgrad", "wgrad"}
+        rows = list(csv.DictReader(f))
+    measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in rows}
+    assert len(measured) == 7 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "dgrad", "wgrad"}
+    assert all(float(r["wall_us"]) > 0 for r in rows if r["shape"].startswith("quick-small"))
+    assert (unpacked / "host-overhead.txt").read_text().count("Python-level calls") == 1
 
 
 def test_candidates_counts_and_warms_a_stage():
