@@ -13,12 +13,57 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Counts the changes of what decides a launch (``configured``, ``launcher.intercept`` and
+# ``launcher.stub_launches`` entered or left, ``launcher.forget_tunings``): what a caller
+# prepared for a class of calls holds only in the epoch it was prepared in.
+EPOCH = [0]
+
+
+@dataclass
+class Settings:
+    """The environment's switches for the kernels, read once, when the package is
+    imported (a change of the environment later is not seen; ``configured`` changes
+    them for a block):
+
+    * ``experimental`` (``TRITONDECONV_EXPERIMENTAL``, comma-separated): the features
+      turned on; ``"tma"``, the phase GEMM reading its input through Hopper's tensor
+      memory accelerator, offered to the tuner only then;
+    * ``autotune`` (``TRITONDECONV_AUTOTUNE``): ``"0"`` (time nothing: the cost model's
+      pick), ``"exhaustive"`` (time every candidate), otherwise ``"1"`` (time the cost
+      model's best few; see ``tuning``).
+    """
+    experimental: frozenset
+    autotune: str
+
+
+def _autotune_mode(value: str) -> str:
+    return value if value in ("0", "exhaustive") else "1"
+
+
+SETTINGS = Settings(frozenset(os.environ.get("TRITONDECONV_EXPERIMENTAL", "").split(",")) - {""},
+                    _autotune_mode(os.environ.get("TRITONDECONV_AUTOTUNE", "1")))
+
+
+@contextlib.contextmanager
+def configured(experimental=None, autotune: str | None = None) -> Iterator[None]:
+    """``SETTINGS`` changed for the block (``experimental``: an iterable of features;
+    ``autotune``: as ``TRITONDECONV_AUTOTUNE``), then restored; a new epoch both ways."""
+    before = (SETTINGS.experimental, SETTINGS.autotune)
+    if experimental is not None:
+        SETTINGS.experimental = frozenset(experimental)
+    if autotune is not None:
+        SETTINGS.autotune = _autotune_mode(autotune)
+    EPOCH[0] += 1
+    try:
+        yield
+    finally:
+        SETTINGS.experimental, SETTINGS.autotune = before
+        EPOCH[0] += 1
+
+
 def experimental(feature: str) -> bool:
-    """Whether ``TRITONDECONV_EXPERIMENTAL`` (comma-separated, read at each call) turns
-    on an experimental feature: ``"tma"``, the phase GEMM reading its input through
-    Hopper's tensor memory accelerator, offered to the tuner only then; ``"launch"``,
-    repeated launches going straight to the compiled kernel (``launcher.run_kernel``)."""
-    return feature in os.environ.get("TRITONDECONV_EXPERIMENTAL", "").split(",")
+    """Whether ``feature`` is among ``SETTINGS.experimental``."""
+    return feature in SETTINGS.experimental
 
 
 _OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
@@ -53,23 +98,25 @@ def fma_dot(a, b):
     return tl.sum(b[None, :, :] * a[:, :, None], axis=1)
 
 
-_FORCED_INT64: list[bool] = []
+INT64_FORCED: list[bool] = []  # per open ``force_int64_index`` (empty: not forced)
 
 
 @contextlib.contextmanager
 def force_int64_index() -> Iterator[None]:
     """Make every launch in the block index in 64 bits, as it does for tensors past 2**31
     elements (so that path can be tested, and compiled, on small tensors)."""
-    _FORCED_INT64.append(True)
+    INT64_FORCED.append(True)
+    EPOCH[0] += 1
     try:
         yield
     finally:
-        _FORCED_INT64.pop()
+        INT64_FORCED.pop()
+        EPOCH[0] += 1
 
 
 def int64_forced() -> bool:
     """Whether ``force_int64_index`` is in force."""
-    return bool(_FORCED_INT64)
+    return bool(INT64_FORCED)
 
 
 def spans_int64(shape, strides) -> bool:
@@ -115,7 +162,7 @@ def capturing(tensor: torch.Tensor | None = None) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-_FILLS: list[float] = []
+POISON: list[float] = []  # per open ``poison_allocations``, the value (empty: nothing poisoned)
 
 
 @contextlib.contextmanager
@@ -123,16 +170,16 @@ def poison_allocations(value: float = float("nan")) -> Iterator[None]:
     """While the block runs, every tensor the ops and launchers allocate for a result
     (outputs, gradients, the weight gradient's workspace) starts filled with ``value``,
     so that an element a kernel fails to write shows (tests poison with NaN)."""
-    _FILLS.append(value)
+    POISON.append(value)
     try:
         yield
     finally:
-        _FILLS.pop()
+        POISON.pop()
 
 
 def allocated(t: torch.Tensor) -> torch.Tensor:
     """``t``, a new result tensor, filled as ``poison_allocations`` asks (if it does)."""
-    return t.fill_(_FILLS[-1]) if _FILLS else t
+    return t.fill_(POISON[-1]) if POISON else t
 
 
 @dataclass(frozen=True)
@@ -146,7 +193,7 @@ class Launch:
     dtype: torch.dtype | None = None
 
 
-_OBSERVERS: list[list[Launch]] = []
+OBSERVERS: list[list[Launch]] = []  # the open observers' lists (empty: nobody observes)
 
 
 @contextlib.contextmanager
@@ -156,15 +203,15 @@ def observe_launches() -> Iterator[list[Launch]]:
     compute a result (each run of a ``launcher.race`` computes it, so each is seen).
     Observing costs nothing when nobody observes."""
     launches: list[Launch] = []
-    _OBSERVERS.append(launches)
+    OBSERVERS.append(launches)
     try:
         yield launches
     finally:
-        del _OBSERVERS[next(i for i, o in enumerate(_OBSERVERS) if o is launches)]
+        del OBSERVERS[next(i for i, o in enumerate(OBSERVERS) if o is launches)]
 
 
 def notify_launch(kernel: str, constants: dict, dtype: torch.dtype | None = None, config: dict | None = None) -> None:
     """Called by the launcher after a launch (its compile-time ``constants`` and tile
     ``config``): hands it to every observer."""
-    for launches in _OBSERVERS:
+    for launches in OBSERVERS:
         launches.append(Launch(kernel, {**constants, **(config or {})}, dtype))

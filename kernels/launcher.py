@@ -39,9 +39,10 @@ from typing import Callable, Iterator
 
 import torch
 import triton
+from triton import knobs
 from triton.compiler import CompiledKernel
 
-from .common import INTERPRETING, experimental, notify_launch
+from .common import EPOCH, INTERPRETING, OBSERVERS, notify_launch
 from .cost import Machine, Problem, prune, rank
 from .tuning import Compiled, Tuner
 
@@ -61,9 +62,6 @@ class LaunchPlan:
     # The compile-time constants that select the kernel's variants (a first call times the
     # best candidates of each: ``tuning.first_timed``).
     variants: tuple = ()
-    # The kernels compiled for this class, by what else decides Triton's specialisation
-    # (see ``run_kernel``): filled by the launches themselves.
-    compiled: dict = field(default_factory=dict, compare=False, repr=False)
     # The configurations chosen for this class's launches, by device and hooks (``launch``
     # keeps the tuner's answers here), and the races decided for its calls (``race``'s
     # answers, kept where the caller passes this as ``decided``).
@@ -76,8 +74,7 @@ class LaunchPlan:
         ``tensors`` (its pointers, ``None`` for an absent one), the plan's ``scalars``,
         then ``trailing`` (per-call values, such as the activation's slope)."""
         return Request(family, kernel, (*tensors, *self.scalars, *trailing), self.constants, self.grid, self.key,
-                       self.configs, self.problem, device, output, self.variants, self.compiled, len(tensors),
-                       len(trailing), self.tuned)
+                       self.configs, self.problem, device, output, self.variants, len(tensors), self.tuned)
 
 
 @dataclass(frozen=True)
@@ -128,11 +125,7 @@ class Request:
     device:    the tensors' device.
     output:    the tensor a launch writes (compared when the tuner checks its winner).
     variants:  the compile-time constants that select the kernel's variants.
-    compiled:  the plan's compiled kernels (``LaunchPlan.compiled``; ``None``: none kept).
-    pointers, trailing:
-               how many of ``args`` come before the plan's scalars (the tensors) and after
-               them (per-call values): with the configuration, all that can change which
-               compiled kernel a launch of the plan runs.
+    pointers:  how many of ``args`` are tensors (they come first).
     tuned:     the plan's chosen configurations (``LaunchPlan.tuned``; ``None``: none kept).
     """
     family: str
@@ -146,9 +139,7 @@ class Request:
     device: torch.device
     output: torch.Tensor
     variants: tuple = ()
-    compiled: dict | None = None
     pointers: int = 0
-    trailing: int = 0
     tuned: dict | None = None
 
 
@@ -175,10 +166,13 @@ def intercept(*, choose=None, launch=None, compile=None, clock=None, tune=None, 
     outer = _hooks()
     _HOOKS.append(_Hooks(**{name: getattr(given, name) if getattr(given, name) is not None else getattr(outer, name)
                             for name in _Hooks.__dataclass_fields__}))
+    EPOCH[0] += 1
     try:
         yield
     finally:
         _HOOKS.pop()
+        EPOCH[0] += 1
+
 
 
 def _hooks() -> _Hooks:
@@ -191,8 +185,9 @@ def _hook(name: str):
 
 
 def launches_replaced() -> bool:
-    """Whether an ``intercept`` replaces the launches (then any device takes the kernel path)."""
-    return _hook("launch") is not None
+    """Whether an ``intercept`` replaces the launches, or ``stub_launches`` stubs them
+    (then any device takes the kernel path)."""
+    return _hook("launch") is not None or bool(_STUBBED)
 
 
 def device_info(device: torch.device, hooks: _Hooks | None = None) -> DeviceInfo:
@@ -221,6 +216,7 @@ def forget_tunings() -> None:
     for t in _TUNERS.values():
         t.forget()
     _FORGOTTEN[0] += 1
+    EPOCH[0] += 1
 
 
 def _kept(answers: dict | None, hooks: _Hooks, device: torch.device):
@@ -260,54 +256,123 @@ def candidates(request: Request, info: DeviceInfo) -> list[dict]:
 _INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
 
 
-def run_kernel(request: Request, config: dict) -> None:
-    """The Triton launch of ``request`` with ``config`` (what a ``launch`` hook replaces,
-    and may call itself).
-
-    With ``TRITONDECONV_EXPERIMENTAL=launch``, a launch that Triton's JIT has compiled
-    once for this plan goes straight to the compiled kernel the next time: its
-    ``CompiledKernel[grid](*arguments)`` takes the same arguments as the JIT passes it
-    (every parameter in the signature's order, the compile-time ones included), and
-    skips the JIT's per-call work (binding and specialising the phase GEMM's 53
-    arguments, building its cache key: about 14 µs on a CPU host, as
-    ``perf/host_overhead.py`` times it).  The kernel is reused only where the
-    JIT would pick the same one: same device and configuration, the same scalars (the
-    plan's), and for each per-call argument the same dtype and 16-byte alignment
-    (tensors) or type and value (others), which is everything Triton specialises on.
-    The interpreter compiles nothing, so it always takes the JIT's path."""
-    fast = request.compiled is not None and experimental("launch")
-    key = _compiled_key(request, config) if fast else None
-    entry = request.compiled.get(key) if fast else None
+def run_kernel(request: Request, config: dict):
+    """The Triton launch of ``request`` with ``config`` through Triton's JIT (what a
+    ``launch`` hook replaces, and may call itself); the compiled kernel the JIT chose
+    (``None`` in the interpreter, which compiles nothing)."""
     with _INTERPRETER_LOCK:
-        if entry is not None:
-            kernel, grid, constexprs = entry
-            kernel[grid](*request.args, *constexprs)
-            return
-        kernel = request.kernel[request.grid](*request.args, **request.constants, **config)
-    if fast and isinstance(kernel, CompiledKernel) and len(request.compiled) < COMPILED_PER_PLAN:
+        return request.kernel[request.grid](*request.args, **request.constants, **config)
+
+
+class PreparedLaunch:
+    """One class of calls' launch with everything decided but the tensors: the tuned
+    configuration, the grid, every other argument, and (compiled) the kernel Triton's JIT
+    chose for them.  ``launch(*tensors)`` launches it on new tensors of the class.
+
+    The lean launch: on a GPU a call goes straight to the compiled kernel's launcher
+    (``CompiledKernel.run``, Triton's C launcher) with the tensors' addresses as
+    integers and the current stream, as Triton's JIT ends its own launch, without the
+    JIT's per-call work (binding and specialising every argument, building its cache key,
+    asking the driver for each pointer's attributes).  The compiled kernel is the one the
+    JIT would pick while everything the JIT specialises on is unchanged: the plan's
+    arguments and the configuration are, by construction; the tensors' dtypes are part
+    of the plan; the 16-byte alignment of their addresses is checked on every call, and
+    a call with another alignment, or on another current device, goes through the JIT
+    (``jit``).  So does a launch where one of Triton's launch hooks (a profiler's) is
+    set, and every launch in the interpreter.  Every launch is reported to the observers
+    (``common.observe_launches``)."""
+
+    __slots__ = ("request", "options", "tail", "grid", "lean", "run", "function", "metadata", "device", "aligned",
+                 "all_aligned", "reported")
+
+    def __init__(self, request: Request, config: dict, compiled):
         values = {**request.constants, **config}
-        grid = (*request.grid(values), 1, 1)[:3]  # (as the JIT completes it)
-        request.compiled[key] = (kernel, grid, tuple(values[name] for name in request.kernel.arg_names[len(request.args):]))
+        self.request = request
+        self.options = {k: v for k, v in config.items() if k not in request.kernel.arg_names}  # (num_warps, ...)
+        # Every argument after the tensors, in the signature's order, the compile-time ones included.
+        self.tail = (*request.args[request.pointers:],
+                     *(values[name] for name in request.kernel.arg_names[len(request.args):]))
+        self.grid = (*request.grid(values), 1, 1)[:3]  # (as the JIT completes it)
+        self.device = request.device.index
+        self.aligned = tuple(t.data_ptr() % 16 == 0 for t in request.args[:request.pointers])
+        self.all_aligned = all(self.aligned)
+        self.reported = (request.family, request.constants, request.args[0].dtype, config)
+        self.run = self.function = self.metadata = None
+        if _STUBBED:
+            self.lean = _STUBBED[-1]
+        elif isinstance(compiled, CompiledKernel):
+            self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+            self.lean = self.compiled
+        else:
+            self.lean = None
+
+    def launch(self, *tensors) -> None:
+        """Launch on ``tensors``, in the places (and with the placeholders) of the
+        request's."""
+        if self.lean is None or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+            self.jit(tensors)
+        else:
+            pointers = [t.data_ptr() for t in tensors]
+            if self.all_aligned:
+                merged = 0
+                for pointer in pointers:
+                    merged |= pointer
+                same = merged % 16 == 0
+            else:
+                same = self.aligned == tuple([pointer % 16 == 0 for pointer in pointers])
+            if same:
+                self.lean(pointers, tensors)
+            else:
+                self.jit(tensors)
+        if OBSERVERS:
+            notify_launch(*self.reported)
+
+    def compiled(self, pointers: list, tensors: tuple) -> None:
+        """The compiled kernel's launcher, on the current stream of the tensors' device
+        (where they have none, stream 0: CPU tensors, which only a stand-in compiled
+        kernel takes, as the tests hand one)."""
+        if self.device is None:
+            stream = 0
+        else:
+            device = torch._C._cuda_getDevice()
+            if device != self.device:
+                self.jit(tensors)
+                return
+            stream = torch._C._cuda_getCurrentRawStream(device)
+        self.run(*self.grid, stream, self.function, self.metadata, None, None, None, *pointers, *self.tail)
+
+    def jit(self, tensors: tuple) -> None:
+        """The same launch through Triton's JIT (it picks, or compiles, the kernel for the
+        tensors' alignment and the current device)."""
+        with _INTERPRETER_LOCK:
+            self.request.kernel[self.grid](*tensors, *self.tail, **self.options)
 
 
-# Compiled launches kept per plan: a few configurations (the tuner's candidates) times a
-# few alignments; the bound keeps a stream of per-call values from growing it.
-COMPILED_PER_PLAN = 64
+_STUBBED: list = []  # per open ``stub_launches``, what replaces the compiled kernel's launcher
 
 
-def _compiled_key(request: Request, config: dict) -> tuple:
-    """What, besides the plan, decides which compiled kernel Triton's JIT launches."""
-    args = request.args
-    per_call = (*args[:request.pointers], *args[len(args) - request.trailing:])
-    return (request.device, *config.items(), *(_specialised(arg) for arg in per_call))
+def _no_launch(pointers: list, tensors: tuple) -> None:
+    """What ``stub_launches`` puts in place of the compiled kernel's launcher."""
 
 
-def _specialised(arg) -> tuple:
-    """What Triton's JIT specialises a per-call argument on: a tensor's dtype and
-    whether its address is 16-byte aligned; another value's type and value."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return type(arg), arg
+@contextlib.contextmanager
+def stub_launches() -> Iterator[None]:
+    """While inside, a launch does everything it does on a GPU except call the compiled
+    kernel's launcher (Triton's C launcher, then the driver): configurations are the cost
+    model's picks for an H100 where there is no GPU (nothing is timed or compiled), the
+    first call of a class of calls launches nothing, and each later one takes the lean
+    launch (``PreparedLaunch``) up to that last step, on CPU tensors too; so that tools
+    measure the host's part of a call (its time, its Python-level calls) on any machine.
+    Entering and leaving starts a new epoch (``EPOCH``): what was prepared inside is never
+    used outside."""
+    _STUBBED.append(_no_launch)
+    EPOCH[0] += 1
+    try:
+        with intercept(tune=False, device=None if torch.cuda.is_available() else H100):
+            yield
+    finally:
+        _STUBBED.pop()
+        EPOCH[0] += 1
 
 
 def _run(request: Request, config: dict, launch: Callable | None = None) -> torch.Tensor:
@@ -347,17 +412,23 @@ def _tuned(request: Request, hooks: _Hooks) -> dict:
     return config
 
 
-def launch(request: Request) -> dict:
+def launch(request: Request) -> PreparedLaunch | None:
     """Choose the request's configuration (on a key's first call: tune it), launch it,
-    and report the launch to the observers; the configuration."""
+    and report the launch to the observers.  Returns the class's prepared launch for its
+    later calls (in this epoch: a hook's choice holds within its ``intercept``), or None
+    where none may be kept: a hook replaces the launch, a compile or the clock, or the
+    tuner did not keep its choice (an untimed pick during CUDA-graph capture)."""
     hooks = _hooks()
     if hooks.choose is not None:
         config = hooks.choose(request, candidates(request, device_info(request.device, hooks)))
     else:
         config = _kept(request.tuned, hooks, request.device) or _tuned(request, hooks)
-    _run(request, config, hooks.launch)
+    compiled = None if _STUBBED else (hooks.launch or run_kernel)(request, config)
     notify_launch(request.family, request.constants, request.args[0].dtype, config)
-    return config
+    if (hooks.launch or hooks.compile or hooks.clock
+            or (hooks.choose is None and _kept(request.tuned, hooks, request.device) is None)):
+        return None
+    return PreparedLaunch(request, config, compiled)
 
 
 def race(device: torch.device, key: tuple, runs: dict[str, Callable[[], torch.Tensor]],

@@ -38,6 +38,7 @@ The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, k
 import functools
 import itertools
 import math
+from typing import Callable
 
 import torch
 import triton
@@ -537,11 +538,10 @@ def phase_gemm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     residual: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> Callable | None:
     """Write ``out`` with the transposed (or direct) convolution of ``x`` by ``weight``,
     then, fused into the store, ``activation`` (one of ``activations.ACTIVATIONS``) and ``+ residual``
-    (shaped like ``out``, any strides).  ``bias``: ``[C_out]``, any stride (a strided
-    one is read from a contiguous copy).
+    (shaped like ``out``, any strides).  ``bias``: ``[C_out]``, contiguous.
 
     The tensors have 1 to 3 spatial axes (all the same number), any strides: ``x``
     ``[N, C_x, *spatial]``, ``out`` ``[N, C_out, *spatial']``, ``weight``
@@ -549,7 +549,11 @@ def phase_gemm(
     (so the direct convolution maps ``C_out`` channels of ``x`` onto ``C_in`` channels of
     ``out``); ``stride``, ``padding`` and ``dilation`` have one entry per spatial axis.
     The caller has checked the arguments and sized ``out`` (output padding included).
-    Returns ``out``.
+
+    Returns ``repeat(out, x, weight, bias, residual)``, which does the same on new
+    tensors of this call's class (the same shapes, strides, dtype and device; the same
+    geometry, epilogue and slope) with the launches prepared here (``launcher.
+    PreparedLaunch``), or None where they may not be kept (``launcher.launch``).
 
     Where ``x``'s channels are strided (NCHW) and the GEMM reduces over 16 or more
     channels per group, a layer's first call races this launch on ``x`` against the same
@@ -559,8 +563,6 @@ def phase_gemm(
     ``"staged"``).  The race is timed once per exact shape and remembered as a tuning
     (family ``"input_layout"``).
     """
-    if bias is not None and not bias.is_contiguous():  # (the kernel reads it contiguous)
-        bias = bias.contiguous()
     # The plan's arguments but the input's layout, built once: with the input's they key
     # the race too (a key of values already at hand, no more work per call).
     others = ((out.shape, out.stride()), (weight.shape, weight.stride()),
@@ -573,26 +575,51 @@ def phase_gemm(
         return plan_launch(out_layout, x_layout, weight_layout, *geometry,
                            transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
 
-    def launch(x: torch.Tensor, plan: launcher.LaunchPlan) -> torch.Tensor:
-        launcher.launch(plan.request(
+    def launch(x: torch.Tensor, plan: launcher.LaunchPlan) -> launcher.PreparedLaunch | None:
+        return launcher.launch(plan.request(
             "phase_gemm", _phase_gemm_kernel,
             (x, weight, x if bias is None else bias, out, out if residual is None else residual), x.device, out,
             trailing=(negative_slope,)))
-        return out
 
     x_layout = (x.shape, x.stride())
     gathered = plan(x, x_layout)
     if not _stages(x_layout, x.element_size(), groups):
-        return launch(x, gathered)
+        return _repeat(launch(x, gathered))
+    prepared = {}
 
     def staged() -> torch.Tensor:
-        copy = staging.channels_last(x)
-        return launch(copy, plan(copy, (copy.shape, copy.stride())))
+        copy, prepared["copy"] = staging.channels_last(x)
+        prepared["staged"] = launch(copy, plan(copy, (copy.shape, copy.stride())))
+        return out
 
-    runs = {"gathered": lambda: launch(x, gathered), "staged": staged}
+    def as_given() -> torch.Tensor:
+        prepared["gathered"] = launch(x, gathered)
+        return out
+
+    runs = {"gathered": as_given, "staged": staged}
     # (The plan of the input as given is this exact class of calls: it keeps the answer.)
     winner = launcher.race(x.device, (x_layout, *others), runs, family="input_layout", decided=gathered.raced)
-    return runs[winner]()
+    runs[winner]()
+    if winner == "gathered":
+        return _repeat(prepared["gathered"])
+    return _repeat(prepared["staged"], prepared["copy"], staged=True)
+
+
+def _repeat(gemm: launcher.PreparedLaunch | None, copy: launcher.PreparedLaunch | None = None,
+            staged: bool = False) -> Callable | None:
+    """``phase_gemm``'s repeat: the prepared GEMM launch on ``x`` or (``staged``) on a
+    channels-last copy of it made by the prepared ``copy`` launch; None where a launch
+    it needs was not prepared."""
+    if gemm is None or (staged and copy is None):
+        return None
+    if not staged:
+        def repeat(out, x, weight, bias, residual) -> None:
+            gemm.launch(x, weight, x if bias is None else bias, out, out if residual is None else residual)
+    else:
+        def repeat(out, x, weight, bias, residual) -> None:
+            x = staging.repeat(copy, x)
+            gemm.launch(x, weight, x if bias is None else bias, out, out if residual is None else residual)
+    return repeat
 
 
 @functools.lru_cache(maxsize=4096)

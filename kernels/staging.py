@@ -84,10 +84,23 @@ def plan_launch(shape: tuple, strides: tuple, dtype: torch.dtype, int64_forced: 
     )
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
+def channels_last(x: torch.Tensor) -> tuple[torch.Tensor, launcher.PreparedLaunch | None]:
     """A channels-last copy of ``x`` ``[N, C, *spatial]`` (1 to 3 spatial axes that
-    ``flat_pixels`` accepts): a tensor of ``x``'s shape whose channels are contiguous."""
-    out = allocated(torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype, device=x.device))
+    ``flat_pixels`` accepts): a tensor of ``x``'s shape whose channels are contiguous; and
+    the copy's prepared launch for ``repeat`` (None where it may not be kept)."""
+    out = _empty_copy(x)
     plan = plan_launch(tuple(x.shape), x.stride(), x.dtype, int64_forced())
-    launcher.launch(plan.request("staging", _channels_last_kernel, (x, out), x.device, out))
+    prepared = launcher.launch(plan.request("staging", _channels_last_kernel, (x, out), x.device, out))
+    return out.movedim(-1, 1), prepared
+
+
+def repeat(prepared: launcher.PreparedLaunch, x: torch.Tensor) -> torch.Tensor:
+    """``channels_last(x)`` with the launch it prepared for ``x``'s class of tensors."""
+    out = _empty_copy(x)
+    prepared.launch(x, out)
     return out.movedim(-1, 1)
+
+
+def _empty_copy(x: torch.Tensor) -> torch.Tensor:
+    """The copy's storage: ``[N, *spatial, C]``, contiguous."""
+    return allocated(torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype, device=x.device))

@@ -60,7 +60,7 @@ from typing import Callable
 
 import torch
 import triton
-from .common import INTERPRETING, capturing
+from .common import INTERPRETING, SETTINGS, capturing
 
 try:
     import fcntl
@@ -98,11 +98,10 @@ def bucket(rows: int) -> int:
 
 
 def autotune_mode() -> str:
-    """``TRITONDECONV_AUTOTUNE``, read when a key is first tuned: ``"0"`` (time nothing:
-    the cost model's pick), ``"exhaustive"`` (time every candidate), otherwise the
-    default (time the cost model's best ``TIMED``)."""
-    mode = os.environ.get("TRITONDECONV_AUTOTUNE", "1")
-    return mode if mode in ("0", "exhaustive") else "1"
+    """``TRITONDECONV_AUTOTUNE`` as ``common.SETTINGS`` holds it: ``"0"`` (time nothing:
+    the cost model's pick), ``"exhaustive"`` (time every candidate), otherwise ``"1"``
+    (time the cost model's best ``TIMED``)."""
+    return SETTINGS.autotune
 
 
 def cache_dir() -> Path:

@@ -64,7 +64,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import tritondeconv  # noqa: E402
-import tritondeconv.ops  # noqa: E402
+import tritondeconv.registrations  # noqa: E402
 from tritondeconv.kernels import launcher, phase_gemm, staging, tuning, weight_grad  # noqa: E402
 from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
 

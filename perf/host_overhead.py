@@ -3,9 +3,11 @@ on the same tensors.
 
     python perf/host_overhead.py [--repeat 2000] [--device cpu|cuda] [--profile N]
 
-The Triton launch is replaced through the launcher's seam (``kernels.launcher.intercept``)
-by a no-op, so what is timed is everything before it: argument checks, the PyTorch
-dispatcher, planning, the tuning lookup, weight packing, allocation.  The tensors are
+The Triton launch is stubbed through the launcher's seam (``kernels.launcher.
+stub_launches``): a call does everything it does on a GPU but call the compiled kernel's
+launcher, so what is timed is everything before it: argument checks, the PyTorch
+dispatcher, the prepared call's lookup, weight packing, allocation, the lean launch's
+own work.  The tensors are
 small (1×8×4×4, 8 → 8 channels, k4 s2 p1; one case with 16 channels, where the launch
 looks up its race against a channels-last copy of the input), so aten's own call is
 mostly host time too.
@@ -16,17 +18,16 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   only these, no timing);
 * the functional API and a module, forward (no grad; a module's also under
   ``torch.inference_mode``) and forward+backward, each beside aten's, and their ratio
-  (the targets: forward ≤ 0.5× aten, forward+backward ≤ 0.7×);
-* the forward's parts: our implementation (checks, planning, tuning lookup, packing,
-  allocation), the public function's own layer (argument parsing; on plain tensors it
-  reaches our autograd kernel without the dispatcher), the trip through PyTorch's
-  dispatcher that a call through ``torch.ops`` pays, and on a GPU the launch itself
-  (Triton binding the kernel's arguments and the driver call: the implementation with
-  the real launch against the no-op one), through Triton's JIT and, with the
-  experimental direct launch, straight to the compiled kernel;
+  (the target: at most aten's);
+* the forward's parts: our implementation (the prepared call's lookup, packing,
+  allocation, the lean launch's own work), the public function's own layer (argument
+  parsing, the plain-call test), the trip through PyTorch's dispatcher that a call
+  through ``torch.ops`` pays, and on a GPU the launch itself (the compiled kernel's C
+  launcher and the driver: the implementation launching against it stubbed) and the
+  implementation with its launch through Triton's JIT instead, as a first call goes;
 * Triton's JIT per launch on this host, answering as an H100 (sm_90), measurable without
   a GPU: binding and specialising the forward kernel's arguments and building its cache
-  key, what every launch through the JIT pays before the driver call (the direct launch
+  key, what every launch through the JIT pays before the driver call (the lean launch
   skips it);
 * the parts of our module's forward+backward: the forward that records the graph, the
   two gradients' implementations alone, and the rest (PyTorch's engine and our
@@ -40,13 +41,11 @@ import argparse
 import contextlib
 import cProfile
 import io
-import os
 import platform
 import pstats
 import statistics
 import sys
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +53,9 @@ import triton
 
 import tritondeconv
 from tritondeconv.kernels import launcher
-from tritondeconv.ops import IMPLEMENTATIONS
+from tritondeconv.dispatch import IMPLEMENTATIONS
 from tritondeconv.weights import PACKED
 
-NO_LAUNCH = dict(launch=lambda request, config: None, tune=False)
 
 
 def _median_us(fn, repeat: int) -> float:
@@ -76,7 +74,7 @@ def _compare_us(ours, aten, repeat: int, rounds: int = 10) -> tuple[float, float
     rounds`` calls each, so that a drift of the machine's speed hits both alike."""
     ours_us, aten_us = [], []
     for _ in range(rounds):
-        with launcher.intercept(**NO_LAUNCH):
+        with launcher.stub_launches():
             ours_us.append(_median_us(ours, max(1, repeat // rounds)))
         aten_us.append(_median_us(aten, max(1, repeat // rounds)))
     return statistics.median(ours_us), statistics.median(aten_us)
@@ -160,14 +158,17 @@ def call_counts(device: str = "cpu") -> list[tuple[str, int, int]]:
     for name, run in (("module forward (no grad)", lambda m: m(x)),
                       ("training step (module forward, sum, backward)", lambda m: m(xg).sum().backward())):
         with torch.set_grad_enabled(name.startswith("training")):
-            with launcher.intercept(**NO_LAUNCH):
+            with launcher.stub_launches():
                 counted = python_calls(lambda: run(ours))
             rows.append((name, counted, python_calls(lambda: run(aten))))
     return rows
 
 
 def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
-    """(part, µs) of one forward call without grad: each layer's own time."""
+    """(part, µs) of one forward call without grad: each layer's own time; on a GPU also
+    the launch itself (the compiled kernel's C launcher and the driver), and the same
+    launch through Triton's JIT (``PreparedLaunch.jit``, the way a call at another
+    alignment goes)."""
     x, w, b = _tensors(device)
     geometry = ([2, 2], [1, 1], [0, 0], 1, [1, 1])
     op = torch.ops.tritondeconv.conv_transpose.default
@@ -175,26 +176,26 @@ def parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     calls = {"public": lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
              "dispatched": lambda: op(x, w, b, *geometry),
              "direct": lambda: implementation(x, w, b, *geometry)}
-    times = {name: [] for name in (*calls, "launched", "launched directly")}
+    times = {name: [] for name in (*calls, "launched", "through the JIT")}
     rounds = 10
     with torch.no_grad():
         for _ in range(rounds):  # alternating, so that a drift of the machine's speed hits every part alike
-            with launcher.intercept(**NO_LAUNCH):
+            with launcher.stub_launches():
                 for name, call in calls.items():
                     times[name].append(_median_us(call, max(1, repeat // rounds)))
             if device == "cuda":
                 times["launched"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
-                with mock.patch.dict(os.environ, TRITONDECONV_EXPERIMENTAL="launch"):
-                    times["launched directly"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
+                with launcher.intercept(launch=launcher.run_kernel):  # (each launch through the JIT)
+                    times["through the JIT"].append(_median_us(calls["direct"], max(1, repeat // rounds)))
     us = {name: statistics.median(t) for name, t in times.items() if t}
-    rows = [("our implementation, called directly (checks, plan, tuning lookup, packing, allocation)", us["direct"]),
-            ("the public function's own layer (parsing, the plain-call test, our autograd kernel)",
-             us["public"] - us["direct"]),
+    rows = [("our implementation, called directly (the prepared call's lookup, packing, allocation, the lean "
+             "launch's own work)", us["direct"]),
+            ("the public function's own layer (parsing, the plain-call test)", us["public"] - us["direct"]),
             ("the trip through PyTorch's dispatcher, for calls through torch.ops", us["dispatched"] - us["direct"])]
     if device == "cuda":
-        rows.append(("Triton's launch (argument binding, driver)", us["launched"] - us["direct"]))
-        rows.append(("the same launch straight to the compiled kernel (TRITONDECONV_EXPERIMENTAL=launch)",
-                     us["launched directly"] - us["direct"]))
+        rows.append(("the launch itself: the compiled kernel's C launcher, the driver", us["launched"] - us["direct"]))
+        rows.append(("the implementation with each launch through Triton's JIT instead (a first call's way)",
+                     us["through the JIT"]))
     return rows
 
 
@@ -244,7 +245,7 @@ def training_parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
     times = {name: [] for name in calls}
     rounds = 10
     for _ in range(rounds):
-        with launcher.intercept(**NO_LAUNCH):
+        with launcher.stub_launches():
             for name, call in calls.items():
                 recorded = name in ("step", "forward")
                 # A gradient alone as the backward runs it: no graph, and the weight being
@@ -265,7 +266,7 @@ def profile(repeat: int, device: str, top: int) -> str:
     x, _, _ = _tensors(device)
     module = tritondeconv.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
     xg = x.clone().requires_grad_()
-    with launcher.intercept(**NO_LAUNCH):
+    with launcher.stub_launches():
         for _ in range(20):
             module(xg).sum().backward()
         profiler = cProfile.Profile()

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import tritondeconv
 from reference import RUN_SALT, tile_sides
+from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches, poison_allocations
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -179,6 +181,22 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(folder, ignore_errors=True)
     if _whole_suite(session) and (_missing() or _fma_only_tests()) and exitstatus == 0:
         session.exitstatus = 1
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty tuning cache folder for the test."""
+    monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def first_calls(cache_dir):
+    """Every key's next call is a first call (and the backend is restored)."""
+    launcher.forget_tunings()
+    yield
+    launcher.forget_tunings()
+    tritondeconv.set_backend("triton")
 
 
 @pytest.fixture

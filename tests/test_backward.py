@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
-import tritondeconv.ops
+import tritondeconv.backends
 from reference import DTYPES, TOLERANCES, fresh_seed, layout, relative_error, same_layout
 from tritondeconv.kernels.weight_grad import weight_grad
 from tritondeconv.kernels.common import observe_launches

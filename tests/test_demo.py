@@ -72,7 +72,7 @@ def test_demo_reruns_itself_at_most_once():
     assert "ran: aten fallback (no Triton kernel launched)" in proc.stdout
 
 
-@pytest.mark.skipif(not tritondeconv.ops.runs_triton(torch.device("cuda" if HAS_CUDA else "cpu")),
+@pytest.mark.skipif(not tritondeconv.backends.runs_triton(torch.device("cuda" if HAS_CUDA else "cpu")),
                     reason="the kernels run neither on a GPU nor in the interpreter here")
 def test_demo_does_not_claim_a_kernel_that_did_not_launch(capsys):
     """Where the kernel should run but the op launched none (here: no configuration
@@ -88,7 +88,7 @@ def test_demo_does_not_claim_a_kernel_that_did_not_launch(capsys):
     assert not RAN_KERNEL.search(out)
 
 
-@pytest.mark.skipif(not tritondeconv.ops.runs_triton(torch.device("cuda" if HAS_CUDA else "cpu")),
+@pytest.mark.skipif(not tritondeconv.backends.runs_triton(torch.device("cuda" if HAS_CUDA else "cpu")),
                     reason="the kernels run neither on a GPU nor in the interpreter here")
 def test_demo_fails_when_its_result_is_wrong(capsys):
     """A kernel that writes a wrong result (here: every launch's output zeroed after the

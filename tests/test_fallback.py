@@ -6,8 +6,8 @@ import sys
 
 SCRIPT = r"""
 import torch, torch.nn.functional as F
-import tritondeconv, tritondeconv.ops
-assert not tritondeconv.ops.INTERPRETING
+import tritondeconv, tritondeconv.kernels.common
+assert not tritondeconv.kernels.common.INTERPRETING
 torch.manual_seed(0)
 x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
 w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
-import tritondeconv.ops
+import tritondeconv.backends
 from tritondeconv.kernels.common import observe_launches
 from reference import DTYPES, assert_close, fresh_seed, layout, reference, same_layout
 
@@ -143,7 +143,7 @@ def test_empty_batch_gradients(device):
 
 def test_cpu_runs_the_triton_kernel():
     """Under TRITON_INTERPRET=1 the CPU tests exercise the Triton kernel, not aten's fallback."""
-    if not tritondeconv.ops.INTERPRETING:
+    if not tritondeconv.kernels.common.INTERPRETING:
         pytest.skip("CPU tensors fall back to aten without TRITON_INTERPRET=1")
     x, w = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
     with observe_launches() as launches:

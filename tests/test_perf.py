@@ -331,6 +331,22 @@ def test_host_overhead_reports_every_part():
     assert float(binding[0][1]) > 0
 
 
+def test_a_call_makes_few_python_level_calls():
+    """Python-level calls (function and builtin calls, as ``sys.setprofile`` counts them)
+    with the launches stubbed (everything but Triton's C launcher runs): a module's
+    forward makes at most 60, a training step at most 250 (torch.nn's module makes about
+    15 and 50; ours made 118 and 311 before the prepared calls and the lean launch, 431
+    and 1167 with Triton's JIT launch counted)."""
+    run = subprocess.run([sys.executable, str(PERF / "host_overhead.py"), "--counts"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")]
+    counts = {row[0]: (int(row[1]), int(row[2])) for row in rows[1:]}
+    assert 0 < counts["module forward (no grad)"][0] <= 60, counts
+    assert 0 < counts["training step (module forward, sum, backward)"][0] <= 250, counts
+
+
 def test_plot_figures_read_at_a_glance():
     """The figures from the committed CPU smoke CSV: log speedup axes with 1x marked, a
     panel per (pass, layout) the CSV holds, one colour per dtype shared by the roofline's

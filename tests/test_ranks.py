@@ -9,7 +9,7 @@ import tritondeconv
 from reference import (DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, reference, relative_error,
                        same_layout, skip_without_tma)
 from tritondeconv.kernels import launcher
-from tritondeconv.kernels.common import observe_launches
+from tritondeconv.kernels.common import configured, observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -209,19 +209,18 @@ def _tma_cases():
 
 @pytest.mark.parametrize("precision", ["float64"], indirect=True)
 @pytest.mark.parametrize("rank, groups, k, s, p, op, d", list(_tma_cases()))
-def test_tma_variant(device, precision, monkeypatch, rank, groups, k, s, p, op, d):
+def test_tma_variant(device, precision, rank, groups, k, s, p, op, d):
     """The experimental TMA phase GEMM, forced, over the geometry grid (phases without
     taps, dilation, output padding), every rank, with groups: each tap's input tile is a
     box of the input with zero fill past its borders."""
     skip_without_tma(device)
-    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "tma")
     seed = fresh_seed()
     function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
     spatial = {1: (7,), 2: (3, 4), 3: (2, 3, 2)}[rank]
     x = torch.randn(2, *spatial, 16, device=device, dtype=torch.float64).movedim(-1, 1)  # channels contiguous
     w = torch.randn(16, 16 // groups, *(k,) * rank, device=device, dtype=torch.float64)
     b = torch.randn(16, device=device, dtype=torch.float64)
-    with observe_launches() as launches, on_path("tensor-core", variant="TMA_W"):
+    with configured(experimental={"tma"}), observe_launches() as launches, on_path("tensor-core", variant="TMA_W"):
         out = function[rank](x, w, b, s, p, op, groups, d)
     assert [launch.constants["TMA_W"] > 0 for launch in launches] == [True]
     assert_close(out, reference(x, w, b, s, p, op, groups, d), "float64", seed)

@@ -1,7 +1,6 @@
 """Choosing configurations: the paths each kernel family offers, every offered
 configuration computing the same result, pruning, and the tuning cache on disk
 (persistence, corrupt and stale files, concurrent writers)."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,13 +13,12 @@ import torch
 import triton
 
 import tritondeconv
-from tritondeconv.kernels.common import observe_launches, simulate_capture
+from tritondeconv.kernels.common import configured, observe_launches, simulate_capture
 from reference import (
     DTYPES, TOLERANCES, assert_close, fresh_seed, input_copies, layout, reference, relative_error, tile_sides)
 from tritondeconv.kernels import cost, launcher, phase_gemm, tuning, weight_grad
 from tritondeconv.kernels.cost import Part, Problem, prune
 from tritondeconv.kernels.tuning import CacheFile, NoConfigurationRan, Tuner, cache_path, config
-from triton.compiler import CompiledKernel
 from triton.runtime.errors import OutOfResources
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -177,12 +175,6 @@ def _tuner(timed: list, kernel=FakeKernel()) -> Tuner:
 
 def _pick(tuner: Tuner, key=("k", 1)) -> dict:
     return tuner.pick("Fake GPU", key, lambda: CANDIDATES, lambda c: c, tune=True)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path))
-    return tmp_path
 
 
 def test_tuning_picks_the_fastest_and_persists_it(cache_dir):
@@ -448,18 +440,18 @@ def _fast(c: dict) -> float:
     return 10.0 / c["BLOCK_M"]  # larger tiles faster: the last candidate is the fastest
 
 
-def test_only_the_cost_models_best_are_timed_unless_exhaustive(cache_dir, monkeypatch):
+def test_only_the_cost_models_best_are_timed_unless_exhaustive(cache_dir):
     timed = []
     tuner = Tuner("ranked", None, lambda run: (timed.append(run()), _fast(timed[-1]))[1])
     assert tuner.pick("Fake GPU", ("k",), lambda: MANY, lambda c: c, tune=True) == MANY[tuning.TIMED - 1]
     assert timed == MANY[:tuning.TIMED]
-    monkeypatch.setenv("TRITONDECONV_AUTOTUNE", "exhaustive")
     timed.clear()
-    assert tuner.pick("Fake GPU", ("k2",), lambda: MANY, lambda c: c, tune=True) == MANY[-1]
+    with configured(autotune="exhaustive"):
+        assert tuner.pick("Fake GPU", ("k2",), lambda: MANY, lambda c: c, tune=True) == MANY[-1]
     assert timed == MANY
-    monkeypatch.setenv("TRITONDECONV_AUTOTUNE", "0")
     timed.clear()
-    assert tuner.pick("Fake GPU", ("k3",), lambda: MANY, lambda c: c) == MANY[0] and timed == []
+    with configured(autotune="0"):
+        assert tuner.pick("Fake GPU", ("k3",), lambda: MANY, lambda c: c) == MANY[0] and timed == []
 
 
 def test_each_kernel_variant_gets_its_own_timed_share(cache_dir):
@@ -575,15 +567,6 @@ def test_agreement_is_up_to_summation_order_with_the_same_nan_and_inf():
 
 
 # ---------------------------------------------------------------- the same, through the ops
-
-@pytest.fixture
-def first_calls(cache_dir):
-    """Every key's next call is a first call (and the backend is restored)."""
-    launcher.forget_tunings()
-    yield
-    launcher.forget_tunings()
-    tritondeconv.set_backend("triton")
-
 
 def _narrow_layer(device):
     """A layer with 3 output channels: two candidates (tensor cores, FMA) in the interpreter
@@ -771,76 +754,3 @@ def test_backend_switch_refuses_unknown_names():
     assert tritondeconv.get_backend() == "triton"
 
 
-class _RecordedKernel(CompiledKernel):
-    """A compiled kernel that records its launches instead of running them."""
-
-    def __init__(self):  # (nothing of Triton's is loaded: no GPU is needed)
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args: self.launches.append((grid, args))
-
-
-class _RecordedJit:
-    """A JIT function with the real kernel's parameters whose launches record their
-    arguments and return ``compiled`` (``None``: as the interpreter does)."""
-
-    def __init__(self, arg_names, compiled):
-        self.arg_names, self.compiled, self.calls = arg_names, compiled, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-            return self.compiled
-        return run
-
-
-def _recorded_request(device, compiled):
-    """A real phase GEMM request of a small layer (as its launcher made it), its real
-    configuration, and a JIT standing in for its kernel (with no compiled kernel kept
-    yet: the plan's own are the real kernel's)."""
-    captured = []
-    x, w = torch.randn(1, 8, 4, 4, device=device), torch.randn(8, 8, 4, 4, device=device)
-    with launcher.intercept(launch=lambda request, config: captured.append((request, config))):
-        tritondeconv.conv_transpose2d(x, w, torch.randn(8, device=device), 2, 1, activation="leaky_relu",
-                                      negative_slope=0.1)
-    ((request, config),) = captured
-    jit = _RecordedJit(request.kernel.arg_names, compiled)
-    return dataclasses.replace(request, kernel=jit, compiled={}), config, jit
-
-
-def test_repeated_launches_go_straight_to_the_compiled_kernel_with_the_jits_arguments(device, monkeypatch):
-    """With the experimental direct launch, a plan's second launch runs the kernel the
-    JIT compiled at its first, with every parameter the JIT bound, in the signature's
-    order, on the grid the JIT completed to three axes; a per-call tensor at another
-    16-byte alignment, another configuration or the flag off go through the JIT."""
-    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "launch")
-    compiled = _RecordedKernel()
-    request, config, jit = _recorded_request(device, compiled)
-    launcher.run_kernel(request, config)
-    launcher.run_kernel(request, config)
-    ((grid, args, kwargs),) = jit.calls
-    bound = {**dict(zip(jit.arg_names, args)), **{k: v for k, v in kwargs.items() if k in jit.arg_names}}
-    assert set(bound) == set(jit.arg_names)  # every parameter bound, none left to a default
-    meta = {**request.constants, **config}
-    assert compiled.launches == [((*grid(meta), 1, 1)[:3], tuple(bound[name] for name in jit.arg_names))]
-
-    shifted = request.output.view(-1)[1:].view(-1)  # 4 bytes past a 16-byte boundary
-    moved = dataclasses.replace(request, args=(*request.args[:3], shifted, *request.args[4:]))
-    launcher.run_kernel(moved, config)
-    assert len(jit.calls) == 2
-    other = {**config, "num_warps": config["num_warps"] * 2}
-    launcher.run_kernel(request, other)
-    assert len(jit.calls) == 3
-    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "")
-    launcher.run_kernel(request, config)
-    assert len(jit.calls) == 4 and len(compiled.launches) == 1
-
-
-def test_a_launch_that_compiled_nothing_is_never_reused(device, monkeypatch):
-    """The interpreter's launches return no compiled kernel: each one goes through it."""
-    monkeypatch.setenv("TRITONDECONV_EXPERIMENTAL", "launch")
-    request, config, jit = _recorded_request(device, None)
-    for _ in range(3):
-        launcher.run_kernel(request, config)
-    assert len(jit.calls) == 3 and not request.compiled

@@ -374,7 +374,7 @@ def _autocast_devices():
 def test_autocast_casts_as_for_atens_convolution(autocast_device, autocast_dtype, epilogue):
     """An fp32 module fed a low-precision activation under autocast: the op runs in the
     region's dtype and returns it, as aten's conv_transpose does; float64 is not cast."""
-    if autocast_device == "cpu" and not tritondeconv.ops.runs_triton(torch.device("cpu")):
+    if autocast_device == "cpu" and not tritondeconv.backends.runs_triton(torch.device("cpu")):
         pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
     seed = fresh_seed()
     module = tritondeconv.nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, device=autocast_device,

@@ -5,15 +5,17 @@
 ``plan`` describes the decomposition (see ``python -m tritondeconv.explain``);
 ``tuning_report`` lists what the process has tuned; ``set_backend("auto")`` lets aten's
 convolution race our kernels per shape; ``enable()`` / ``with enabled():`` route PyTorch's own
-transposed convolutions in unchanged code to our kernels.
+transposed convolutions in unchanged code to our kernels; ``warm_up(model, *inputs)``
+tunes a model's layers before a CUDA-graph capture.
 """
-from . import autograd  # noqa: F401  (registers the gradients)
+from . import registrations  # noqa: F401  (registers the ops)
 from . import init, nn
 from .nn import clear_weight_cache
 from .convert import convert
 from .folding import upsample_conv2d
+from .graphs import warm_up
 from .kernels.tuning import tuning_report
-from .ops import get_backend, set_backend
+from .backends import get_backend, set_backend
 from .switch import disable, enable, enabled, is_enabled
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
 from .planner import Plan, plan
@@ -21,6 +23,6 @@ from .planner import Plan, plan
 __all__ = [
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d", "upsample_conv2d",
     "clear_weight_cache", "init", "nn", "convert", "plan", "Plan", "tuning_report", "set_backend", "get_backend",
-    "enable", "disable", "enabled", "is_enabled",
+    "enable", "disable", "enabled", "is_enabled", "warm_up",
 ]
 __version__ = "0.1.0"

@@ -8,31 +8,36 @@ message that names the argument.
 """
 from __future__ import annotations
 
-import functools
 import operator
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
+from .layout import cached, format_strides, output_format
 from .planner import output_size
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
-class ConvTransposeArgs:
-    """Checked, normalised arguments of one transposed convolution (input batched);
-    the per-axis tuples have one entry per spatial axis."""
+class Geometry(NamedTuple):
+    """A transposed convolution's integer arguments, checked and normalised, in the order
+    of the op's schema (aten's): one entry per spatial axis, ``groups`` an int."""
 
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     output_padding: tuple[int, ...]
-    dilation: tuple[int, ...]
     groups: int
+    dilation: tuple[int, ...]
+
+
+class Checked(NamedTuple):
+    """One transposed convolution's arguments checked (the input batched): its geometry,
+    and its output's shape, memory format (as aten lays out its own) and strides."""
+
+    geometry: Geometry
     output_shape: tuple[int, ...]
-    output_format: torch.memory_format  # as aten lays out its output (``output_memory_format``)
-    output_strides: tuple[int, ...]  # the strides of that layout (``format_strides``)
+    output_format: torch.memory_format
+    output_strides: tuple[int, ...]
 
 
 def ntuple(value: int | Sequence[int], rank: int, name: str, op: str) -> tuple[int, ...]:
@@ -63,18 +68,8 @@ def as_batched(input: torch.Tensor, rank: int, op: str) -> tuple[torch.Tensor, b
     )
 
 
-def check_conv_transpose(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int | Sequence[int],
-    padding: int | Sequence[int],
-    output_padding: int | Sequence[int],
-    groups: int,
-    dilation: int | Sequence[int],
-    rank: int,
-    op: str,
-) -> ConvTransposeArgs:
+def check_conv_transpose(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                         output_padding, groups, dilation, rank: int, op: str) -> Checked:
     """Check every argument of a transposed convolution (``input`` is batched here), and
     size and lay out its output.  What is checked depends on the tensors' shapes, strides,
     dtypes and devices and on the integer arguments only, so each class of calls is
@@ -88,25 +83,9 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _cached(function):
-    """``function`` remembered per arguments (the last 4096), except for arguments that
-    cannot be hashed, such as symbolic sizes under ``torch.compile`` with dynamic shapes,
-    which are computed every time.  A call that raises is not remembered."""
-    cached = functools.lru_cache(maxsize=4096)(function)
-
-    @functools.wraps(function)
-    def call(*args):
-        try:
-            return cached(*args)
-        except TypeError:
-            return function(*args)
-
-    return call
-
-
-@_cached
+@cached
 def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strides, weight_dtype, weight_device, bias,
-           stride, padding, output_padding, groups, dilation, rank: int, op: str) -> ConvTransposeArgs:
+           stride, padding, output_padding, groups, dilation, rank: int, op: str) -> Checked:
     """``check_conv_transpose`` on the tensors' metadata (``bias``: its shape, dtype and
     device, or None), cached (a call that raises is not)."""
     for name, (t_dtype, t_device) in (("input", (dtype, device)), ("weight", (weight_dtype, weight_device)),
@@ -176,33 +155,10 @@ def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strid
             f"{list(output_padding)} gives {out_spatial}"
         )
     output_shape = (n, c_out, *out_spatial)
-    output_format = _output_memory_format(input_shape, input_strides, weight_shape, weight_strides,
-                                          dtype == torch.float64, device.type == "cuda")
-    return ConvTransposeArgs(stride, padding, output_padding, dilation, groups, output_shape, output_format,
-                             format_strides(output_shape, output_format))
-
-
-@_cached
-def format_strides(shape, memory_format: torch.memory_format) -> tuple:
-    """The strides of a new tensor of ``shape`` in ``memory_format``, as ``torch.empty``
-    gives them (``channels_last`` for a 3-D shape puts the channels innermost, as
-    ``ops.empty_in_format`` lays it out: a contiguous ``[N, W, C]`` tensor, permuted)."""
-    dims = len(shape)
-    contiguous = memory_format == torch.contiguous_format
-    order = (range(dims - 1, -1, -1) if contiguous
-             else (1, *range(dims - 1, 1, -1), 0))  # innermost first: the channels, the spatial axes, the batch
-    # (A contiguous layout counts an empty axis as size 1; aten's channels-last does not.)
-    return strides_in_order(shape, order, clamped=contiguous or dims == 3)
-
-
-def strides_in_order(shape, order, clamped: bool = False) -> tuple:
-    """The strides of a dense tensor of ``shape`` whose axes lie in memory in ``order``
-    (innermost first); ``clamped``: an empty axis steps as one of size 1."""
-    strides, step = [0] * len(shape), 1
-    for axis in order:
-        strides[axis] = step
-        step = step * (torch.sym_max(shape[axis], 1) if clamped else shape[axis])
-    return tuple(strides)
+    memory_format = output_format(input_shape, input_strides, weight_shape, weight_strides, dtype == torch.float64,
+                                  device.type == "cuda")
+    return Checked(Geometry(stride, padding, output_padding, groups, dilation), output_shape, memory_format,
+                   format_strides(output_shape, memory_format))
 
 
 def _element_span(t: torch.Tensor) -> tuple[int, int]:
@@ -301,46 +257,3 @@ def check_tensor_types(input, weight, bias, op: str) -> None:
             raise TypeError(f"{op}: expected {name} to be a Tensor, but got {type(t).__name__}")
 
 
-def strides_like_channels_last(sizes, strides) -> bool:
-    """Whether a 4-D or 5-D tensor of these sizes and strides has channels-last strides,
-    decided exactly as aten's ``suggest_memory_format`` decides it: the strides must grow
-    in the order C, W, H, (D,) N, with the ambiguous cases (a zero channel stride, size-1
-    axes that leave the order open) counted as contiguous."""
-    dims = len(sizes)
-    if dims not in (4, 5) or strides[1] == 0:
-        return False
-    smallest = 0
-    for d in (1, *range(dims - 1, 1, -1), 0):
-        if sizes[d] == 0 or strides[d] < smallest:
-            return False
-        if d == 0 and smallest == strides[1]:
-            return False
-        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
-    return True
-
-
-def output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The memory format aten gives a convolution's output (and so ours): channels-last
-    (``channels_last`` for 4-D, ``channels_last_3d`` for 5-D) when the batched input or
-    the weight has channels-last strides, except where aten's backend for the device
-    has no channels-last kernel (float64 on CUDA; float64 in 3-D on the CPU); otherwise
-    contiguous.  A 1-D convolution runs in aten as a 2-D one of height 1, and its
-    output has its channels innermost (``channels_last`` here, for a 3-D tensor) when
-    the weight has; its input's layout does not count (aten makes it contiguous)."""
-    return _output_memory_format(input.shape, input.stride(), weight.shape, weight.stride(),
-                                 input.dtype == torch.float64, input.is_cuda)
-
-
-@_cached
-def _output_memory_format(input_shape, input_strides, weight_shape, weight_strides, float64: bool,
-                          cuda: bool) -> torch.memory_format:
-    dims = len(input_shape)
-    if float64 and (cuda or dims == 5):
-        return torch.contiguous_format
-    if dims == 3:  # the weight as aten's 2-D convolution sees it: [C_in, C_out/g, 1, k]
-        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
-        weight_strides = (*weight_strides[:2], weight_strides[2] * weight_shape[3], weight_strides[2])
-        return torch.channels_last if strides_like_channels_last(weight_shape, weight_strides) else torch.contiguous_format
-    if strides_like_channels_last(input_shape, input_strides) or strides_like_channels_last(weight_shape, weight_strides):
-        return torch.channels_last if dims == 4 else torch.channels_last_3d
-    return torch.contiguous_format

@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch.utils import flop_counter
 
-from .arguments import output_memory_format
-from .ops import (LIBRARY, _computed, aten_transposed, conv_transpose_flops, empty_in_format, launch_transposed, prepare,
-                  register_autocast)
+from .layout import empty_in_format, output_memory_format
+from .prepared import check_forward, first_forward
+from .registrations import LIBRARY, conv_transpose_flops, register_autocast
 
 
 def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
@@ -32,24 +32,24 @@ def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], ou
 
 # (A Python kernel receives only the arguments that differ from the schema's defaults.)
 def _naive(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1, dilation=(1, 1)):
-    call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, None, None)
-    args = call.args
-    x = zero_insert(call.x, weight, args.stride, args.output_padding)
-    ones, zeros = (1,) * len(stride), (0,) * len(stride)
-    out = _computed(
-        "naive_conv_transpose2d", x.device,
-        lambda: launch_transposed(x, weight, bias, args, ones),
-        lambda: aten_transposed(x, weight, bias, ones, args, zeros),
-        (x, weight, bias, ones, args.padding, zeros, args.groups, args.dilation),
-    )
-    return out.squeeze(0) if call.unbatched else out
+    checked, unbatched, _ = check_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, None,
+                                          None)
+    g = checked.geometry
+    x = zero_insert(input.unsqueeze(0) if unbatched else input, weight, g.stride, g.output_padding)
+    ones, zeros = (1,) * len(g.stride), (0,) * len(g.stride)
+    # The transposed convolution of the zero-inserted input at stride 1, with its output
+    # exactly the layer's (a first call each time: the baseline keeps nothing prepared).
+    out = first_forward(x, weight, bias, (ones, g.padding, zeros, g.groups, g.dilation), None, 0.01, None,
+                        out=empty_in_format(checked.output_shape, x, checked.output_format))[0]
+    return out.squeeze(0) if unbatched else out
 
 
 def _naive_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
                 dilation=(1, 1)):
-    call = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, None, None)
-    out = empty_in_format(call.args.output_shape, call.x, call.args.output_format)
-    return out.squeeze(0) if call.unbatched else out
+    checked, unbatched, _ = check_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, None,
+                                          None)
+    out = empty_in_format(checked.output_shape, input, checked.output_format)
+    return out.squeeze(0) if unbatched else out
 
 
 LIBRARY.define(

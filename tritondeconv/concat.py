@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import ConvTransposeArgs, strides_like_channels_last
-from .autograd import backward_conv_transpose, setup_conv_transpose, transforms_active, transposed_conv
+from . import dispatch
+from .arguments import Checked
 from .functional import fx_proxies, parse_arguments
-from .ops import conv_transpose_into, empty_in_format, prepare
+from .gradients import conv_transpose_gradients
+from .layout import empty_in_format, strides_like_channels_last
+from .prepared import check_forward
 
 
-def _concatenation_format(up: ConvTransposeArgs, skip: torch.Tensor) -> torch.memory_format:
+def _concatenation_format(up: Checked, skip: torch.Tensor) -> torch.memory_format:
     """The memory format ``torch.cat`` gives the convolution's output (its checked
     arguments ``up`` hold its shape and layout) and ``skip``: channels-last where both
     have channels-last strides (as aten's ``suggest_memory_format`` decides it),
@@ -35,26 +37,25 @@ class _ConcatTransposed(torch.autograd.Function):
     """``torch.cat([activation(T(x, w) + b), skip], 1)``, written in one buffer."""
 
     @staticmethod
-    def forward(ctx, input, skip, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                slope):
-        inputs = (input, weight, bias, stride, padding, output_padding, groups, dilation, activation, slope, None)
-        up = prepare(*inputs[:8], activation, None).args
+    def forward(ctx, input, skip, weight, bias, geometry, activation, slope):
+        up = check_forward(input, weight, bias, *geometry, activation, None)[0]
         up_shape = up.output_shape
         buffer = empty_in_format((up_shape[0], up_shape[1] + skip.shape[1], *up_shape[2:]), input,
                                  _concatenation_format(up, skip))
-        conv_transpose_into(buffer[:, :up_shape[1]], *inputs)
+        dispatch.conv_transpose_into(buffer[:, :up_shape[1]], input, weight, bias, geometry, activation, slope, None)
         buffer[:, up_shape[1]:].copy_(skip)
-        setup_conv_transpose(ctx, inputs, buffer)
-        ctx.up_channels = up_shape[1]
+        ctx.save_for_backward(input, weight, bias)
+        ctx.geometry, ctx.epilogue, ctx.up_channels = geometry, (activation, slope), up_shape[1]
         return buffer
 
     @staticmethod
     def backward(ctx, grad):
         needs = ctx.needs_input_grad  # (input, skip, weight, bias, ...)
-        up_needs = (needs[0], needs[2], needs[3]) + (False,) * 8  # the convolution's arguments, in the op's order
-        grad_x, grad_w, grad_b = backward_conv_transpose(ctx, grad[:, :ctx.up_channels], up_needs)[:3]
+        x, w, b = ctx.saved_tensors
+        grad_x, grad_w, grad_b, _ = conv_transpose_gradients(x, w, b, grad[:, :ctx.up_channels], ctx.geometry,
+                                                             *ctx.epilogue, False, (needs[0], needs[2], needs[3], False))
         grad_skip = grad[:, ctx.up_channels:] if needs[1] else None
-        return grad_x, grad_skip, grad_w, grad_b, *(None,) * 7
+        return grad_x, grad_skip, grad_w, grad_b, None, None, None
 
 
 def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
@@ -77,17 +78,15 @@ def conv_transpose_cat(input, skip, weight, bias=None, stride=1, padding=0, outp
                            f"but got input of size {list(input.shape)}")
     if not isinstance(skip, torch.Tensor):
         raise TypeError(f"{name}(): argument 'skip' must be Tensor, not {type(skip).__name__}")
-    if transforms_active() or torch.compiler.is_compiling():
-        up = transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                             float(negative_slope))
+    geometry = (stride, padding, output_padding, groups, dilation)
+    if dispatch.transforms_active() or torch.compiler.is_compiling():
+        up = dispatch.conv_transpose(input, weight, bias, geometry, activation, float(negative_slope), None)
         return torch.cat([up, skip], 1)
-    up_shape = prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                       None).args.output_shape
+    up_shape = check_forward(input, weight, bias, *geometry, activation, None)[0].output_shape
     if skip.dim() != rank + 2 or skip.shape[0] != up_shape[0] or tuple(skip.shape[2:]) != up_shape[2:]:
         raise RuntimeError(f"{name}: expected skip of size [{up_shape[0]}, *, {', '.join(map(str, up_shape[2:]))}] "
                            f"(the output's batch and spatial sizes), but got {list(skip.shape)}")
     if skip.dtype != input.dtype or skip.device != input.device:
         raise RuntimeError(f"{name}: expected skip to have the input's dtype and device, but got {skip.dtype} on "
                            f"{skip.device}")
-    return _ConcatTransposed.apply(input, skip, weight, bias, stride, padding, output_padding, groups, dilation,
-                                   activation, float(negative_slope))
+    return _ConcatTransposed.apply(input, skip, weight, bias, geometry, activation, float(negative_slope))

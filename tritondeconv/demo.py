@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import tritondeconv
 from tritondeconv.kernels.common import INTERPRETING, Launch, observe_launches
-from tritondeconv.ops import runs_triton
+from tritondeconv.backends import runs_triton
 from tritondeconv.planner import plan
 
 KERNEL, STRIDE, PADDING = 4, 2, 1

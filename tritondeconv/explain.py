@@ -172,7 +172,7 @@ def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> N
     """Call the op on meta tensors of this geometry: it raises exactly what a real call would."""
     import torch
 
-    from . import ops  # noqa: F401  (registers the ops)
+    from . import registrations  # noqa: F401  (registers the ops)
 
     if a.groups < 1:
         raise ValueError(f"groups must be a positive integer, but got groups={a.groups}")

@@ -4,18 +4,17 @@
 with the optional fused epilogue.
 
 The three are made by one definition (``_conv_transpose_function``): each parses its
-integer arguments as PyTorch's functions do, then calls the op, or, while a
-``torch.func`` transform or forward-mode AD is active, the equivalent
-``autograd.TransposedConv`` that carries it.
+integer arguments as PyTorch's functions do, then calls the op (``dispatch``: on plain
+tensors the short way, under a ``torch.func`` transform or forward-mode AD through the
+op's ``gradients.ConvTranspose``, which carries it).
 """
 from __future__ import annotations
 
 import torch
 
 from . import baselines  # noqa: F401  (registers naive_conv_transpose2d)
+from . import dispatch
 from .arguments import check_tensor_types, ntuple, parse_int_argument
-from .autograd import transposed_conv
-from .ops import conv_transpose_into
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d"]
 
@@ -51,9 +50,11 @@ def _per_axis(value, rank: int):
     return None
 
 
-def parse_arguments(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
-    """The integer arguments as the op takes them (one entry per spatial axis), after
-    PyTorch's functional API's own type checks."""
+def parse_arguments(op: str, rank: int, input, weight, bias, stride, padding, output_padding, groups,
+                    dilation) -> tuple:
+    """The integer arguments as the op takes them, in its order ``(stride, padding,
+    output_padding, groups, dilation)``, one entry per spatial axis, after PyTorch's
+    functional API's own type checks."""
     check_tensor_types(input, weight, bias, op)
     fast = (_per_axis(stride, rank), _per_axis(padding, rank), _per_axis(output_padding, rank), groups,
             _per_axis(dilation, rank))
@@ -83,15 +84,13 @@ def _conv_transpose_function(rank: int):
                 conv_transpose, fx_proxies(input, weight, bias, residual, out), input, weight, bias, stride, padding,
                 output_padding, groups, dilation, activation=activation, negative_slope=negative_slope,
                 residual=residual, out=out)
-        stride, padding, output_padding, groups, dilation = parse_arguments(
-            name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
+        geometry = parse_arguments(name, rank, input, weight, bias, stride, padding, output_padding, groups, dilation)
         if out is not None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{name}(): argument 'out' must be Tensor, not {type(out).__name__}")
-            return conv_transpose_into(out, input, weight, bias, stride, padding, output_padding, groups, dilation,
-                                       activation, float(negative_slope), residual)
-        return transposed_conv(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                               float(negative_slope), residual)
+            return dispatch.conv_transpose_into(out, input, weight, bias, geometry, activation, float(negative_slope),
+                                                residual)
+        return dispatch.conv_transpose(input, weight, bias, geometry, activation, float(negative_slope), residual)
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = name
     conv_transpose.__doc__ = _DOC.format(rank=rank)

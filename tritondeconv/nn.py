@@ -5,6 +5,7 @@ from typing import NoReturn
 
 import torch
 
+from . import dispatch
 from .concat import conv_transpose_cat
 from .folding import upsample_conv2d
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
@@ -74,7 +75,12 @@ class _TritonForward:
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        _zeros_padding_only(self)
+        if self.padding_mode != "zeros":
+            _zeros_padding_only(self)
+        if output_size is None and type(input) is torch.Tensor:  # (the module's own arguments, already parsed)
+            return dispatch.conv_transpose(input, self.weight, self.bias, (self.stride, self.padding,
+                                           self.output_padding, self.groups, self.dilation), self.activation,
+                                           self.negative_slope, residual)
         output_padding = self.output_padding if output_size is None else self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._rank, self.dilation
         )

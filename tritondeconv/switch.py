@@ -33,7 +33,7 @@ import torch
 
 from . import functional
 from .kernels.common import INTERPRETING
-from .ops import _allow_tf32, runs_triton
+from .backends import allow_tf32, runs_triton
 
 _FUNCTIONS = {1: functional.conv_transpose1d, 2: functional.conv_transpose2d, 3: functional.conv_transpose3d}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,7 +48,7 @@ def _aten(input, weight, bias, stride, padding, dilation, transposed, output_pad
     return torch.ops.aten._convolution.default(
         input, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.enabled, _allow_tf32())
+        torch.backends.cudnn.enabled, allow_tf32())
 
 
 def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):

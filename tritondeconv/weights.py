@@ -33,7 +33,7 @@ from collections import OrderedDict
 
 import torch
 
-from .arguments import strides_in_order
+from .layout import strides_in_order
 from .kernels.common import capturing
 
 CAPACITY = 256  # weights whose packed copies are kept
@@ -50,11 +50,13 @@ def packed_strides(shape: tuple, columns: int) -> tuple:
 def pack(weight: torch.Tensor, columns: int) -> torch.Tensor:
     """The weight ``[C_in, C_out/g, *k]`` with axis ``columns`` (the GEMM's columns: 1,
     C_out, in the forward; 0, C_in, in the input gradient) innermost and the other
-    channel axis next: same logical shape, new strides.  A weight already laid out so
-    (axes of size 1 aside) is returned as it is (no copy)."""
-    strides = packed_strides(tuple(weight.shape), columns)
-    if all(size == 1 or a == b for size, a, b in zip(weight.shape, weight.stride(), strides)):
+    channel axis next: same logical shape, new strides.  A weight whose columns are
+    already contiguous (unit stride, or one column; a ``channels_last`` weight's output
+    channels are) is read as it is: each of the kernel's weight tiles is then rows of
+    contiguous columns, as in the packed copy, and no copy is made."""
+    if weight.shape[columns] == 1 or weight.stride(columns) == 1:
         return weight
+    strides = packed_strides(tuple(weight.shape), columns)
     return torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
 
 
