@@ -427,7 +427,7 @@ def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, gro
 
     def kernels():
         return weight_grad(input, grad_output, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
-                           allow_tf32=_allow_tf32(input.dtype))
+                           allow_tf32=_allow_tf32(input.dtype))[0]
 
     return _computed("conv_transpose_weight_grad", input.device, kernels, aten,
                      (input, grad_output, kernel_size, stride, padding, dilation, groups))
