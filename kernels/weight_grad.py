@@ -70,8 +70,10 @@ DOT_TILES = {
 # the channels, rounded up to a power of two (at most 16); two stages.
 FMA_TILES = ((256, 4), (1024, 8), (64, 4))
 # Boxes whose grad_y loads a bias program issues together (its loop is not pipelined:
-# several loads in flight are what keep a program near its share of the bandwidth).
-BIAS_UNROLL = tl.constexpr(4)
+# several loads in flight are what keep a program near its share of the bandwidth; with
+# 4, ptxas gave the NCHW bias programs a stack frame, which the compile report counts
+# as spilling).
+BIAS_UNROLL = tl.constexpr(2)
 
 
 def box(block_k: int, spatial: tuple[int, int, int]) -> dict:
@@ -304,7 +306,9 @@ def _bias_partial(
     gy_cols = gy_ptr + ((group * C_out_g + co) * syc)[None, :]
     kn, kd, kh, kw = _box_pattern(tl.arange(0, BLOCK_K).to(co.dtype), BOX_N, BOX_D, BOX_H, BOX_W)
     gy_box = (kn * syn + kd * syd + kh * syh + kw * syw)[:, None]
-    total = tl.zeros((CO_N,), dtype=ACC_DTYPE)
+    # Each element of the box keeps its own running sum (an addition per element per step,
+    # in a fixed order); the box's elements are added once, at the end.
+    total = tl.zeros((BLOCK_K, CO_N), dtype=ACC_DTYPE)
     bn, bd, bh, bw, count, boxes_d, boxes_h, boxes_w = _box_range(part, SPLIT * BIAS_PARTS, N, O_D, O_H, O_W,
                                                                   BOX_N, BOX_D, BOX_H, BOX_W)
     # UNROLL boxes a step, their loads issued together; `left`: the range's boxes not yet summed.
@@ -314,12 +318,11 @@ def _bias_partial(
             n0, d0, h0, w0 = bn * BOX_N, bd * BOX_D, bh * BOX_H, bw * BOX_W
             inside = _in_box(kn, kd, kh, kw, N - n0, O_D - d0, O_H - h0, O_W - w0, BOX_N, BOX_D, BOX_H, BOX_W)
             inside = tl.where(left > 0, inside, False)
-            tile = tl.load(gy_cols + (n0 * syn + d0 * syd + h0 * syh + w0 * syw) + gy_box,
-                           mask=inside[:, None] & mask_c[None, :], other=0.0)
-            total += tl.sum(tile.to(ACC_DTYPE), axis=0)
+            total += tl.load(gy_cols + (n0 * syn + d0 * syd + h0 * syh + w0 * syw) + gy_box,
+                             mask=inside[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
             bn, bd, bh, bw = _next_box(bn, bd, bh, bw, boxes_d, boxes_h, boxes_w)
             left -= 1
-    tl.store(bias_ptr + part * (groups * C_out_g) + group * C_out_g + co, total, mask=mask_c)
+    tl.store(bias_ptr + part * (groups * C_out_g) + group * C_out_g + co, tl.sum(total, axis=0), mask=mask_c)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ every kernel configuration a first call compiles (the cost model's best 6 per ke
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
-    python perf/hopper_compile.py --quick   # two small layers, both paths (a test runs this)
+    python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias gradients (a test runs this)
     python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
 
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
@@ -121,6 +121,32 @@ def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
+def _weight_and_bias(x_shape, kernel_size, c_out, dtype, layout="nchw", stride=1, padding=0, output_padding=0,
+                     groups=1) -> None:
+    """The weight gradient with the bias gradient (``weight_grad``'s ``bias=True``, which
+    the op layer does not ask for yet) of a transposed convolution of an input of
+    ``x_shape`` to ``c_out`` channels, the geometry the same along every axis; the
+    output gradient laid out like the input."""
+    from tritondeconv.planner import output_size
+
+    rank = len(x_shape) - 2
+    gy_shape = (x_shape[0], c_out, *(output_size(i, kernel_size, stride, padding, 1, output_padding)
+                                     for i in x_shape[2:]))
+    x, gy = torch.empty(x_shape, dtype=dtype), torch.empty(gy_shape, dtype=dtype)
+    if layout == "channels_last":
+        x, gy = (t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]) for t in (x, gy))
+    weight_grad.weight_grad(x, gy, (kernel_size,) * rank, (stride,) * rank, (padding,) * rank, (1,) * rank, groups,
+                            allow_tf32=torch.backends.cudnn.allow_tf32 and dtype == torch.float32, bias=True)
+
+
+def record_bias(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
+                target: int = 90) -> None:
+    """The launches of one cell's weight and bias gradients computed together."""
+    with recording(launches, per_key=per_key, target=target):
+        _weight_and_bias((cell.n, cell.c_in, *cell.spatial), cell.k, cell.c_out, dtype, layout, cell.s, cell.p,
+                         cell.op)
+
+
 def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
            target: int = 90, staged: bool = False) -> None:
     """The launches of one cell's forward and backward (``staged``: each phase GEMM that
@@ -176,6 +202,24 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
                                                     stride=2), False),
         "2-D k2 s2, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, stride=2),
                                       True),
+    })
+    # The weight gradient with the bias gradient in the same launch, as the op layer will ask
+    # for it (its bias programs beside the GEMM's).
+    variants.update({
+        "2-D weight and bias gradients, channels_last": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 32, dt, "channels_last", stride=2, padding=1), False),
+        "2-D weight and bias gradients, nchw, groups 2": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 3, 32, dt, stride=2, padding=1, output_padding=1, groups=2), False),
+        "2-D weight and bias gradients, 3 output channels": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 3, dt, "channels_last", stride=2, padding=1), False),
+        "1-D weight and bias gradients": (lambda dt: _weight_and_bias((2, 32, 16), 16, 16, dt, stride=8, padding=4),
+                                          False),
+        "3-D weight and bias gradients": (lambda dt: _weight_and_bias(
+            (1, 16, 4, 4, 4), 3, 16, dt, "channels_last", stride=2, padding=1, output_padding=1), False),
+        "2-D weight and bias gradients in pixel ranges": (lambda dt: _weight_and_bias(
+            (2, 32, 64, 64), 4, 32, dt, "channels_last", stride=2, padding=1), False),
+        "2-D weight and bias gradients, 64-bit indices": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 32, dt, "channels_last", stride=2, padding=1), True),
     })
     # NCHW (and 1-D) input on a channels-last copy (the race's other run).
     for name in ("2-D nchw", "1-D", "2-D, 64-bit indices", "2-D k2 s2 nchw"):
@@ -305,6 +349,8 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     staged = [r for r in gemms if "sxc=1" in r["constants"].split()
               and any("staged" in label.replace(",", " ").split() for label in cells[r["key"]])]
     copies = [r for r in ok if r["kernel"] == "channels_last"]
+    weights = [r for r in ok if r["kernel"] == "weight_grad"]
+    weights_contiguous = [r for r in weights if {"sxc=1", "syc=1"} <= set(r["constants"].split())]
 
     def loads(group: list[dict]) -> str:
         tc = [r for r in group if r[native] > 0]
@@ -339,6 +385,11 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"spilling: {sum(r['local_bytes'] > 0 for r in tma)}",
         f"- phase GEMM reading strided channels (NCHW and 1-D input as given): {loads(gathered)}",
         f"- phase GEMM on a channels-last copy of NCHW or 1-D input (calls labelled `staged`): {loads(staged)}",
+        f"- weight gradient, input and output gradient channels-last: {loads(weights_contiguous)}",
+        f"- weight gradient, either of them strided (NCHW, 1-D): {loads([r for r in weights if r not in weights_contiguous])}",
+        f"- weight gradient with the bias gradient in the same launch (`HAS_BIAS=True`): "
+        f"{loads([r for r in weights if 'HAS_BIAS=True' in r['constants'].split()])}; integer division in a loop: "
+        f"{sum(r['loop_divisions'] > 0 for r in weights)} of {len(weights)} weight-gradient launches",
         f"- channels-last copies (staging): {len(copies)}, with vector loads: "
         f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: {sum(r['vector_stores'] > 0 for r in copies)}"
         f", spilling: {sum(r['local_bytes'] > 0 for r in copies)}",
@@ -408,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                         launches = set()
                         record(cell, DTYPES[dtype], layout, launches, a.per_key, a.target, staged=True)
                         add(launches, f"{cell.label} {dtype} {layout} staged")
+                    if a.quick:  # and the weight gradient with the bias gradient
+                        launches = set()
+                        record_bias(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
+                        add(launches, f"{cell.label} {dtype} {layout} bias")
     print(f"{len(cells)} distinct launches; compiling for sm_{a.target} with {a.jobs} processes", flush=True)
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:
