@@ -436,20 +436,35 @@ def _sum_splits_kernel(ws_ptr, out_ptr, bias_ws_ptr, bias_ptr, SIZE, SPLIT, BIAS
         _sum_partials(bias_ws_ptr, bias_ptr, pid - weight_programs, BIAS_SIZE, BIAS_SPLIT, BLOCK)
 
 
-# The pixel reduction's split: enough programs to fill a GPU (TARGET_PROGRAMS tiles of
-# 64x64, two per SM of an H100), each range at least MIN_PIXELS long (below that the
-# workspace's traffic, a weight-sized fp32 tensor per range written and read again,
-# outweighs the parallelism).
-TARGET_PROGRAMS = 264
+# The pixel reduction's split, chosen by a model of an H100 (as the cost model's): the
+# GEMM's 128x128 tiles run in waves over SMS SMs at about MACS_PER_CYCLE multiply-adds
+# per SM per clock (half the bf16 peak, what the forward reaches on small layers), and
+# each range beyond the first adds a weight-sized fp32 partial, written and read back,
+# at WORKSPACE_BYTES_PER_CYCLE (3.5 TB/s at 1.83 GHz).  No range is shorter than
+# MIN_PIXELS (16 steps of a 64-pixel box: a pipeline's fill and drain stay small).
+SMS = 132
+MACS_PER_CYCLE = 1024
+WORKSPACE_BYTES_PER_CYCLE = 1900
 MIN_PIXELS = 1024
 
 
+def split_cycles(split: int, pixels: int, programs: int) -> float:
+    """Modelled cycles of the weight gradient of ``programs`` 64×64 tiles over ``pixels``
+    cut into ``split`` ranges: its 128×128 tiles' waves, plus the workspace's traffic."""
+    tiles = max(1, -(-programs // 4))
+    waves = -(-tiles * split // SMS)
+    gemm = waves * -(-pixels // split) * 128 * 128 / MACS_PER_CYCLE
+    workspace = split * programs * 64 * 64 * 8 / WORKSPACE_BYTES_PER_CYCLE if split > 1 else 0.0
+    return gemm + workspace
+
+
 def default_split(pixels: int, programs: int) -> int:
-    """Ranges to split ``pixels`` into, for a GEMM of ``programs`` 64×64 tiles (1 in the
-    interpreter, where more programs only cost time)."""
+    """Ranges to split ``pixels`` into, for a GEMM of ``programs`` 64×64 tiles: the one
+    ``split_cycles`` finds fastest (1 in the interpreter, where more programs only cost
+    time)."""
     if INTERPRETING:
         return 1
-    return max(1, min(-(-TARGET_PROGRAMS // programs), pixels // MIN_PIXELS))
+    return min(range(1, max(1, pixels // MIN_PIXELS) + 1), key=lambda split: split_cycles(split, pixels, programs))
 
 
 # The bias programs: about BIAS_BYTES of grad_y each (enough steps to amortise a
