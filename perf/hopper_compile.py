@@ -6,6 +6,8 @@ every kernel configuration a first call compiles (the cost model's best 6 per ke
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
     python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias gradients (a test runs this)
     python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
+    python perf/hopper_compile.py --reuse old.csv phase_gemm,channels_last   # those kernels' launches from an
+                                            # earlier report (same Triton, same target) where it holds them
 
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
 intercepted, so every launch's arguments are exactly those of a GPU run of the same
@@ -288,15 +290,35 @@ def memory_instructions(ptx: str, element_bits: int) -> dict:
                 wgmma_in_flight=max(map(int, _WGMMA_WAIT.findall(ptx)), default=0))
 
 
+def _described(launch: Launch) -> dict:
+    """A launch's row before compiling: kernel, tile, dtype (the first tensor's), variant
+    in words, and its constants (together, what tells one launch from another)."""
+    return dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
+                dtype=launch.signature[0][1][1:], mode=_mode(dict(launch.constants)),
+                constants=" ".join(f"{k}={v}" for k, v in launch.constants))
+
+
+_COUNTS = ("regs", "local_bytes", "shared_bytes", "wgmma", "mma_sync", "tcgen05", "async_copies", "tma",
+           "loop_divisions", "scalar_loads", "vector_loads", "vector_stores", "wgmma_in_flight")
+
+
+def reused_rows(csv_path: Path, kernels: set[str]) -> dict[tuple, dict]:
+    """The rows of an earlier report (``csv_path``, written by this script with the same
+    Triton and target) of the kernels in ``kernels``, by what tells one launch from
+    another: for regenerating a report after a change to other kernels only."""
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kernel"] in kernels]
+    for r in rows:
+        r.update({k: int(r[k]) for k in _COUNTS if r[k] != ""}, fits=r["fits"] == "True")
+    return {tuple(r[k] for k in ("kernel", "dtype", "mode", "tile", "constants")): r for r in rows}
+
+
 def compile_launch(launch: Launch, target: int = 90) -> dict:
     """Compile one launch for ``sm_<target>`` and read its resources."""
     kernel = vars(KERNELS[launch.kernel])[launch.kernel]
     source = ASTSource(kernel, dict(launch.signature), dict(launch.constants),
                        {(i,): [["tt.divisibility", 16]] for i in launch.divisible})
-    constants = dict(launch.constants)
-    row = dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
-               dtype=launch.signature[0][1][1:], mode=_mode(constants),  # the first tensor's dtype
-               constants=" ".join(f"{k}={v}" for k, v in launch.constants))
+    row = _described(launch)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=dict(launch.options))
     except Exception as error:  # noqa: BLE001  (every failure is a row of the report)
@@ -428,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the compute capability to compile for (default 90, Hopper)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, help="default: perf/results/static-sm<target>/triton-<version>")
+    ap.add_argument("--reuse", nargs=2, metavar=("CSV", "KERNELS"),
+                    help="take the launches of KERNELS (comma-separated, as the report names them) from CSV, an "
+                         "earlier report of the same Triton and target, where it holds the same launch; compile "
+                         "the rest (for a change that leaves those kernels' source as it was)")
     a = ap.parse_args(argv)
     out = a.out or Path(__file__).parent / "results" / f"static-sm{a.target}" / f"triton-{triton.__version__}"
     suite = QUICK if a.quick else [c for s in a.suites.split(",") for c in SUITES[s]]
@@ -463,14 +489,20 @@ def main(argv: list[str] | None = None) -> int:
                         launches = set()
                         record_bias(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
                         add(launches, f"{cell.label} {dtype} {layout} bias")
-    print(f"{len(cells)} distinct launches; compiling for sm_{a.target} with {a.jobs} processes", flush=True)
-    rows = []
+    reused = reused_rows(Path(a.reuse[0]), set(a.reuse[1].split(","))) if a.reuse else {}
+    kept = {launch: reused[key] for launch in cells
+            for key in [tuple(_described(launch)[k] for k in ("kernel", "dtype", "mode", "tile", "constants"))]
+            if key in reused}
+    rows = [dict(row, key=launch) for launch, row in kept.items()]
+    to_compile = [launch for launch in cells if launch not in kept]
+    print(f"{len(cells)} distinct launches ({len(kept)} taken from {a.reuse[0] if a.reuse else '-'}); compiling "
+          f"{len(to_compile)} for sm_{a.target} with {a.jobs} processes", flush=True)
     with ProcessPoolExecutor(a.jobs) as pool:
-        compiled = pool.map(functools.partial(compile_launch, target=a.target), cells)
-        for i, (launch, row) in enumerate(zip(cells, compiled), 1):
+        compiled = pool.map(functools.partial(compile_launch, target=a.target), to_compile)
+        for i, (launch, row) in enumerate(zip(to_compile, compiled), 1):
             rows.append(row | dict(key=launch))
             status = row["error"] or f"regs {row['regs']}, local {row['local_bytes']} B, shared {row['shared_bytes']} B"
-            print(f"[{i}/{len(cells)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
+            print(f"[{i}/{len(to_compile)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     stem = "api" if a.api else "quick" if a.quick else "suites"
     bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, out, stem, a.target)

@@ -184,6 +184,24 @@ def test_quick_launches_compile_for_hopper(tmp_path):
                for r in contiguous)
 
 
+def test_a_report_takes_unchanged_kernels_launches_from_an_earlier_one(tmp_path):
+    """``--reuse CSV KERNELS``: the named kernels' launches come from the earlier report
+    where it holds them (every one of them here), the others are compiled, and the
+    report reads as a fresh one would."""
+    first = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path / "a")],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path / "b"),
+                             "--reuse", str(tmp_path / "a" / "quick.csv"), "phase_gemm,channels_last"],
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rows = {name: list(csv.DictReader(open(tmp_path / name / "quick.csv", newline=""))) for name in ("a", "b")}
+    reused = [r for r in rows["a"] if r["kernel"] in ("phase_gemm", "channels_last")]
+    assert f"({len(reused)} taken from " in second.stdout
+    assert f"compiling {len(rows['a']) - len(reused)} for sm_90" in second.stdout
+    assert rows["a"] == rows["b"]
+
+
 def test_every_api_variant_compiles_for_hopper(tmp_path):
     """Every kernel variant the public API can launch (each dtype, TF32 on and off, both
     layouts, groups and depthwise, few channels, dilation, 1-D and 3-D, every fused
