@@ -350,7 +350,7 @@ def _weight_grad_kernel(
     out_ptr:  ``[SPLIT, C_in, C_out_g, K_D*K_H*K_W]``, contiguous: with ``SPLIT == 1``
               ``grad_w`` itself in the input's dtype, otherwise the workspace of partial
               sums in the accumulator's dtype; a GEMM program writes its tile there.
-    bias_ptr: (read only with ``HAS_BIAS``) ``[SPLIT*BIAS_PARTS, C_out]``, contiguous,
+    bias_ptr: (used only with ``HAS_BIAS``) ``[SPLIT*BIAS_PARTS, C_out]``, contiguous,
               in the accumulator's dtype: the bias gradient's partial sums, one row per
               range of output boxes, each written by the bias programs of that range.
     N, C_in_g, C_out_g: batch, input and output channels per group.

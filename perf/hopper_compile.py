@@ -33,7 +33,10 @@ then compiled by Triton for that target (default sm_90), and read:
   ``cp.async`` of 8 or 16 bytes, TMA); stores of a vector (``st.global.v*``);
 * ``wgmma_in_flight``: the most warpgroup MMAs the code lets run while it issues the
   next (``wgmma.wait_group N``'s largest ``N``): 0 is a synchronous MMA, which waits for
-  its operands' loads every step; 1 or more, MMAs overlapped with the loads.
+  its operands' loads every step; 1 or more, MMAs overlapped with the loads;
+* ``specialised``: what Triton specialised beyond the constants: the arguments it saw
+  divisible by 16 and those passed in 64 bits (two launches of the same constants can
+  differ there, and so compile differently).
 
 Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
 ``perf/results/static-sm<target>/triton-<version>``) and exits non-zero if any
@@ -292,25 +295,48 @@ def memory_instructions(ptx: str, element_bits: int) -> dict:
 
 def _described(launch: Launch) -> dict:
     """A launch's row before compiling: kernel, tile, dtype (the first tensor's), variant
-    in words, and its constants (together, what tells one launch from another)."""
+    in words, its constants, and the rest of what Triton specialised (the arguments it
+    saw divisible by 16, those it passes in 64 bits): together, what tells one launch
+    from another."""
+    names = [name for name, _ in launch.signature]
+    wide = [name for name, kind in launch.signature if kind == "i64"]
     return dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
                 dtype=launch.signature[0][1][1:], mode=_mode(dict(launch.constants)),
-                constants=" ".join(f"{k}={v}" for k, v in launch.constants))
+                constants=" ".join(f"{k}={v}" for k, v in launch.constants),
+                specialised=f"div16={','.join(names[i] for i in launch.divisible)} i64={','.join(wide)}")
 
 
 _COUNTS = ("regs", "local_bytes", "shared_bytes", "wgmma", "mma_sync", "tcgen05", "async_copies", "tma",
            "loop_divisions", "scalar_loads", "vector_loads", "vector_stores", "wgmma_in_flight")
 
 
-def reused_rows(csv_path: Path, kernels: set[str]) -> dict[tuple, dict]:
-    """The rows of an earlier report (``csv_path``, written by this script with the same
-    Triton and target) of the kernels in ``kernels``, by what tells one launch from
-    another: for regenerating a report after a change to other kernels only."""
+_KEY = ("kernel", "dtype", "mode", "tile", "constants", "specialised")
+
+
+def reused(csv_path: Path, kernels: set[str], launches) -> dict:
+    """Per launch of ``launches`` (of the kernels in ``kernels``), its row in an earlier
+    report (``csv_path``, written by this script with the same Triton and target), for
+    regenerating a report after a change to other kernels only.  A report written before
+    the ``specialised`` column tells launches apart by the rest of the row alone: a
+    launch is taken from it only where that rest names as many launches on both sides
+    and the earlier report's rows of them are alike (the same figures, whichever is whose)."""
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kernel"] in kernels]
     for r in rows:
         r.update({k: int(r[k]) for k in _COUNTS if r[k] != ""}, fits=r["fits"] == "True")
-    return {tuple(r[k] for k in ("kernel", "dtype", "mode", "tile", "constants")): r for r in rows}
+    key = _KEY if rows and "specialised" in rows[0] else _KEY[:-1]
+    described = {launch: tuple(_described(launch)[k] for k in key) for launch in launches}
+    old: dict[tuple, list] = {}
+    new: dict[tuple, int] = {}
+    for r in rows:
+        old.setdefault(tuple(r[k] for k in key), []).append(r)
+    for k in described.values():
+        new[k] = new.get(k, 0) + 1
+    def alike(rows: list) -> bool:
+        return len({tuple(r[c] for c in (*_COUNTS, "fits", "error")) for r in rows}) == 1
+
+    return {launch: dict(old[k][0], **_described(launch)) for launch, k in described.items()
+            if len(old.get(k, ())) == new[k] and alike(old[k])}
 
 
 def compile_launch(launch: Launch, target: int = 90) -> dict:
@@ -351,7 +377,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
                "mma_sync", "tcgen05", "async_copies", "tma", "loop_divisions", "scalar_loads", "vector_loads",
-               "vector_stores", "wgmma_in_flight", "error", "cells", "constants"]
+               "vector_stores", "wgmma_in_flight", "error", "cells", "constants", "specialised"]
     native, gpu = NATIVE_MMA[target], TARGETS[target].name.removeprefix("NVIDIA ").split()[0]
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
@@ -489,10 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                         launches = set()
                         record_bias(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
                         add(launches, f"{cell.label} {dtype} {layout} bias")
-    reused = reused_rows(Path(a.reuse[0]), set(a.reuse[1].split(","))) if a.reuse else {}
-    kept = {launch: reused[key] for launch in cells
-            for key in [tuple(_described(launch)[k] for k in ("kernel", "dtype", "mode", "tile", "constants"))]
-            if key in reused}
+    kept = reused(Path(a.reuse[0]), set(a.reuse[1].split(",")), cells) if a.reuse else {}
     rows = [dict(row, key=launch) for launch, row in kept.items()]
     to_compile = [launch for launch in cells if launch not in kept]
     print(f"{len(cells)} distinct launches ({len(kept)} taken from {a.reuse[0] if a.reuse else '-'}); compiling "
