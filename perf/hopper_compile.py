@@ -4,8 +4,10 @@ every kernel configuration a first call compiles (the cost model's best 6 per ke
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
-    python perf/hopper_compile.py --quick   # two small layers, both paths (a test runs this)
+    python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias gradients (a test runs this)
     python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
+    python perf/hopper_compile.py --reuse old.csv phase_gemm,channels_last   # those kernels' launches from an
+                                            # earlier report (same Triton, same target) where it holds them
 
 Nothing runs on a device.  The ops are called on CPU tensors with the Triton launches
 intercepted, so every launch's arguments are exactly those of a GPU run of the same
@@ -31,7 +33,10 @@ then compiled by Triton for that target (default sm_90), and read:
   ``cp.async`` of 8 or 16 bytes, TMA); stores of a vector (``st.global.v*``);
 * ``wgmma_in_flight``: the most warpgroup MMAs the code lets run while it issues the
   next (``wgmma.wait_group N``'s largest ``N``): 0 is a synchronous MMA, which waits for
-  its operands' loads every step; 1 or more, MMAs overlapped with the loads.
+  its operands' loads every step; 1 or more, MMAs overlapped with the loads;
+* ``specialised``: what Triton specialised beyond the constants: the arguments it saw
+  divisible by 16 and those passed in 64 bits (two launches of the same constants can
+  differ there, and so compile differently).
 
 Writes a CSV (every launch) and a markdown summary (per tile) to ``--out`` (default
 ``perf/results/static-sm<target>/triton-<version>``) and exits non-zero if any
@@ -121,6 +126,32 @@ def _forward_backward(function, x_shape, w_shape, dtype, layout="nchw", backward
     torch.autograd.grad(y, (x, w), torch.empty_like(y))
 
 
+def _weight_and_bias(x_shape, kernel_size, c_out, dtype, layout="nchw", stride=1, padding=0, output_padding=0,
+                     groups=1) -> None:
+    """The weight gradient with the bias gradient (``weight_grad``'s ``bias=True``, which
+    the op layer does not ask for yet) of a transposed convolution of an input of
+    ``x_shape`` to ``c_out`` channels, the geometry the same along every axis; the
+    output gradient laid out like the input."""
+    from tritondeconv.planner import output_size
+
+    rank = len(x_shape) - 2
+    gy_shape = (x_shape[0], c_out, *(output_size(i, kernel_size, stride, padding, 1, output_padding)
+                                     for i in x_shape[2:]))
+    x, gy = torch.empty(x_shape, dtype=dtype), torch.empty(gy_shape, dtype=dtype)
+    if layout == "channels_last":
+        x, gy = (t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]) for t in (x, gy))
+    weight_grad.weight_grad(x, gy, (kernel_size,) * rank, (stride,) * rank, (padding,) * rank, (1,) * rank, groups,
+                            allow_tf32=torch.backends.cudnn.allow_tf32 and dtype == torch.float32, bias=True)
+
+
+def record_bias(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
+                target: int = 90) -> None:
+    """The launches of one cell's weight and bias gradients computed together."""
+    with recording(launches, per_key=per_key, target=target):
+        _weight_and_bias((cell.n, cell.c_in, *cell.spatial), cell.k, cell.c_out, dtype, layout, cell.s, cell.p,
+                         cell.op)
+
+
 def record(cell: Cell, dtype: torch.dtype, layout: str, launches: set, per_key: int = tuning.TIMED,
            target: int = 90, staged: bool = False) -> None:
     """The launches of one cell's forward and backward (``staged``: each phase GEMM that
@@ -176,6 +207,24 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
                                                     stride=2), False),
         "2-D k2 s2, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, stride=2),
                                       True),
+    })
+    # The weight gradient with the bias gradient in the same launch, as the op layer will ask
+    # for it (its bias programs beside the GEMM's).
+    variants.update({
+        "2-D weight and bias gradients, channels_last": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 32, dt, "channels_last", stride=2, padding=1), False),
+        "2-D weight and bias gradients, nchw, groups 2": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 3, 32, dt, stride=2, padding=1, output_padding=1, groups=2), False),
+        "2-D weight and bias gradients, 3 output channels": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 3, dt, "channels_last", stride=2, padding=1), False),
+        "1-D weight and bias gradients": (lambda dt: _weight_and_bias((2, 32, 16), 16, 16, dt, stride=8, padding=4),
+                                          False),
+        "3-D weight and bias gradients": (lambda dt: _weight_and_bias(
+            (1, 16, 4, 4, 4), 3, 16, dt, "channels_last", stride=2, padding=1, output_padding=1), False),
+        "2-D weight and bias gradients in pixel ranges": (lambda dt: _weight_and_bias(
+            (2, 32, 64, 64), 4, 32, dt, "channels_last", stride=2, padding=1), False),
+        "2-D weight and bias gradients, 64-bit indices": (lambda dt: _weight_and_bias(
+            (2, 32, 6, 6), 4, 32, dt, "channels_last", stride=2, padding=1), True),
     })
     # NCHW (and 1-D) input on a channels-last copy (the race's other run).
     for name in ("2-D nchw", "1-D", "2-D, 64-bit indices", "2-D k2 s2 nchw"):
@@ -244,15 +293,58 @@ def memory_instructions(ptx: str, element_bits: int) -> dict:
                 wgmma_in_flight=max(map(int, _WGMMA_WAIT.findall(ptx)), default=0))
 
 
+def _described(launch: Launch) -> dict:
+    """A launch's row before compiling: kernel, tile, dtype (the first tensor's), variant
+    in words, its constants, and the rest of what Triton specialised (the arguments it
+    saw divisible by 16, those it passes in 64 bits): together, what tells one launch
+    from another."""
+    names = [name for name, _ in launch.signature]
+    wide = [name for name, kind in launch.signature if kind == "i64"]
+    return dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
+                dtype=launch.signature[0][1][1:], mode=_mode(dict(launch.constants)),
+                constants=" ".join(f"{k}={v}" for k, v in launch.constants),
+                specialised=f"div16={','.join(names[i] for i in launch.divisible)} i64={','.join(wide)}")
+
+
+_COUNTS = ("regs", "local_bytes", "shared_bytes", "wgmma", "mma_sync", "tcgen05", "async_copies", "tma",
+           "loop_divisions", "scalar_loads", "vector_loads", "vector_stores", "wgmma_in_flight")
+
+
+_KEY = ("kernel", "dtype", "mode", "tile", "constants", "specialised")
+
+
+def reused(csv_path: Path, kernels: set[str], launches) -> dict:
+    """Per launch of ``launches`` (of the kernels in ``kernels``), its row in an earlier
+    report (``csv_path``, written by this script with the same Triton and target), for
+    regenerating a report after a change to other kernels only.  A report written before
+    the ``specialised`` column tells launches apart by the rest of the row alone: a
+    launch is taken from it only where that rest names as many launches on both sides
+    and the earlier report's rows of them are alike (the same figures, whichever is whose)."""
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kernel"] in kernels]
+    for r in rows:
+        r.update({k: int(r[k]) for k in _COUNTS if r[k] != ""}, fits=r["fits"] == "True")
+    key = _KEY if rows and "specialised" in rows[0] else _KEY[:-1]
+    described = {launch: tuple(_described(launch)[k] for k in key) for launch in launches}
+    old: dict[tuple, list] = {}
+    new: dict[tuple, int] = {}
+    for r in rows:
+        old.setdefault(tuple(r[k] for k in key), []).append(r)
+    for k in described.values():
+        new[k] = new.get(k, 0) + 1
+    def alike(rows: list) -> bool:
+        return len({tuple(r[c] for c in (*_COUNTS, "fits", "error")) for r in rows}) == 1
+
+    return {launch: dict(old[k][0], **_described(launch)) for launch, k in described.items()
+            if len(old.get(k, ())) == new[k] and alike(old[k])}
+
+
 def compile_launch(launch: Launch, target: int = 90) -> dict:
     """Compile one launch for ``sm_<target>`` and read its resources."""
     kernel = vars(KERNELS[launch.kernel])[launch.kernel]
     source = ASTSource(kernel, dict(launch.signature), dict(launch.constants),
                        {(i,): [["tt.divisibility", 16]] for i in launch.divisible})
-    constants = dict(launch.constants)
-    row = dict(kernel=launch.kernel.strip("_").removesuffix("_kernel"), tile=launch.tile,
-               dtype=launch.signature[0][1][1:], mode=_mode(constants),  # the first tensor's dtype
-               constants=" ".join(f"{k}={v}" for k, v in launch.constants))
+    row = _described(launch)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=dict(launch.options))
     except Exception as error:  # noqa: BLE001  (every failure is a row of the report)
@@ -285,7 +377,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     or do not fit)."""
     columns = ["kernel", "dtype", "mode", "tile", "regs", "local_bytes", "shared_bytes", "fits", "wgmma",
                "mma_sync", "tcgen05", "async_copies", "tma", "loop_divisions", "scalar_loads", "vector_loads",
-               "vector_stores", "wgmma_in_flight", "error", "cells", "constants"]
+               "vector_stores", "wgmma_in_flight", "error", "cells", "constants", "specialised"]
     native, gpu = NATIVE_MMA[target], TARGETS[target].name.removeprefix("NVIDIA ").split()[0]
     for r in rows:
         r["cells"] = "; ".join(sorted(cells[r["key"]]))
@@ -305,6 +397,8 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     staged = [r for r in gemms if "sxc=1" in r["constants"].split()
               and any("staged" in label.replace(",", " ").split() for label in cells[r["key"]])]
     copies = [r for r in ok if r["kernel"] == "channels_last"]
+    weights = [r for r in ok if r["kernel"] == "weight_grad"]
+    weights_contiguous = [r for r in weights if {"sxc=1", "syc=1"} <= set(r["constants"].split())]
 
     def loads(group: list[dict]) -> str:
         tc = [r for r in group if r[native] > 0]
@@ -339,6 +433,11 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"spilling: {sum(r['local_bytes'] > 0 for r in tma)}",
         f"- phase GEMM reading strided channels (NCHW and 1-D input as given): {loads(gathered)}",
         f"- phase GEMM on a channels-last copy of NCHW or 1-D input (calls labelled `staged`): {loads(staged)}",
+        f"- weight gradient, input and output gradient channels-last: {loads(weights_contiguous)}",
+        f"- weight gradient, either of them strided (NCHW, 1-D): {loads([r for r in weights if r not in weights_contiguous])}",
+        f"- weight gradient with the bias gradient in the same launch (`HAS_BIAS=True`): "
+        f"{loads([r for r in weights if 'HAS_BIAS=True' in r['constants'].split()])}; integer division in a loop: "
+        f"{sum(r['loop_divisions'] > 0 for r in weights)} of {len(weights)} weight-gradient launches",
         f"- channels-last copies (staging): {len(copies)}, with vector loads: "
         f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: {sum(r['vector_stores'] > 0 for r in copies)}"
         f", spilling: {sum(r['local_bytes'] > 0 for r in copies)}",
@@ -377,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the compute capability to compile for (default 90, Hopper)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, help="default: perf/results/static-sm<target>/triton-<version>")
+    ap.add_argument("--reuse", nargs=2, metavar=("CSV", "KERNELS"),
+                    help="take the launches of KERNELS (comma-separated, as the report names them) from CSV, an "
+                         "earlier report of the same Triton and target, where it holds the same launch; compile "
+                         "the rest (for a change that leaves those kernels' source as it was)")
     a = ap.parse_args(argv)
     out = a.out or Path(__file__).parent / "results" / f"static-sm{a.target}" / f"triton-{triton.__version__}"
     suite = QUICK if a.quick else [c for s in a.suites.split(",") for c in SUITES[s]]
@@ -408,14 +511,21 @@ def main(argv: list[str] | None = None) -> int:
                         launches = set()
                         record(cell, DTYPES[dtype], layout, launches, a.per_key, a.target, staged=True)
                         add(launches, f"{cell.label} {dtype} {layout} staged")
-    print(f"{len(cells)} distinct launches; compiling for sm_{a.target} with {a.jobs} processes", flush=True)
-    rows = []
+                    if a.quick:  # and the weight gradient with the bias gradient
+                        launches = set()
+                        record_bias(cell, DTYPES[dtype], layout, launches, a.per_key, a.target)
+                        add(launches, f"{cell.label} {dtype} {layout} bias")
+    kept = reused(Path(a.reuse[0]), set(a.reuse[1].split(",")), cells) if a.reuse else {}
+    rows = [dict(row, key=launch) for launch, row in kept.items()]
+    to_compile = [launch for launch in cells if launch not in kept]
+    print(f"{len(cells)} distinct launches ({len(kept)} taken from {a.reuse[0] if a.reuse else '-'}); compiling "
+          f"{len(to_compile)} for sm_{a.target} with {a.jobs} processes", flush=True)
     with ProcessPoolExecutor(a.jobs) as pool:
-        compiled = pool.map(functools.partial(compile_launch, target=a.target), cells)
-        for i, (launch, row) in enumerate(zip(cells, compiled), 1):
+        compiled = pool.map(functools.partial(compile_launch, target=a.target), to_compile)
+        for i, (launch, row) in enumerate(zip(to_compile, compiled), 1):
             rows.append(row | dict(key=launch))
             status = row["error"] or f"regs {row['regs']}, local {row['local_bytes']} B, shared {row['shared_bytes']} B"
-            print(f"[{i}/{len(cells)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
+            print(f"[{i}/{len(to_compile)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     stem = "api" if a.api else "quick" if a.quick else "suites"
     bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, out, stem, a.target)

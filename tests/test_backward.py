@@ -1,14 +1,18 @@
 """Gradients of conv_transpose2d: against PyTorch's in every dtype, gradcheck and
-gradgradcheck in float64, only the needed gradients, a deterministic split reduction."""
+gradgradcheck in float64, only the needed gradients, a deterministic split reduction;
+and the weight-gradient kernel's entry point (weight and bias gradients together) on
+every rank, dtype, path, layout and geometry."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritondeconv
 import tritondeconv.backends
-from reference import DTYPES, TOLERANCES, fresh_seed, layout, relative_error, same_layout
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, relative_error, same_layout
 from tritondeconv.kernels.weight_grad import weight_grad
-from tritondeconv.kernels.common import observe_launches
+from tritondeconv.kernels.common import force_int64_index, observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -144,12 +148,14 @@ def test_only_needed_gradients_are_computed(device, needs):
 SPLIT_LAYERS = [pytest.param(4, 6, 2, id="several-taps-per-tile"), pytest.param(16, 16, 1, id="one-tap-per-tile")]
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["weight", "weight+bias"])
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"])
 @pytest.mark.parametrize("c_in, c_out, groups", SPLIT_LAYERS)
-def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_out, groups):
-    """Any split of the pixel reduction gives the gradient (the partial sums added and
-    cast by the split sum, one range written straight into the gradient), and a run
-    repeats bitwise."""
+def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_out, groups, bias):
+    """Any split of the pixel reduction gives the gradients (the partial sums added and
+    cast by the split sum, one range written straight into the weight gradient; the
+    bias's ranges, as many again per pixel range, always through the split sum), and a
+    run repeats bitwise."""
     seed = fresh_seed()
     dtype = DTYPES[precision]
     x = torch.randn(3, c_in, 1, 5, 6, device=device).to(dtype)
@@ -163,12 +169,106 @@ def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_o
     grads = []
     for split in (1, 3, 1, 3):
         with observe_launches() as launches:
-            grads.append(weight_grad(x, gy, *geometry, groups=groups, allow_tf32=False, split=split))
-        assert [launch.kernel for launch in launches] == ["weight_grad"] + ["split_sum"] * (split > 1)
-    for g in grads:
+            grads.append(weight_grad(x, gy, *geometry, groups=groups, allow_tf32=False, split=split, bias=bias)[:2])
+        assert [launch.kernel for launch in launches] == ["weight_grad"] + ["split_sum"] * (split > 1 or bias)
+    for g, b in grads:
         assert g.dtype == dtype and g.is_contiguous()
         assert relative_error(g[:, :, 0], ref) <= TOLERANCES[precision], f"seed {seed}"
-    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+        if bias:
+            assert b.dtype == dtype and b.shape == (c_out,)
+            assert relative_error(b, gy.double().sum(dim=[0, 2, 3, 4])) <= TOLERANCES[precision], f"seed {seed}"
+        else:
+            assert b is None
+    for (g1, b1), (g2, b2) in ((grads[0], grads[2]), (grads[1], grads[3])):
+        assert torch.equal(g1, g2) and (b1 is None or torch.equal(b1, b2))
+
+
+# The weight-gradient kernel's entry point, with the bias gradient: per rank, a layer
+# whose every channel count selects a path (tensor cores need 16 a side; 4 input and 3
+# output channels take the FMA tiles, several taps to a column tile).
+PATH_CHANNELS = {"tensor-core": (16, 16), "fma": (4, 3)}
+RANK_SHAPES = {1: (2, 7), 2: (2, 3, 5), 3: (2, 2, 3, 3)}  # (N, *spatial)
+
+
+def _kernel_gradients(x, gy, k, s, p, d, g, precision, split=None):
+    """``weight_grad``'s ``(grad_w, grad_b)`` with the bias, and its launches."""
+    rank = x.dim() - 2
+    geometry = [(v,) * rank if isinstance(v, int) else tuple(v) for v in (k, s, p, d)]
+    with observe_launches() as launches:
+        got = weight_grad(x, gy, *geometry, groups=g, allow_tf32=precision == "tf32", split=split, bias=True)[:2]
+    return got, launches
+
+
+def _reference_gradients(x, gy, k, s, p, op, d, g):
+    """PyTorch's weight gradient in float64 (of a transposed convolution of ``x`` whose
+    output gradient is ``gy``), and the bias gradient as grad_y's sum."""
+    rank = x.dim() - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
+    ks = (k,) * rank if isinstance(k, int) else tuple(k)
+    w = torch.zeros(x.shape[1], gy.shape[1] // g, *ks, dtype=torch.float64, device=x.device, requires_grad=True)
+    fn(x.double(), w, None, s, p, op, g, d).backward(gy.double())
+    return w.grad, gy.double().sum(dim=[0, *range(2, gy.dim())])
+
+
+def _output_gradient(x, c_out, k, s, p, op, d, g, dtype):
+    """A random output gradient shaped as the transposed convolution's output."""
+    rank = x.dim() - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
+    ks = (k,) * rank if isinstance(k, int) else tuple(k)
+    shape = fn(x.double(), torch.zeros(x.shape[1], c_out // g, *ks, dtype=torch.float64, device=x.device),
+               None, s, p, op, g, d).shape
+    return torch.randn(shape, device=x.device).to(dtype)
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("path", list(PATH_CHANNELS))
+@pytest.mark.parametrize("rank", list(RANK_SHAPES))
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_weight_and_bias_gradients_on_every_rank_dtype_and_path(device, precision, rank, path, int64):
+    """The kernel's entry point computes the weight and bias gradients in one launch (and
+    the split sum), exactly, for 1-3 spatial axes, every dtype (fp32 with TF32 too), both
+    paths and both index widths: k3 s2 p1 op1 (borders some taps miss), 2 groups on the
+    tensor cores."""
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    c_in_g, c_out_g = PATH_CHANNELS[path]
+    n, *spatial = RANK_SHAPES[rank]
+    k, s, p, op, d, g = 3, 2, 1, 1, 1, (2 if path == "tensor-core" else 1)
+    x = torch.randn(n, c_in_g * g, *spatial, device=device).to(dtype)
+    gy = _output_gradient(x, c_out_g * g, k, s, p, op, d, g, dtype)
+    with on_path(path), force_int64_index() if int64 else contextlib.nullcontext():
+        (grad_w, grad_b), launches = _kernel_gradients(x, gy, k, s, p, d, g, precision)
+    assert [launch.kernel for launch in launches] == ["weight_grad", "split_sum"]
+    (launch,) = [launch for launch in launches if launch.kernel == "weight_grad"]
+    assert launch.constants["HAS_BIAS"] and launch.constants["INT64_INDEX"] == int64
+    assert (min(launch.constants["BLOCK_M"], launch.constants["BLOCK_N"]) >= 16) == (path == "tensor-core")
+    ref_w, ref_b = _reference_gradients(x, gy, k, s, p, op, d, g)
+    assert grad_w.dtype == dtype and grad_b.dtype == dtype and grad_b.shape == (c_out_g * g,)
+    assert_close(grad_w, ref_w, precision, seed)
+    assert_close(grad_b, ref_b, precision, seed)
+
+
+# (kernel, stride, padding, output_padding, dilation, groups) beyond GEOMETRIES: taps that
+# reach no output at all (padding past the kernel's reach along an axis).
+KERNEL_GEOMETRIES = GEOMETRIES + [pytest.param(5, 2, 4, 1, 1, 1, id="k5s2p4op1-taps-reaching-nothing")]
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("k, s, p, op, d, g", KERNEL_GEOMETRIES)
+@pytest.mark.parametrize("c_in, c_out", [(16, 16), (4, 6)], ids=["one-tap-per-tile", "several-taps-per-tile"])
+def test_weight_and_bias_gradients_on_every_geometry_and_layout(device, c_in, c_out, k, s, p, op, d, g, kind):
+    """The kernel's entry point on every geometry (phases without taps, dilation, output
+    padding, stride 1, rectangular, groups, taps that reach nothing) and layout of both
+    tensors (NCHW, channels-last, a strided view), in float64, split in three: the bias
+    sums every output pixel, those no (input, tap) pair reaches included."""
+    seed = fresh_seed()
+    x = layout(torch.randn(2, c_in, 4, 5, device=device, dtype=torch.float64), kind)
+    gy = layout(_output_gradient(x, c_out, k, s, p, op, d, g, torch.float64), kind)
+    (grad_w, grad_b), launches = _kernel_gradients(x, gy, k, s, p, d, g, "float64", split=3)
+    assert [launch.kernel for launch in launches] == ["weight_grad", "split_sum"]
+    ref_w, ref_b = _reference_gradients(x, gy, k, s, p, op, d, g)
+    assert_close(grad_w, ref_w, "float64", seed)
+    assert_close(grad_b, ref_b, "float64", seed)
 
 
 @pytest.mark.cuda

@@ -181,21 +181,24 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     instruction, no phase GEMM has a division in a loop, and the ordinary layer's NCHW
     input, copied to channels-last (the race's other run), is read by its phase GEMMs
     with vector loads and no single-element ones and their MMAs overlap the loads, the
-    copy itself storing vectors."""
+    copy itself storing vectors; and the weight gradient (with the bias gradient's
+    programs and without) neither divides in a loop nor spills, its warpgroup-sized
+    tensor-core tiles on channels-last tensors running on wgmma fed by asynchronous
+    copies, MMAs in flight."""
     run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, env={**os.environ, "TRITONDECONV_EXPERIMENTAL": "tma"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "quick.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["kernel"], r["dtype"]) for r in rows} == {
-        (k, d) for k in ("phase_gemm", "weight_grad", "channels_last") for d in ("bf16", "fp32")}
+        (k, d) for k in ("phase_gemm", "weight_grad", "channels_last", "sum_splits") for d in ("bf16", "fp32")}
     assert {r["mode"].split()[0] for r in rows if r["kernel"] == "phase_gemm"} == {"transposed", "direct"}
     assert all(not r["error"] and r["fits"] == "True" for r in rows)
     tensor_core = [r for r in rows if int(r["wgmma"]) + int(r["mma_sync"]) > 0]
     assert tensor_core and len(tensor_core) < len(rows)  # both paths were compiled
     # An FMA tile stays on FMAs: Triton 3.6 would turn one 16 columns wide over 4
     # channels into a tensor-core dot that computes wrong results on the GPU.
-    fma = [r for r in rows if r["kernel"] != "channels_last" and min(_tile_sides(r)) < 16]
+    fma = [r for r in rows if r["kernel"] in ("phase_gemm", "weight_grad") and min(_tile_sides(r)) < 16]
     assert any(_tile_sides(r) == (16, 4) for r in fma)  # the shape that was rewritten
     assert not [r["tile"] for r in fma if r in tensor_core]
     warpgroup_tiles = [r for r in tensor_core if r["tile"].startswith("64x") and " w4 " in r["tile"]]
@@ -212,6 +215,33 @@ def test_quick_launches_compile_for_hopper(tmp_path):
                for r in staged)
     copies = [r for r in rows if r["kernel"] == "channels_last"]
     assert copies and all(int(r["vector_stores"]) > 0 for r in copies)
+    weights = [r for r in rows if r["kernel"] == "weight_grad"]
+    assert {"HAS_BIAS=True" in r["constants"].split() for r in weights} == {False, True}
+    assert all(int(r["loop_divisions"]) == 0 and int(r["local_bytes"]) == 0 for r in weights)
+    # (Tiles of 64 rows or more: a warpgroup MMA's; narrower ones use mma.sync.)
+    contiguous = [r for r in weights if r in tensor_core and int(r["tile"].split("x")[0]) >= 64
+                  and {"sxc=1", "syc=1"} <= set(r["constants"].split())]
+    assert {"HAS_BIAS=True" in r["constants"].split() for r in contiguous} == {False, True}
+    assert all(int(r["wgmma"]) > 0 and int(r["async_copies"]) + int(r["tma"]) > 0 and int(r["wgmma_in_flight"]) > 0
+               for r in contiguous)
+
+
+def test_a_report_takes_unchanged_kernels_launches_from_an_earlier_one(tmp_path):
+    """``--reuse CSV KERNELS``: the named kernels' launches come from the earlier report
+    where it holds them (every one of them here), the others are compiled, and the
+    report reads as a fresh one would."""
+    first = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path / "a")],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--quick", "--out", str(tmp_path / "b"),
+                             "--reuse", str(tmp_path / "a" / "quick.csv"), "phase_gemm,channels_last"],
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rows = {name: list(csv.DictReader(open(tmp_path / name / "quick.csv", newline=""))) for name in ("a", "b")}
+    reused = [r for r in rows["a"] if r["kernel"] in ("phase_gemm", "channels_last")]
+    assert f"({len(reused)} taken from " in second.stdout
+    assert f"compiling {len(rows['a']) - len(reused)} for sm_90" in second.stdout
+    assert rows["a"] == rows["b"]
 
 
 def test_every_api_variant_compiles_for_hopper(tmp_path):

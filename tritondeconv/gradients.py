@@ -197,9 +197,11 @@ class Recorded(torch.autograd.Function):
         if needs[0]:
             grad_x = input_grad(grad_z, read, x_.shape[2:], g.stride, g.padding, g.dilation, g.groups, as_given=True)
             grad_x = grad_x.squeeze(0) if unbatched else grad_x
-        if needs[1]:
-            grad_w = weight_grad_of(x_, grad_z, w.shape[2:], g.stride, g.padding, g.dilation, g.groups)
-        if b is not None and needs[2]:
+        bias = b is not None and needs[2]
+        if needs[1]:  # (the bias's gradient from the same launch, and the weight's in its layout)
+            grad_w, grad_b = weight_grad_of(x_, grad_z, w.shape[2:], g.stride, g.padding, g.dilation, g.groups,
+                                            bias=bias, like=w)
+        elif bias:
             grad_b = grad_z.sum(dim=[0, *range(2, grad_z.dim())])
         return None, None, None, None, grad_x, grad_w, grad_b, grad_y if ctx.has_residual and needs[3] else None
 

@@ -314,25 +314,83 @@ def _aten_input_grad(grad_output, weight, input_size, stride, padding, dilation,
 # ---------------------------------------------------------------- the weight gradient
 
 
-def weight_grad_of(input, grad_output, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
-    """grad_weight ``[C_in, C_out/g, *kernel_size]`` of a transposed convolution of the
-    (batched) ``input`` that produced ``grad_output``'s shape; the op's implementation."""
+class WeightGradient:
+    """A class of weight-gradient calls, prepared: ``self(x, grad_y)`` is ``(grad_w,
+    grad_b)`` (``grad_b`` where the class asks for the bias's too, else None);
+    ``repeat``: the kernels' prepared launches, or ``None`` where aten computes the class
+    (``arguments``: the op's after the two tensors)."""
+
+    __slots__ = ("epoch", "repeat", "bias", "arguments")
+
+    def __init__(self, repeat, bias: bool, arguments: tuple):
+        self.epoch, self.repeat, self.bias, self.arguments = EPOCH[0], repeat, bias, arguments
+
+    def __call__(self, x, grad_y) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.repeat is None:
+            return _aten_weight_grad(x, grad_y, *self.arguments), _bias_grad(grad_y) if self.bias else None
+        return self.repeat(x, grad_y)
+
+
+WEIGHT_GRADIENTS: dict = {}
+
+
+def weight_grad_of(input, grad_output, kernel_size, stride, padding, dilation, groups, bias: bool = False,
+                   like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_w, grad_b)`` of a transposed convolution of the (batched) ``input`` that
+    produced ``grad_output``'s shape: grad_w ``[C_in, C_out/g, *kernel_size]``, laid out
+    as ``like`` (the weight: so that it becomes the weight's ``.grad`` without a copy)
+    where that is a contiguous or channels-last layout, else contiguous; with ``bias``,
+    grad_b, the sum of ``grad_output`` over all but its channels, from the same launch.
+    The weight-gradient op's implementation is its first."""
     c_in, c_out_g = input.shape[1], grad_output.shape[1] // groups
     if c_out_g == 0:  # (no output channels, on CUDA: an empty gradient)
-        return input.new_empty((c_in, 0, *kernel_size))
+        return input.new_empty((c_in, 0, *kernel_size)), _bias_grad(grad_output) if bias else None
+    layout = None if like is None else _dense_layout(like)
     arguments = (_hashable(kernel_size), _hashable(stride), _hashable(padding), _hashable(dilation), groups)
-
-    def aten() -> torch.Tensor:
-        output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding,
-                                                   dilation)
-        weight = input.new_empty((c_in, c_out_g, *kernel_size))
-        return torch.ops.aten.convolution_backward(
-            grad_output, input, weight, None, stride, padding, dilation, True, output_padding, groups, [False, True, False]
-        )[1].contiguous()
-
-    def kernels() -> torch.Tensor:
-        return weight_grad(input, grad_output, *arguments[:4], groups, allow_tf32=allow_tf32(input.dtype))
-
     key = (input.shape, input.stride(), grad_output.shape, grad_output.stride(), input.dtype, input.device, arguments,
-           *_settings(input.dtype))
-    return computed("conv_transpose_weight_grad", input.device, kernels, aten, key)[1]
+           bias, layout, *_settings(input.dtype))
+    try:
+        prepared = WEIGHT_GRADIENTS.get(key)
+    except TypeError:  # (a symbolic size)
+        prepared = None
+    if prepared is not None and prepared.epoch == EPOCH[0]:
+        return prepared(input, grad_output)
+    made = {}
+
+    def aten():
+        return _aten_weight_grad(input, grad_output, *arguments), _bias_grad(grad_output) if bias else None
+
+    def kernels():
+        grad_w, grad_b, made["repeat"] = weight_grad(input, grad_output, *arguments[:4], groups,
+                                                     allow_tf32=allow_tf32(input.dtype), bias=bias, layout=layout)
+        return grad_w, grad_b
+
+    ours, result = computed("conv_transpose_weight_grad", input.device, kernels, aten, key)
+    if not ours or made.get("repeat") is not None:
+        _keep(WEIGHT_GRADIENTS, key, WeightGradient(made.get("repeat") if ours else None, bias, arguments))
+    return result
+
+
+def _dense_layout(weight: torch.Tensor) -> tuple | None:
+    """``weight``'s strides where it is laid out contiguous or channels-last (dense: a
+    gradient laid out so is a parameter's ``.grad`` as it is), else None."""
+    if weight.is_contiguous():
+        return None
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if weight.dim() in formats and weight.is_contiguous(memory_format=formats[weight.dim()]):
+        return weight.stride()
+    return None
+
+
+def _bias_grad(grad_output: torch.Tensor) -> torch.Tensor:
+    return grad_output.sum(dim=[0, *range(2, grad_output.dim())])
+
+
+def _aten_weight_grad(input, grad_output, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
+    """The weight gradient through aten's convolution backward, contiguous."""
+    output_padding = transposed_output_padding(input.shape[2:], grad_output.shape[2:], kernel_size, stride, padding,
+                                               dilation)
+    weight = input.new_empty((input.shape[1], grad_output.shape[1] // groups, *kernel_size))
+    return torch.ops.aten.convolution_backward(
+        grad_output, input, weight, None, stride, padding, dilation, True, output_padding, groups, [False, True, False]
+    )[1].contiguous()

@@ -81,7 +81,7 @@ def _input_grad(grad_output, weight, input_size, stride, padding, dilation, grou
 
 def _weight_grad(input, grad_output, kernel_size, stride, padding, dilation, groups):
     _refuse_forward_ad("conv_transpose_weight_grad", input, grad_output)
-    return prepared.weight_grad_of(input, grad_output, kernel_size, stride, padding, dilation, groups)
+    return prepared.weight_grad_of(input, grad_output, kernel_size, stride, padding, dilation, groups)[0]
 
 
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, activation=None,
