@@ -1,6 +1,7 @@
 """Trust: 64-bit indexing for large tensors, NaN/Inf propagation like PyTorch's, threads,
 CUDA graphs, memory bounds, a packed-weight cache that is never stale; and the suite's own
 checks catch a faulty kernel."""
+import contextlib
 import dataclasses
 import gc
 import pickle
@@ -390,3 +391,36 @@ def test_a_weight_in_the_kernels_layout_is_never_copied(device, weight_copies):
     ref = reference(xr, wr, layer.bias, 2, 1, 1, 1, 1)
     for ours, theirs in zip(grads, torch.autograd.grad(ref.square().sum(), (xr, wr))):
         assert relative_error(ours, theirs) <= TOLERANCES["float64"], f"seed {seed}"
+
+
+# The ATen ops a training step of a layer may run besides our kernels: allocations (and,
+# with this file's poisoned allocations, their fill), and autograd's own detaching of the
+# gradient a leaf keeps (as in PyTorch's own layers' steps).
+_ALLOCATIONS = {"aten::empty", "aten::empty_strided", "aten::new_empty_strided", "aten::new_empty", "aten::fill_",
+                "aten::detach"}
+
+
+def test_a_training_step_runs_nothing_but_allocations_and_our_kernels(device):
+    """A layer's forward and backward trained in the layout the kernels read (a
+    channels-last model and input), the second step of its class: the ATen ops it runs
+    are allocations (the output, the gradients, the weight gradient's partial sums), no
+    copy of the weight, no reduction for the bias's gradient (it comes from the weight
+    gradient's launch), no memset, and every gradient lands as its ``.grad`` without a
+    copy.  Counted by PyTorch's profiler, which sees every ATen op where it runs (a
+    dispatch mode would send the call through the op, as everything that watches must
+    see it, and so watch another path); on the CPU the launches are stubbed, since the
+    interpreter copies the tensors it runs on."""
+    layer = tritondeconv.nn.ConvTranspose2d(16, 16, 4, 2, 1).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 5, 5, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16, 10, 10, device=device).contiguous(memory_format=torch.channels_last)
+    with contextlib.nullcontext() if device == "cuda" else launcher.stub_launches():
+        for _ in range(2):
+            for t in (x, *layer.parameters()):
+                t.grad = None
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                out = layer(x)
+                torch.autograd.backward(out, grad)
+    ops = [e.name for e in profile.events() if e.name.startswith("aten::")]
+    assert ops and set(ops) <= _ALLOCATIONS, sorted(set(ops) - _ALLOCATIONS)
+    for t in (x, *layer.parameters()):
+        assert t.grad is not None and t.grad.stride() == t.stride()
