@@ -211,11 +211,12 @@ def _tap_inputs(t, S, I, O):
 def _gemm_tile(
     x_ptr, gy_ptr, out_ptr, pid, group, split, groups,
     N, C_in_g, C_out_g, I_D, I_H, I_W, O_D, O_H, O_W,
-    sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, soi, soo, sot,
+    sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W, SPLIT,
     OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAPS_N: tl.constexpr,
     BOX_N: tl.constexpr, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
+    CHANNELS_LAST_GRAD: tl.constexpr,
 ):
     """Tile ``pid`` of (input channel) rows by (tap, output channel) columns of ``group``,
     over pixel range ``split``; the arguments as in ``_weight_grad_kernel``."""
@@ -282,11 +283,14 @@ def _gemm_tile(
             acc += fma_dot(a.to(acc_dtype), b.to(acc_dtype))
         bn, bd, bh, bw = _next_box(bn, bd, bh, bw, boxes_d, boxes_h, boxes_w)
 
-    # grad_w[split][group*C_in_g + ci, co, tap] at rows*soi + co*soo + tap*sot (a range's
-    # rows follow the previous range's: the workspace's ranges lie one after another):
-    # the permute, the weight's own layout and (with one range) the cast, in the store.
+    # grad_w[split][group*C_in_g + ci, co, tap]: the permute, the weight's layout (taps
+    # then channels, or channels-last: channels then taps) and (with one range) the
+    # cast, in the store; a range's rows follow the previous range's.
     rows = split * (groups * C_in_g) + group * C_in_g + offs_m
-    out = out_ptr + rows[:, None] * soi + co * soo + tap * sot
+    if CHANNELS_LAST_GRAD:
+        out = out_ptr + (rows[:, None] * taps + tap) * C_out_g + co
+    else:
+        out = out_ptr + (rows[:, None] * C_out_g + co) * taps + tap
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n)
 
 
@@ -335,10 +339,10 @@ def _weight_grad_kernel(
     I_D, I_H, I_W, O_D, O_H, O_W,
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
-    soi, soo, sot,
     K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W,
     SPLIT, BIAS_PARTS,
     HAS_BIAS: tl.constexpr,
+    CHANNELS_LAST_GRAD: tl.constexpr,
     INT64_INDEX: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -351,22 +355,24 @@ def _weight_grad_kernel(
 
     x_ptr:    input ``[N, C_in, I_D, I_H, I_W]``, strides ``(sxn, sxc, sxd, sxh, sxw)``.
     gy_ptr:   output gradient ``[N, C_out, O_D, O_H, O_W]``, strides ``(syn, ..., syw)``.
-    out_ptr:  ``[SPLIT, C_in, C_out_g, K_D*K_H*K_W]`` with strides ``(C_in*soi, soi, soo,
-              sot)``: with ``SPLIT == 1`` ``grad_w`` itself in the input's dtype (in the
-              weight's layout: its taps lie ``sot`` apart in order), otherwise the
-              contiguous workspace of partial sums in the accumulator's dtype; a GEMM
-              program writes its tile there.
+    out_ptr:  ``[SPLIT, C_in, C_out_g, K_D*K_H*K_W]``: with ``SPLIT == 1`` ``grad_w``
+              itself in the input's dtype, contiguous or (``CHANNELS_LAST_GRAD``) with its
+              output channels innermost, the taps next; otherwise the contiguous
+              workspace of partial sums in the accumulator's dtype; a GEMM program writes
+              its tile there.
     bias_ptr: (used only with ``HAS_BIAS``) ``[SPLIT*BIAS_PARTS, C_out]``, contiguous,
               in the accumulator's dtype: the bias gradient's partial sums, one row per
               range of output boxes, each written by the bias programs of that range.
     N, C_in_g, C_out_g: batch, input and output channels per group.
     I_*, O_*: input and output spatial sizes.
-    s*:       strides of the input, the output gradient and ``out``, in elements.
+    s*:       strides of the input and the output gradient, in elements.
     K_*, S_*, P_*, D_*: kernel size, stride, padding, dilation per axis.
     SPLIT:    number of ranges the pixel reduction is split into (the grid's second axis
               is group × range).
     BIAS_PARTS: bias ranges per pixel range (the bias programs of each group and range).
     HAS_BIAS: also compute the bias gradient's partial sums.
+    CHANNELS_LAST_GRAD: ``grad_w`` (with one range) laid out as a channels-last weight
+              (a compile-time constant: an epilogue's choice costs no register).
     INT64_INDEX: index in 64 bits (some offset reaches 2**31); 32 bits otherwise.
     OPERAND_DTYPE, INPUT_PRECISION: as in ``phase_gemm``.
     BLOCK_M, BLOCK_N, BLOCK_K: tile of input channels, (tap, output channel) columns,
@@ -395,15 +401,17 @@ def _weight_grad_kernel(
         else:
             _gemm_tile(x_ptr, gy_ptr, out_ptr, pid - bias_programs, group, split, groups,
                        N, C_in_g, C_out_g, I_D, I_H, I_W, O_D, O_H, O_W,
-                       sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, soi, soo, sot,
+                       sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
                        K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W, SPLIT,
-                       OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TAPS_N, BOX_N, BOX_D, BOX_H, BOX_W)
+                       OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TAPS_N, BOX_N, BOX_D, BOX_H, BOX_W,
+                       CHANNELS_LAST_GRAD)
     else:
         _gemm_tile(x_ptr, gy_ptr, out_ptr, pid, group, split, groups,
                    N, C_in_g, C_out_g, I_D, I_H, I_W, O_D, O_H, O_W,
-                   sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, soi, soo, sot,
+                   sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
                    K_D, K_H, K_W, S_D, S_H, S_W, P_D, P_H, P_W, D_D, D_H, D_W, SPLIT,
-                   OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TAPS_N, BOX_N, BOX_D, BOX_H, BOX_W)
+                   OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TAPS_N, BOX_N, BOX_D, BOX_H, BOX_W,
+                   CHANNELS_LAST_GRAD)
 
 
 @triton.jit
@@ -502,9 +510,9 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
     """The launch plans of ``weight_grad`` for tensors of these layouts (``(shape,
     strides)`` pairs) and this geometry: the GEMM's, the split sum's (``None`` with one
     pixel range and no bias), the number of pixel ranges, and the number of bias ranges
-    (0 without ``bias``).  ``out_strides``: ``grad_w``'s strides ``(ci, co, tap)``
-    (``tap_strides``; default contiguous).  Tensors of 1 or 2 spatial axes run on the
-    kernel's three, the missing leading ones of size 1."""
+    (0 without ``bias``).  ``out_strides``: ``grad_w``'s strides ``(ci, co, tap)``,
+    contiguous (the default) or channels-last (``tap_strides``).  Tensors of 1 or 2
+    spatial axes run on the kernel's three, the missing leading ones of size 1."""
     lead = 3 - len(kernel_size)
     (x_shape, x_strides), (gy_shape, gy_strides) = (padded(layout, lead) for layout in (x_layout, grad_y_layout))
     kernel_size, stride = (1,) * lead + kernel_size, (1,) * lead + stride
@@ -535,8 +543,8 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
         return Problem((Part(groups * split, c_in_g, taps * c_out_g, -(-pixels // split), 1),), dtype.itemsize, name,
                        ("BLOCK_M", "BLOCK_N"))
 
-    out_strides = out_strides or (c_out_g * taps, taps, 1)
-    workspace_strides = (c_out_g * taps, taps, 1)
+    contiguous = (c_out_g * taps, taps, 1)
+    out_strides = out_strides or contiguous
     int64 = (int64_forced or spans_int64(x_shape, x_strides) or spans_int64(gy_shape, gy_strides)
              or spans_int64((split * c_in * c_out_g * taps,), (1,)) or spans_int64((split * parts * c_out,), (1,))
              or spans_int64((c_in, c_out_g, taps), out_strides))
@@ -544,11 +552,12 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
         scalars=(
             n, c_in_g, c_out_g,
             *x_shape[2:], *gy_shape[2:],
-            *x_strides, *gy_strides, *(out_strides if split == 1 else workspace_strides),
+            *x_strides, *gy_strides,
             *kernel_size, *stride, *padding, *dilation,
             split, max(parts, 1),
         ),
-        constants=dict(HAS_BIAS=bias, INT64_INDEX=int64, OPERAND_DTYPE=operand_dtype(dtype), INPUT_PRECISION=precision),
+        constants=dict(HAS_BIAS=bias, CHANNELS_LAST_GRAD=split == 1 and out_strides != contiguous, INT64_INDEX=int64,
+                       OPERAND_DTYPE=operand_dtype(dtype), INPUT_PRECISION=precision),
         grid=grid,
         # The shape class a tuning is kept for, every value that changes which tile is fastest:
         # - c_in_g, c_out_g, groups: the GEMM's M and N per group and how many GEMMs;
@@ -580,21 +589,15 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
 
 def tap_strides(shape: tuple, strides: tuple) -> tuple | None:
     """``(ci, co, tap)``: the strides of a weight ``[C_in, C_out/groups, *kernel_size]``
-    whose taps lie one stride apart in their order (a contiguous weight's, a channels-last
-    one's, a packed one's), or None where they do not (its gradient is then made
-    contiguous)."""
-    tap, expected = None, None
-    for size, step in zip(reversed(shape[2:]), reversed(strides[2:])):
-        if size == 1:
-            continue
-        if tap is None:
-            tap, expected = step, step
-        elif step != expected:
-            return None
-        expected = step * size
-    if tap is None:  # (one tap)
-        tap = 1
-    return strides[0], strides[1], tap
+    laid out contiguous or channels-last (its output channels innermost, then its taps in
+    order), the layouts the kernels write a gradient in; None for any other (its gradient
+    is then made contiguous)."""
+    c_out_g, taps = shape[1], math.prod(shape[2:])
+    for layout in ((c_out_g * taps, taps, 1), (c_out_g * taps, 1, c_out_g)):
+        expected = (*layout[:2], *(layout[2] * math.prod(shape[3 + i:]) for i in range(len(shape) - 2)))
+        if all(size == 1 or a == b for size, a, b in zip(shape, strides, expected)):
+            return layout
+    return None
 
 
 def weight_grad(

@@ -44,7 +44,7 @@ STAGES = {
     "host": dict(suites="small", passes="fwd,fwd+bwd", dtypes="bf16", layouts="channels_last"),
     "fwd-nchw": dict(suites="2d", passes="fwd", dtypes="bf16", layouts="nchw"),
     "train-bf16-cl": dict(suites="2d", passes="fwd+bwd", dtypes="bf16", layouts="channels_last"),
-    "grads-bf16-cl": dict(suites="2d", passes="dgrad,wgrad", dtypes="bf16", layouts="channels_last"),
+    "grads-bf16-cl": dict(suites="2d", passes="fwd,dgrad,wgrad", dtypes="bf16", layouts="channels_last"),
     "grads-nchw": dict(suites="2d", passes="wgrad,dgrad", dtypes="bf16", layouts="nchw"),
     "nd": dict(suites="1d,3d", passes="fwd,fwd+bwd", dtypes="bf16", layouts="nchw,channels_last"),
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),

@@ -30,8 +30,8 @@ describe() {
     tune-check)    echo "8 suite layers tuned exhaustively: how far the cost model's pick and its best 6 are from the best" ;;
     variants)      echo "U-Net layers (k = s), 2-D and 3-D forward, bf16, both layouts: the phase GEMMs, the one GEMM and the experimental TMA phase GEMM (channels_last), each forced and tuned, beside the tuner's pick (TMA among its candidates) and cuDNN" ;;
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods, and ours forced onto a channels-last copy of the input (staged) and onto the input as given (gathered)" ;;
-    train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN" ;;
-    grads-bf16-cl) echo "2-D suite, the input gradient and the weight gradient each alone, bf16 channels_last: ours vs cuDNN" ;;
+    train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN, with the kernels' own time (profiler)" ;;
+    grads-bf16-cl) echo "2-D suite, the forward, the input gradient and the weight gradient (with the bias's) each alone, bf16 channels_last: ours vs cuDNN, each with the kernels' own time (profiler)" ;;
     grads-nchw)    echo "2-D suite, the weight gradient and the input gradient each alone, bf16 NCHW (the weight gradient's own table of shallower tiles; the input gradient also forced onto a channels-last copy of grad_output and onto grad_output as given): ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
     blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
@@ -94,6 +94,8 @@ bench() {  # bench STAGE ARGS...: warm Triton's cache for the stage on every cor
 # failed among those that ran (a plain kill would lose that list).
 stop_pytest=(timeout -s INT -k 30 "$budget")
 status=0
+calls=20  # back-to-back calls per timing of the host and per-kernel columns
+[ -n "$dry" ] && calls=1  # (the interpreter takes a tenth of a second a call)
 for stage in "$@"; do
   echo "=== $stage: $(describe "$stage")"
   start=$SECONDS
@@ -113,9 +115,7 @@ for stage in "$@"; do
       fi
       echo "carried-cache: $carried" | tee -a "$out/summary.txt" ;;
     fwd-bf16-cl)   bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts channels_last; rc=$? ;;
-    host)          calls=100
-                   [ -n "$dry" ] && calls=1  # (the interpreter takes a tenth of a second a call)
-                   bench "$stage" --suites small --passes fwd,fwd+bwd,fwd+bwd-inline --dtypes bf16 --layouts channels_last \
+    host)          bench "$stage" --suites small --passes fwd,fwd+bwd,fwd+bwd-inline --dtypes bf16 --layouts channels_last \
                      --methods tritondeconv,cudnn --back-to-back "$calls"; rc=$?
                    host_device="${dry:+cpu}"
                    timeout 150 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 \
@@ -128,8 +128,10 @@ for stage in "$@"; do
                      --methods tritondeconv,phases,one_gemm,tma,cudnn; rc=$? ;;
     fwd-nchw)      bench "$stage" --suites 2d --passes fwd --dtypes bf16 --layouts nchw \
                      --methods tritondeconv,staged,gathered,cudnn,naive,subpixel_torch; rc=$? ;;
-    train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last; rc=$? ;;
-    grads-bf16-cl) bench "$stage" --suites 2d --passes dgrad,wgrad --dtypes bf16 --layouts channels_last; rc=$? ;;
+    train-bf16-cl) bench "$stage" --suites 2d --passes fwd+bwd --dtypes bf16 --layouts channels_last \
+                     --back-to-back "$calls"; rc=$? ;;
+    grads-bf16-cl) bench "$stage" --suites 2d --passes fwd,dgrad,wgrad --dtypes bf16 --layouts channels_last \
+                     --methods tritondeconv,cudnn --back-to-back "$calls"; rc=$? ;;
     grads-nchw)    bench "$stage" --suites 2d --passes wgrad,dgrad --dtypes bf16 --layouts nchw \
                      --methods tritondeconv,staged,gathered,cudnn; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;

@@ -148,13 +148,15 @@ def test_only_needed_gradients_are_computed(device, needs):
 SPLIT_LAYERS = [pytest.param(4, 6, 2, id="several-taps-per-tile"), pytest.param(16, 16, 1, id="one-tap-per-tile")]
 
 
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("bias", [False, True], ids=["weight", "weight+bias"])
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"])
 @pytest.mark.parametrize("c_in, c_out, groups", SPLIT_LAYERS)
-def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_out, groups, bias):
+def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_out, groups, bias, grad_layout):
     """Any split of the pixel reduction gives the gradients (the partial sums added and
     cast by the split sum, one range written straight into the weight gradient; the
-    bias's ranges, as many again per pixel range, always through the split sum), and a
+    bias's ranges, as many again per pixel range, always through the split sum), the
+    weight's in the layout asked for (a channels-last weight's, for its ``.grad``), and a
     run repeats bitwise."""
     seed = fresh_seed()
     dtype = DTYPES[precision]
@@ -166,13 +168,17 @@ def test_split_reduction_is_exact_and_deterministic(device, precision, c_in, c_o
                                                                 device=device),
         None, [2, 2], [1, 1], [1, 1], True, [0, 0], groups, [False, True, False],
     )[1]
+    weight = torch.empty(c_in, c_out // groups, 1, 3, 3, device=device, dtype=dtype)
+    if grad_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
     grads = []
     for split in (1, 3, 1, 3):
         with observe_launches() as launches:
-            grads.append(weight_grad(x, gy, *geometry, groups=groups, allow_tf32=False, split=split, bias=bias)[:2])
+            grads.append(weight_grad(x, gy, *geometry, groups=groups, allow_tf32=False, split=split, bias=bias,
+                                     layout=weight.stride())[:2])
         assert [launch.kernel for launch in launches] == ["weight_grad"] + ["split_sum"] * (split > 1 or bias)
     for g, b in grads:
-        assert g.dtype == dtype and g.is_contiguous()
+        assert g.dtype == dtype and g.stride() == weight.stride()
         assert relative_error(g[:, :, 0], ref) <= TOLERANCES[precision], f"seed {seed}"
         if bias:
             assert b.dtype == dtype and b.shape == (c_out,)
