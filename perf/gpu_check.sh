@@ -118,7 +118,7 @@ for stage in "$@"; do
     host)          bench "$stage" --suites small --passes fwd,fwd+bwd,fwd+bwd-inline --dtypes bf16 --layouts channels_last \
                      --methods tritondeconv,cudnn --back-to-back "$calls"; rc=$?
                    host_device="${dry:+cpu}"
-                   timeout 150 python3 perf/host_overhead.py --repeat 1000 --device "${host_device:-cuda}" 2>&1 \
+                   timeout 120 python3 perf/host_overhead.py --repeat 500 --device "${host_device:-cuda}" 2>&1 \
                      | tee "$work/host-overhead.txt" ;;
     tune-check)
       timeout $((budget + 60)) python3 perf/tune_check.py --budget "$budget" --out "$work" ${dry:+--dry-run} "${fake[@]}" 2>&1 \
