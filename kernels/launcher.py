@@ -282,12 +282,15 @@ class PreparedLaunch:
     set, and every launch in the interpreter.  Every launch is reported to the observers
     (``common.observe_launches``)."""
 
-    __slots__ = ("request", "options", "tail", "grid", "lean", "run", "function", "metadata", "device", "aligned",
+    __slots__ = ("kernel", "options", "tail", "grid", "lean", "run", "function", "metadata", "device", "aligned",
                  "all_aligned", "reported")
 
     def __init__(self, request: Request, config: dict, compiled):
         values = {**request.constants, **config}
-        self.request = request
+        # Nothing of the request's tensors is kept: a prepared launch lives as long as its
+        # class, and the first call's tensors (its output, with the autograd graph it
+        # leads back into) must not.
+        self.kernel = request.kernel
         self.options = {k: v for k, v in config.items() if k not in request.kernel.arg_names}  # (num_warps, ...)
         # Every argument after the tensors, in the signature's order, the compile-time ones included.
         self.tail = (*request.args[request.pointers:],
@@ -345,7 +348,7 @@ class PreparedLaunch:
         """The same launch through Triton's JIT (it picks, or compiles, the kernel for the
         tensors' alignment and the current device)."""
         with _INTERPRETER_LOCK:
-            self.request.kernel[self.grid](*tensors, *self.tail, **self.options)
+            self.kernel[self.grid](*tensors, *self.tail, **self.options)
 
 
 _STUBBED: list = []  # per open ``stub_launches``, what replaces the compiled kernel's launcher

@@ -143,7 +143,9 @@ for stage in "$@"; do
     tests)
       workers=()
       python3 -c "import xdist" 2>/dev/null && workers=(-n "$(nproc)")
-      TRITONDECONV_FUZZ_CASES="${TRITONDECONV_FUZZ_CASES:-300}" TRITONDECONV_AUTOTUNE=0 "${stop_pytest[@]}" \
+      # Each failure is logged as it happens (cuda_failures.txt), should the budget stop the run before its summary.
+      TRITONDECONV_FAILURE_LOG="$work/cuda_failures.txt" TRITONDECONV_FUZZ_CASES="${TRITONDECONV_FUZZ_CASES:-300}" \
+        TRITONDECONV_AUTOTUNE=0 "${stop_pytest[@]}" \
         python3 -m pytest -q -rfE -m cuda -p no:cacheprovider "${workers[@]}" 2>&1 | tee "$work/cuda_tests.txt"
       rc="${PIPESTATUS[0]}" ;;
     sanitize)

@@ -70,8 +70,20 @@ def require_launches(launches: list) -> None:
 def pytest_runtest_makereport(item, call):
     """Keep each test's call report on its item (the ``device`` fixture reads it)."""
     outcome = yield
+    report = outcome.get_result()
     if call.when == "call":
-        item.report_call = outcome.get_result()
+        item.report_call = report
+    if report.failed and os.environ.get("TRITONDECONV_FAILURE_LOG"):
+        _log_failure(os.environ["TRITONDECONV_FAILURE_LOG"], item.nodeid, call.when, report)
+
+
+def _log_failure(path: str, nodeid: str, when: str, report) -> None:
+    """Append a failure to ``TRITONDECONV_FAILURE_LOG`` as it happens (each process of an
+    xdist run appends its own): the test, the phase, and the error's last lines, so that
+    a run stopped before its summary still says what failed and why."""
+    lines = str(report.longrepr).strip().splitlines()[-6:]
+    with open(path, "a") as log:
+        log.write(f"FAILED {nodeid} ({when})\n" + "".join(f"    {line[:300]}\n" for line in lines))
 
 
 # ---------------------------------------------------------------- the coverage table

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import pickle
 import threading
+import weakref
 
 import pytest
 import torch
@@ -212,6 +213,26 @@ def test_module_with_packed_weight_pickles(device):
         out = layer(x)
         copy = pickle.loads(pickle.dumps(layer))
         assert torch.equal(copy(x), out)
+
+
+@pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
+def test_a_first_call_leaves_nothing_of_its_tensors_behind(device, nchw):
+    """What a class's first calls keep for the later ones (prepared calls, prepared
+    launches, tunings) holds none of their tensors: once dropped, the input, weight,
+    output and gradients of a training step are freed, with the autograd graph behind
+    them (a graph kept alive would pin the gradient accumulators to the stream of that
+    first step, and a CUDA-graph pool would find tensors it does not track)."""
+    x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
+    if not nchw:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    grads = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
+    left = [weakref.ref(t) for t in (x, w, b, out, *grads)]
+    del x, w, b, out, grads
+    gc.collect()
+    assert [ref() is None for ref in left] == [True] * len(left)
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_cuda)])
