@@ -18,7 +18,9 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
   only these, no timing);
 * the functional API and a module, forward (no grad; a module's also under
   ``torch.inference_mode``) and forward+backward, each beside aten's, and their ratio
-  (the target: at most aten's);
+  (the target: at most aten's); forward+backward again with the backward on the calling
+  thread (``torch.autograd.set_multithreading_enabled(False)``): on a GPU the engine
+  otherwise runs it on its device thread, and the difference is that hop's cost;
 * the forward's parts: our implementation (the prepared call's lookup, packing,
   allocation, the lean launch's own work), the public function's own layer (argument
   parsing, the plain-call test), the trip through PyTorch's dispatcher that a call
@@ -100,6 +102,12 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
             fn(xg).sum().backward()
         return run
 
+    def inline(fn):  # the backward on this thread, not the engine's device thread (a GPU's)
+        def run():
+            with torch.autograd.set_multithreading_enabled(False):
+                fn(xg).sum().backward()
+        return run
+
     def inference(fn):
         def run():
             with torch.inference_mode():
@@ -117,10 +125,11 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
         "module forward": (lambda: ours_module(x), lambda: aten_module(x)),
         "module forward under inference_mode": (inference(ours_module), inference(aten_module)),
         "module forward+backward": (backward(ours_module), backward(aten_module)),
+        "module forward+backward, the backward inline": (inline(ours_module), inline(aten_module)),
     }
     rows = []
     for name, (ours, aten) in cases.items():
-        with torch.set_grad_enabled(name.endswith("backward")):
+        with torch.set_grad_enabled("backward" in name):
             rows.append((name, *_compare_us(ours, aten, repeat)))
     return rows
 

@@ -354,7 +354,7 @@ def test_host_overhead_reports_every_part():
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| ---")]
     calls = {row[0]: row[1:] for row in rows if len(row) == 4 and row[0] != "call"}
-    assert len(calls) == 5 and all(float(ours) > 0 and float(aten) > 0 for ours, aten, _ in calls.values())
+    assert len(calls) == 6 and all(float(ours) > 0 and float(aten) > 0 for ours, aten, _ in calls.values())
     binding = [row for row in rows if row[0].startswith("Triton's JIT per launch")]
     parameters = inspect.signature(_phase_gemm_kernel.fn).parameters.values()  # (jitted or interpreted)
     runtime = [p for p in parameters if "constexpr" not in str(p.annotation)]
