@@ -215,22 +215,25 @@ def test_module_with_packed_weight_pickles(device):
         assert torch.equal(copy(x), out)
 
 
+@pytest.mark.parametrize("api", ["functional", "module"])
 @pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
-def test_a_first_call_leaves_nothing_of_its_tensors_behind(device, nchw):
+def test_a_first_call_leaves_nothing_of_its_tensors_behind(device, nchw, api):
     """What a class's first calls keep for the later ones (prepared calls, prepared
     launches, tunings) holds none of their tensors: once dropped, the input, weight,
     output and gradients of a training step are freed, with the autograd graph behind
     them (a graph kept alive would pin the gradient accumulators to the stream of that
     first step, and a CUDA-graph pool would find tensors it does not track)."""
-    x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
+    size = (5, 6) if api == "functional" else (6, 5)  # (each its own class of calls: a first call)
+    x = torch.randn(2, 4, *size, device=device, requires_grad=True)
     if not nchw:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
-    b = torch.randn(3, device=device, requires_grad=True)
-    out = tritondeconv.conv_transpose2d(x, w, b, 2, 1)
+    module = tritondeconv.nn.ConvTranspose2d(4, 3, 3, 2, 1, device=device)
+    w, b = (module.weight, module.bias) if api == "module" else (torch.randn(4, 3, 3, 3, device=device).requires_grad_(),
+                                                                 torch.randn(3, device=device).requires_grad_())
+    out = module(x) if api == "module" else tritondeconv.conv_transpose2d(x, w, b, 2, 1)
     grads = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
     left = [weakref.ref(t) for t in (x, w, b, out, *grads)]
-    del x, w, b, out, grads
+    del x, w, b, out, grads, module
     gc.collect()
     assert [ref() is None for ref in left] == [True] * len(left)
 
