@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tritondeconv
-from reference import RUN_SALT, tile_sides
+from reference import GEMMS, RUN_SALT, tile_sides
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches, poison_allocations
 
@@ -93,7 +93,6 @@ def _log_failure(path: str, nodeid: str, when: str, report) -> None:
 # index width.  The interpreter's tl.dot is a NumPy matmul: reaching a cell proves
 # indexing, masking and the epilogue, not MMA numerics or pipelining.
 
-GEMMS = ("phase_gemm", "weight_grad")  # the kernel families the table counts (not the split sum, the copy)
 PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
 DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad", "weight-grad-taps")

@@ -122,6 +122,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int
 
 
 PATHS = ("tensor-core", "fma")
+GEMMS = ("phase_gemm", "weight_grad")  # the kernel families with a tile, hence a path (not the split sum, the copy)
 
 
 def path_of(config: dict, problem) -> str:
