@@ -12,7 +12,10 @@ model (``cost.py``; ``launcher.py`` does both).  The tuner answers, in order:
    time: in the Triton interpreter (it cannot time anything), with
    ``TRITONDECONV_AUTOTUNE=0``, or when only one candidate survives;
 3. from the cache file of this GPU model and Triton version, when it holds an entry for
-   the key whose configuration is still a candidate (otherwise the entry is stale);
+   the key whose configuration is still a candidate (otherwise the entry is stale); then,
+   by the same rule, from the tunings shipped with the package for this GPU model and
+   Triton version (``shipped_path``), not copied into the cache file (which holds this
+   machine's own measurements, and ``export`` shares);
 4. with the first candidate, untimed and not remembered, during CUDA-graph capture
    (nothing can be timed there), with a warning that asks for a warm-up call before
    capturing;
@@ -38,6 +41,21 @@ candidate's compile time, run time or reason for being dropped), which
 ``tuning_report()`` returns and ``perf/bench.py`` reports; with ``TRITONDECONV_LOG=1``
 (or the ``tritondeconv`` logger at INFO) each tuning is logged as it happens, as
 ``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.
+
+Shipped tunings: the package ships, as data in ``tunings/``, the cache files measured
+on the GPUs the project has run on, each named as ``cache_name`` names it (so an entry
+measured with another Triton version lives in another file, never read; a file of
+another ``FORMAT`` is ignored with a warning).  ``$TRITONDECONV_SHIPPED_TUNINGS`` names
+another folder to read them from, or ``0`` for none (``perf/bench.py`` and
+``perf/tune_check.py`` set it where they tune from nothing).  The races of
+``launcher.race`` (the input's layout, the ``auto`` backend) are tunings too, answered
+from shipped entries alike.  Keys of the kernels hold the hash Triton takes of their
+source (and of the line it starts at), so an entry measured before a kernel changed is
+not matched.
+``python -m tritondeconv.tunings export [--gpu NAME] OUT`` writes one's own cache file
+for a GPU model (default: the current one) and this Triton version to ``OUT`` in the
+same format, merged over what ``OUT`` holds: a file to add to ``tunings/`` as it is
+named there (see ``docs/tunings.md``).
 
 Why not ``triton.autotune``: its key is a list of argument values (it cannot express a
 layout or a bucket without extra kernel arguments), and its on-disk cache raises on a
@@ -110,8 +128,25 @@ def cache_dir() -> Path:
 
 def cache_path(device_name: str) -> Path:
     """The cache file for a GPU model and this Triton version."""
+    return cache_dir() / cache_name(device_name)
+
+
+def cache_name(device_name: str) -> str:
+    """The name of the tuning file of a GPU model and this Triton version (in the cache
+    folder, and among the shipped tunings)."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in device_name)
-    return cache_dir() / f"tuning-{slug}-triton{triton.__version__}.json"
+    return f"tuning-{slug}-triton{triton.__version__}.json"
+
+
+SHIPPED_DIR = Path(__file__).parent / "tunings"  # the tunings shipped as package data
+
+
+def shipped_path(device_name: str) -> Path | None:
+    """The shipped tunings of a GPU model and this Triton version: in
+    ``$TRITONDECONV_SHIPPED_TUNINGS`` if set (read at every lookup, as the cache folder
+    is; ``0``: none, ``None``), otherwise in ``SHIPPED_DIR``.  The file may not exist."""
+    folder = os.environ.get("TRITONDECONV_SHIPPED_TUNINGS") or SHIPPED_DIR
+    return None if folder == "0" else Path(folder) / cache_name(device_name)
 
 
 @dataclass
@@ -180,20 +215,25 @@ def agree(reference: torch.Tensor, other: torch.Tensor) -> bool:
 
 
 class CacheFile:
-    """The JSON tuning cache of one GPU model: ``{"format": FORMAT, "entries": {key: {"config": ..., "ms": ...}}}``."""
+    """The JSON tuning cache of one GPU model: ``{"format": FORMAT, "entries": {key:
+    {"config": ..., "ms": ..., "tuning_s": ...}}}``; ``shipped``: a file of the package's
+    shipped tunings (same format, only read)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shipped: bool = False):
         self.path = path
+        self.shipped = shipped
 
     def read(self) -> dict:
         """The entries on disk; ``{}`` if there is no file, and ``{}`` with a warning if
-        it cannot be read, is not JSON, or has another format (it will be rebuilt)."""
+        it cannot be read, is not JSON, or has another format (a cache file will be
+        rebuilt)."""
+        what = "shipped tunings" if self.shipped else "tuning cache"
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as error:
-            warnings.warn(f"tritondeconv: ignoring unreadable tuning cache {self.path}: {error}")
+            warnings.warn(f"tritondeconv: ignoring unreadable {what} {self.path}: {error}")
             return {}
         try:
             data = json.loads(raw.decode())
@@ -201,9 +241,21 @@ class CacheFile:
         except (ValueError, AttributeError, KeyError, TypeError):
             entries = None
         if not isinstance(entries, dict):
-            warnings.warn(f"tritondeconv: ignoring corrupt or outdated tuning cache {self.path}; it will be rebuilt")
+            rebuilt = "" if self.shipped else "; it will be rebuilt"
+            warnings.warn(f"tritondeconv: ignoring corrupt or outdated {what} {self.path}{rebuilt}")
             return {}
         return entries
+
+    def write(self, entries: dict) -> None:
+        """Replace the file with ``entries`` (atomically: no reader sees a partial file)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def update(self, new: dict) -> None:
         """Merge ``new`` entries into the file: under an exclusive lock (so concurrent
@@ -215,18 +267,20 @@ class CacheFile:
             with open(self.path.with_suffix(".lock"), "a") as lock:
                 if fcntl is not None:
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                entries = self.read()
-                entries.update(new)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump({"format": FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
+                self.write({**self.read(), **new})
         except OSError as error:
             warnings.warn(f"tritondeconv: cannot write tuning cache {self.path}: {error}")
+
+
+def export(device_name: str, out: Path) -> int:
+    """Write this machine's tuning cache of ``device_name`` and this Triton version to
+    ``out``, in the same format, merged over the entries ``out`` holds already (the
+    cache's win); how many entries the cache held (0: nothing is written)."""
+    entries = CacheFile(cache_path(device_name)).read()
+    if entries:
+        target = CacheFile(out)
+        target.write({**target.read(), **entries})
+    return len(entries)
 
 
 def _median_ms(launch: Callable[[], None]) -> float:
@@ -321,10 +375,12 @@ class Tuner:
             return candidates[0]
         cache = CacheFile(cache_path(device_name))
         entry_key = json.dumps([self.name, self.version, *key], default=str)  # (a dtype in a key as its name)
-        cached = cache.read().get(entry_key)
-        if isinstance(cached, dict) and cached.get("config") in candidates:
-            self._memo[(device_name, key)] = cached["config"]
-            return cached["config"]
+        shipped = shipped_path(device_name)
+        for source in [cache] if shipped is None else [cache, CacheFile(shipped, shipped=True)]:
+            recorded = source.read().get(entry_key)
+            if isinstance(recorded, dict) and recorded.get("config") in candidates:
+                self._memo[(device_name, key)] = recorded["config"]
+                return recorded["config"]
         if capturing():
             warnings.warn(
                 f"tritondeconv: {self.name} for shape class {key} is first called during CUDA-graph capture, where "

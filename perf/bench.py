@@ -22,9 +22,9 @@ interpreter (``TRITON_INTERPRET=1``, set here unless the environment sets it), a
 machine the run is the same CPU one.
 The same run measures the matmul peak per dtype and the copy bandwidth, which give each
 cell its roofline.  Tuning starts from an empty cache (a temporary
-``TRITONDECONV_CACHE_DIR``, removed at the end, unless one is set), so the
-``tuning_s`` column is the first-call tuning time of each cell's new shape keys; the
-tuned cache is copied beside the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
+``TRITONDECONV_CACHE_DIR``, removed at the end, and no shipped tunings, unless a cache
+folder is set), so the ``tuning_s`` column is the first-call tuning time of each cell's
+new shape keys; the tuned cache is copied beside the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
 (or ``--out``); ``perf/plot.py`` draws them.
 """
 from __future__ import annotations
@@ -669,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="tritondeconv-tuning-") as fresh_cache:
             if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it
                 os.environ["TRITONDECONV_CACHE_DIR"] = fresh_cache
+                os.environ["TRITONDECONV_SHIPPED_TUNINGS"] = "0"
             try:
                 measure(a, device, name, sink)
             finally:

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRITONDECONV_AUTOTUNE"] = "exhaustive"
     with tempfile.TemporaryDirectory(prefix="tritondeconv-tune-check-") as cache:
         os.environ["TRITONDECONV_CACHE_DIR"] = cache  # tune from nothing
+        os.environ["TRITONDECONV_SHIPPED_TUNINGS"] = "0"  # (not even from the shipped tunings)
         with _rehearsal() if a.dry_run else contextlib.nullcontext():
             for i, cell in enumerate(CELLS, 1):
                 if budget.spent():
