@@ -40,7 +40,10 @@ by this process is appended to ``TUNING_LOG`` (with the seconds it took and each
 candidate's compile time, run time or reason for being dropped), which
 ``tuning_report()`` returns and ``perf/bench.py`` reports; with ``TRITONDECONV_LOG=1``
 (or the ``tritondeconv`` logger at INFO) each tuning is logged as it happens, as
-``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.
+``TRITON_PRINT_AUTOTUNING`` does for ``triton.autotune``.  The first tuning of a process
+that takes longer than ``SLOW_TUNING_S`` is also announced once at WARNING (Python
+prints it on stderr even where logging is not configured): which key, how many
+candidates, how long, where the result is cached and how to skip tuning.
 
 Shipped tunings: the package ships, as data in ``tunings/``, the cache files measured
 on the GPUs the project has run on, each named as ``cache_name`` names it (so an entry
@@ -289,6 +292,7 @@ def _median_ms(launch: Callable[[], None]) -> float:
 
 _NONE_RAN = object()  # the memo's answer for a key none of whose candidates could run
 TIMED = 6  # candidates timed per key and kernel variant (the cost model's best); "exhaustive" times all
+SLOW_TUNING_S = 1.0  # a first call tuning longer than this is announced (once per process) at WARNING
 
 
 def first_timed(candidates: list[dict], variants: tuple = (), per_variant: int = TIMED) -> list[dict]:
@@ -316,12 +320,16 @@ class Tuner:
     ``name`` identifies the kernel in the cache; the hash of ``kernel``'s source (when
     given) is part of every cache key, so a changed kernel never reuses old timings.
     ``time_config`` times one launch configuration (default: ``do_bench``'s median).
+    ``slow_s``: the seconds beyond which a tuning is announced at WARNING (the first
+    such tuning of the process only).
     """
 
-    def __init__(self, name: str, kernel=None, time_config: Callable[[Callable[[], object]], float] = _median_ms):
+    def __init__(self, name: str, kernel=None, time_config: Callable[[Callable[[], object]], float] = _median_ms,
+                 slow_s: float = SLOW_TUNING_S):
         self.name = name
         self.kernel = kernel
         self.time_config = time_config
+        self.slow_s = slow_s
         self._memo: dict[tuple, dict] = {}
         self._tuning = threading.Lock()
 
@@ -410,6 +418,8 @@ class Tuner:
         LOG.info("tritondeconv: tuned %s for shape class %s in %.2f s (%d of %d candidates timed): %s; chose %s",
                  self.name, key, seconds, len(ran), len(candidates), "; ".join(_describe_trial(t) for t in trials),
                  _describe(chosen))
+        if seconds > self.slow_s:
+            _announce_slow(self.name, key, len(ran), len(candidates), seconds, cache.path)
         self._memo[(device_name, key)] = chosen
         return chosen
 
@@ -471,6 +481,22 @@ class Tuner:
             return True
         expected = expected.clone()
         return agree(expected, launch(other))
+
+
+_ANNOUNCED = threading.Lock()  # taken by the first slow tuning's announcement and kept: once per process
+
+
+def _announce_slow(name: str, key: tuple, timed: int, candidates: int, seconds: float, path: Path) -> None:
+    """Say at WARNING, the first time in the process, that a first call tuned slowly."""
+    if not _ANNOUNCED.acquire(blocking=False):
+        return
+    dtype = next((f" ({k.removeprefix('torch.')})" for k in key if isinstance(k, str) and k.startswith("torch.")), "")
+    LOG.warning(
+        "tritondeconv: the first call of %s%s for shape class %s spent %.1f s tuning (%d of %d candidates timed); "
+        "the result is cached in %s for later calls and processes. To skip tuning: TRITONDECONV_AUTOTUNE=0 (the cost "
+        "model's pick, untimed), or tunings shipped for this GPU and Triton version (docs/tunings.md). "
+        "Said once per process; TRITONDECONV_LOG=1 logs every tuning.", name, dtype, key, seconds, timed, candidates,
+        path)
 
 
 def _first_line(error: BaseException) -> str:

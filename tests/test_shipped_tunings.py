@@ -1,12 +1,14 @@
 """Shipped tunings (the tuning files measured on known GPUs, shipped as package data):
 consulted after one's own cache and before tuning, the same staleness rules, the
-package's own files valid, and the export command."""
+package's own files valid, the export command; and the announcement of a slow first
+tuning."""
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -270,3 +272,51 @@ def test_export_runs_as_a_module(cache_dir, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "tritondeconv.tunings", "export"], capture_output=True, text=True,
                            check=False)
     assert usage.returncode == 2 and "error:" in usage.stderr
+
+
+# A process that tunes three keys: one quickly (under the default threshold), then two
+# "slowly" (a threshold of 0 s).
+SLOW_SCRIPT = textwrap.dedent("""
+    from tritondeconv.kernels.tuning import Tuner, config
+    candidates = [config(64, 64, 32), config(32, 16, 16)]
+    for key, slow_s in [(("fast", "torch.float16"), None), (("slow", "torch.float16"), 0.0),
+                        (("slow again", "torch.float16"), 0.0)]:
+        tuner = Tuner("slow_kernel", None, lambda launch: float(launch()["BLOCK_M"]),
+                      **({} if slow_s is None else {"slow_s": slow_s}))
+        tuner.pick("Fake GPU", key, lambda: candidates, lambda c: c, tune=True)
+""")
+
+
+@pytest.fixture(scope="module", params=["unconfigured", "TRITONDECONV_LOG=1"])
+def announced(request, tmp_path_factory):
+    """The stderr of ``SLOW_SCRIPT`` run in a new process (logging unconfigured, or
+    switched on by ``TRITONDECONV_LOG``), and its cache folder."""
+    cache = tmp_path_factory.mktemp("slow-cache")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITONDECONV_LOG", "TRITONDECONV_AUTOTUNE")}
+    env["TRITONDECONV_CACHE_DIR"] = str(cache)
+    if request.param != "unconfigured":
+        env["TRITONDECONV_LOG"] = "1"
+    done = subprocess.run([sys.executable, "-c", SLOW_SCRIPT], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stderr, cache
+
+
+def _announcements(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "spent" in line and "tuning" in line]
+
+
+def test_a_slow_first_tuning_is_announced_with_what_to_do(announced):
+    stderr, cache = announced
+    (line,) = _announcements(stderr)
+    assert "slow_kernel (float16) for shape class ('slow', 'torch.float16')" in line
+    assert re.search(r"spent \d+\.\d s tuning \(2 of 2 candidates timed\)", line)
+    assert str(cache / cache_name(GPU)) in line
+    assert "TRITONDECONV_AUTOTUNE=0" in line and "shipped" in line
+
+
+def test_a_quick_tuning_is_not_announced(announced):
+    assert "'fast'" not in "".join(_announcements(announced[0]))
+
+
+def test_a_slow_tuning_is_announced_once_per_process(announced):
+    assert len(_announcements(announced[0])) == 1 and "slow again" not in "".join(_announcements(announced[0]))
