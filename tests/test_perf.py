@@ -413,7 +413,7 @@ def test_plot_figures_read_at_a_glance():
 
 def test_plot_without_a_csv_says_where_it_looked_and_what_to_run(tmp_path):
     run = subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], capture_output=True, text=True)
-    assert run.returncode == 1 and "does not exist" in run.stdout and "perf/bench.py" in run.stdout
+    assert run.returncode == 2 and "does not exist" in run.stderr and "perf/bench.py" in run.stderr
 
 
 def test_a_carried_triton_cache_holds_what_a_first_launch_looks_up(tmp_path):
