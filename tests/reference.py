@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritondeconv.kernels import cost, launcher, phase_gemm
+from tritondeconv.kernels import cost, launcher, phase_gemm, weight_grad
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed per precision, against float64.
 TOLERANCES = {
@@ -123,6 +123,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int
 
 PATHS = ("tensor-core", "fma")
 GEMMS = ("phase_gemm", "weight_grad")  # the kernel families with a tile, hence a path (not the split sum, the copy)
+# Each of those families' configuration table, by its two channel counts (the forward's
+# reduced and produced channels, the weight gradient's C_in and C_out).
+FAMILIES = {"phase_gemm": phase_gemm.configs, "weight_grad": weight_grad.configs}
 
 
 def path_of(config: dict, problem) -> str:
@@ -172,6 +175,15 @@ def input_copies(launches: list) -> int:
     """How many channels-last copies of a GEMM's input (staging launches) ``launches``
     (from ``observe_launches``) hold."""
     return sum(launch.kernel == "staging" for launch in launches)
+
+
+def narrow_layer(device):
+    """A layer with 3 output channels: two candidates (tensor cores, FMA) in the interpreter
+    (channels-last input: its 20 NCHW channels would also race a channels-last copy);
+    its input, weight and PyTorch's output."""
+    x = layout(torch.randn(2, 20, 5, 5, dtype=torch.float64, device=device), "channels_last")
+    w = torch.randn(20, 3, 4, 4, dtype=torch.float64, device=device)
+    return x, w, F.conv_transpose2d(x, w, None, 2, 1)
 
 
 def allocated_during(call, device: str):
