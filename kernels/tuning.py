@@ -52,9 +52,9 @@ another ``FORMAT`` is ignored with a warning).  ``$TRITONDECONV_SHIPPED_TUNINGS`
 another folder to read them from, or ``0`` for none (``perf/bench.py`` and
 ``perf/tune_check.py`` set it where they tune from nothing).  The races of
 ``launcher.race`` (the input's layout, the ``auto`` backend) are tunings too, answered
-from shipped entries alike.  Keys of the kernels hold the hash Triton takes of their
-source (and of the line it starts at), so an entry measured before a kernel changed is
-not matched.
+from shipped entries alike.  Keys of the kernels hold a hash of their source
+(``source_version``), so an entry measured before a kernel changed is not matched,
+while one measured before an unrelated edit of the kernel's file still is.
 ``python -m tritondeconv.tunings export [--gpu NAME] OUT`` writes one's own cache file
 for a GPU model (default: the current one) and this Triton version to ``OUT`` in the
 same format, merged over what ``OUT`` holds: a file to add to ``tunings/`` as it is
@@ -66,6 +66,7 @@ corrupt file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -314,6 +315,42 @@ def first_timed(candidates: list[dict], variants: tuple = (), per_variant: int =
     return timed
 
 
+def source_version(kernel) -> str:
+    """A hash of what a compiled ``@triton.jit`` kernel is made of: its source, the source
+    of every ``@triton.jit`` function it calls (through module attributes too, and
+    theirs in turn), the values of the plain constants they read, and their decorators'
+    specialisation arguments.  Anything else keys by its ``cache_key`` attribute, or
+    ``""`` without one (the interpreter's kernels).
+
+    Not Triton's own ``cache_key``, which also hashes the line each function starts at:
+    moving a kernel within its file (an edit above it) would make every tuning of it,
+    the shipped ones included, look stale, though it compiles to the same code."""
+    jit_type = triton.runtime.jit.JITFunction
+    if not isinstance(kernel, jit_type):
+        return getattr(kernel, "cache_key", "")
+    parts: dict[str, str] = {}
+
+    def visit(fn) -> None:
+        name = f"{fn.fn.__module__}.{fn.fn.__qualname__}"
+        if name in parts:
+            return
+        parts[name] = fn.src + repr((getattr(fn, "do_not_specialize", None), getattr(fn, "noinline", None)))
+        names = fn.fn.__code__.co_names
+        for global_name in names:
+            value = fn.__globals__.get(global_name)
+            targets = [value]
+            if isinstance(value, type(triton)):  # a module: the functions called through it
+                targets = [getattr(value, attr, None) for attr in names]
+            for target in targets:
+                if isinstance(target, jit_type):
+                    visit(target)
+                elif isinstance(target, (bool, int, float, str, triton.language.constexpr)):
+                    parts[f"{name}:{global_name}"] = repr(target)
+
+    visit(kernel)
+    return hashlib.sha256(json.dumps(sorted(parts.items())).encode()).hexdigest()
+
+
 class Tuner:
     """Picks one kernel's configuration per shape-class key (see the module docstring).
 
@@ -332,10 +369,14 @@ class Tuner:
         self.slow_s = slow_s
         self._memo: dict[tuple, dict] = {}
         self._tuning = threading.Lock()
+        self._version: str | None = None
 
     @property
     def version(self) -> str:
-        return getattr(self.kernel, "cache_key", "")  # the interpreter's kernels have none
+        """The kernel's part of every cache key: ``source_version`` (cached per Tuner)."""
+        if self._version is None:
+            self._version = source_version(self.kernel)
+        return self._version
 
     def forget(self) -> None:
         """Forget what this process has tuned (the cache file stays)."""

@@ -2,6 +2,7 @@
 consulted after one's own cache and before tuning, the same staleness rules, the
 package's own files valid, the export command; and the announcement of a slow first
 tuning."""
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from tritondeconv.kernels.tuning import (
     cache_path,
     config,
     shipped_path,
+    source_version,
 )
 
 from tritondeconv import tunings
@@ -320,3 +322,47 @@ def test_a_quick_tuning_is_not_announced(announced):
 
 def test_a_slow_tuning_is_announced_once_per_process(announced):
     assert len(_announcements(announced[0])) == 1 and "slow again" not in "".join(_announcements(announced[0]))
+
+
+# ---------------------------------------------------------------- what keys a kernel's tunings
+
+_KERNEL_SOURCE = '''
+from triton.runtime.jit import JITFunction
+
+SCALE = {scale}
+
+
+def helper(x):
+    return x + {offset}
+
+
+helper = JITFunction(helper)
+
+
+def kernel(x):
+    return helper(x) * SCALE
+
+
+kernel = JITFunction(kernel)
+'''
+
+
+def _jit_version(tmp_path, name: str, *, blank_lines: int = 0, scale: int = 2, offset: int = 1) -> str:
+    """``source_version`` of a ``@triton.jit`` kernel (and its helper) written to a module
+    of its own, ``blank_lines`` below the top of the file."""
+    path = tmp_path / f"{name}.py"
+    path.write_text("\n" * blank_lines + _KERNEL_SOURCE.format(scale=scale, offset=offset))
+    spec = importlib.util.spec_from_file_location("tuned_kernel", path)  # one module name: the key names it
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return source_version(module.kernel)
+
+
+def test_a_kernels_tunings_survive_an_edit_above_it_but_not_a_change_of_what_it_runs(tmp_path):
+    """The key of a kernel's tunings (shipped ones included) is its source, its helpers'
+    and the constants they read, not the line it starts at (Triton's cache_key hashes
+    that too: a shipped tuning would look stale after any edit above the kernel)."""
+    base = _jit_version(tmp_path, "base")
+    assert base and base == _jit_version(tmp_path, "moved", blank_lines=7)
+    assert _jit_version(tmp_path, "helper_changed", offset=3) != base
+    assert _jit_version(tmp_path, "constant_changed", scale=4) != base
