@@ -13,15 +13,19 @@ Writing ``o = i*s - P + kk`` with ``P = k - 1 - p`` turns the inner sum into
 each output phase about ``(k + s - 1)/s`` taps instead of ``k`` (2×2 instead of 3×3 for
 ``s = 2, k = 3``), never writing the ``s²``-times larger upsampled tensor.  The output
 sizes agree (``s*H + 2p - k + 1`` both ways); ``P >= 0`` needs ``p <= k - 1``.
+
+Which ``nn.Upsample`` + ``nn.Conv2d`` pairs fold (``fold_refusal``) is decided here, below
+both ``tritondeconv.nn.UpsampleConv2d.from_modules`` and ``tritondeconv.convert``'s passes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-from .arguments import ntuple
+from .arguments import SUPPORTED_DTYPES, ntuple
 from .functional import conv_transpose2d, fx_proxies
 
 
@@ -82,3 +86,39 @@ def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=
     transposed_padding = [k - 1 - p for k, p in zip(kernel, padding)]
     return conv_transpose2d(input, folded, bias, scale, transposed_padding, 0, groups, 1,
                             activation=activation, negative_slope=negative_slope, residual=residual)
+
+
+def integer_scale(up: torch.nn.Upsample) -> tuple[int, int] | None:
+    """The upsampler's scale as an int pair, or None when it is not a whole number."""
+    scale = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor, up.scale_factor)
+    if up.size is not None or len(scale) != 2 or not all(float(v).is_integer() and v >= 1 for v in scale):
+        return None
+    return int(scale[0]), int(scale[1])
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has forward, pre-forward or backward hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def fold_refusal(up: torch.nn.Upsample, conv: torch.nn.Conv2d, registrations: int) -> str | None:
+    """Why a nearest ``Upsample`` followed by ``conv`` (registered ``registrations``
+    times in the model) cannot be folded, or None."""
+    if integer_scale(up) is None:
+        return "the upsampling is not by a whole scale factor"
+    if parametrize.is_parametrized(conv):
+        return "the convolution is parametrized"
+    if type(conv) is not torch.nn.Conv2d:
+        return f"{type(conv).__name__} is a subclass with behaviour of its own"
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return "the convolution is not stride 1, dilation 1, zero padding"
+    if isinstance(conv.padding, str) or any(p > k - 1 for p, k in zip(conv.padding, conv.kernel_size)):
+        return "the convolution's padding is not a number at most kernel_size - 1"
+    if conv.weight.dtype not in SUPPORTED_DTYPES:
+        return f"its dtype {conv.weight.dtype} is not supported"
+    if registrations > 1:
+        return "the convolution is also used elsewhere in the model, where no upsampling precedes it"
+    if has_hooks(up) or has_hooks(conv):
+        return "the upsampler or the convolution has hooks, which would not see the inputs they see now"
+    return None

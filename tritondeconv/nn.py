@@ -7,12 +7,12 @@ import torch
 
 from . import dispatch
 from .concat import conv_transpose_cat
-from .folding import upsample_conv2d
+from .folding import fold_refusal, integer_scale, upsample_conv2d
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .weights import PACKED
 
-__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ConcatUpsample1d", "ConcatUpsample2d",
-           "ConcatUpsample3d", "UpsampleConv2d", "clear_weight_cache"]
+__all__ = ["ConcatUpsample1d", "ConcatUpsample2d", "ConcatUpsample3d", "ConvTranspose1d", "ConvTranspose2d",
+           "ConvTranspose3d", "UpsampleConv2d", "clear_weight_cache"]
 
 
 def _refuse_scripting(module: torch.nn.Module) -> NoReturn:
@@ -164,29 +164,29 @@ class UpsampleConv2d(torch.nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, scale_factor=2, padding=0, groups=1, bias=True,
                  device=None, dtype=None, *, activation=None, negative_slope=0.01):
         if isinstance(padding, str):
-            raise ValueError("UpsampleConv2d: padding must be an int or a pair of ints, not a string")
+            raise ValueError(  # noqa: TRY004 (as Conv2d raises for a padding string it does not know)
+                "UpsampleConv2d: padding must be an int or a pair of ints, not a string")
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=padding, groups=groups, bias=bias,
                          device=device, dtype=dtype)
         self.scale_factor = scale_factor
         self.activation, self.negative_slope = activation, negative_slope
 
     @classmethod
-    def from_modules(cls, upsample: torch.nn.Upsample, conv: torch.nn.Conv2d) -> "UpsampleConv2d":
+    def from_modules(cls, upsample: torch.nn.Upsample, conv: torch.nn.Conv2d) -> UpsampleConv2d:
         """The fold of ``upsample`` (nearest, a whole scale factor) followed by ``conv``
         (stride 1, dilation 1, zero padding of at most ``kernel_size - 1``): a new
         module sharing ``conv``'s weight and bias (the same ``Parameter`` objects, so an
         optimizer of the original keeps training it).  Raises ``ValueError`` saying why
         a pair cannot be folded."""
-        from .convert import _fold_refusal, _integer_scale
-
         if not isinstance(upsample, torch.nn.Upsample) or upsample.mode != "nearest":
             raise ValueError("UpsampleConv2d.from_modules: upsample must be an nn.Upsample with mode='nearest'")
         if not isinstance(conv, torch.nn.Conv2d):
-            raise ValueError(f"UpsampleConv2d.from_modules: conv must be an nn.Conv2d, but got {type(conv).__name__}")
-        why = _fold_refusal(upsample, conv, registrations=1)
+            raise ValueError(  # noqa: TRY004 (from_modules raises ValueError for every pair it cannot fold)
+                f"UpsampleConv2d.from_modules: conv must be an nn.Conv2d, but got {type(conv).__name__}")
+        why = fold_refusal(upsample, conv, registrations=1)
         if why is not None:
             raise ValueError(f"UpsampleConv2d.from_modules: cannot fold: {why}")
-        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, _integer_scale(upsample), conv.padding,
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, integer_scale(upsample), conv.padding,
                      conv.groups, bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype)
         folded.weight, folded.bias = conv.weight, conv.bias
         folded.train(conv.training)
