@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import triton
 
+from . import tiles
+
 # Multiply-adds per SM per clock on each path (H100 SXM: 989 dense bf16 TFLOPS at
 # 1.83 GHz over 132 SMs is ~2048; TF32 half of that; FP64 tensor cores ~128; FP32 FMA
 # 128 lanes, FP64 FMA 64 lanes).  A ``tl.dot`` of fp32 at "ieee" precision runs on the
@@ -77,7 +79,8 @@ class Part:
 class Problem:
     """What one launch computes, for the cost model: its GEMM parts, the operands'
     element size and dtype name (``"float16"``, ..., ``"tf32"`` for fp32 with TF32),
-    which two tile sides must be at least 16 for the tile to run on tensor cores, and
+    which two tile sides must be at least ``tiles.DOT_MIN`` for the tile to run on
+    tensor cores (the family's ``tiles.*_DOT_SIDES``), and
     the kernel's variants that cut the same work into other GEMMs: ``(constant, parts)``
     pairs, a configuration that sets that compile-time constant computing ``parts``."""
     parts: tuple[Part, ...]
@@ -99,8 +102,9 @@ class Machine:
 
 
 def uses_dot(config: dict, problem: Problem) -> bool:
-    """Whether ``config`` multiplies on tensor cores (``tl.dot`` needs 16 a side)."""
-    return all(config[side] >= 16 for side in problem.dot_sides)
+    """Whether ``config`` multiplies on tensor cores (``tiles.uses_dot``: ``tl.dot``
+    needs ``tiles.DOT_MIN`` a side)."""
+    return tiles.uses_dot(config, problem.dot_sides)
 
 
 def registers_per_thread(config: dict, problem: Problem) -> float:

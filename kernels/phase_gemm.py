@@ -24,6 +24,11 @@ The implicit GEMM per (phase, group): rows = (n, t_d, t_h, t_w), columns = the g
 output channels, reduction = (tap_d, tap_h, tap_w, input channel).  One launch covers
 every phase and group: grid = (row tiles × column tiles × phases, group).
 
+The candidate tiles are data, in ``tiles``: the tensor-core and FMA tables chosen for
+Hopper (``tiles.PHASE_GEMM``), the interpreter's, and the rule that decides which paths
+a layer's channels take (``tiles.paths``); ``configs`` sizes the rows to the layer and
+adds the variants' tiles.
+
 Two variants of the transposed direction are tuner candidates beside it (``configs``):
 ``ONE_GEMM``, the whole layer as one GEMM where every output gathers exactly one (input,
 tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
@@ -48,7 +53,8 @@ from ..planner import axis_constants, output_size, plan_axis
 from . import activations, launcher, staging
 from .common import INTERPRETING, experimental, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
-from .tuning import FMA_PRODUCTS, bucket, config
+from .tiles import DOT_MIN, INTERPRETER_PHASE_GEMM, PHASE_GEMM, PHASE_GEMM_DOT_SIDES, paths, sized, uses_dot
+from .tuning import bucket, config
 
 
 # The compile-time constants that select a variant of the kernel (neither set: the phase
@@ -69,19 +75,21 @@ def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 
     allowed), each tensor-core tile also comes as a patch ``min(BLOCK_M, tma_width)``
     rows wide (``TMA_W``), after its pointer-load twin.
 
-    Two paths, chosen by the channels (``tl.dot`` needs tiles of at least 16 a side):
+    The tiles are ``tiles.PHASE_GEMM``'s, on the paths that ``tiles.paths`` offers for
+    the channels (``tl.dot`` needs tiles of at least ``tiles.DOT_MIN`` a side):
 
     * tensor cores (``tl.dot``) for ordinary layers: Hopper-sized tiles (up to
       256×128, 64-deep, 3–5 stages), narrow ones for few output channels and shallow
       ones for few input channels;
     * FMA (a broadcast multiply and a sum over the reduction axis) when either side has
-      fewer than 16 channels, with tiles exactly as wide as the channels: a depthwise
-      layer (one channel in, one out per group) would waste 255/256 of every MMA, so it
-      gets only FMA tiles; a layer with one narrow side gets both, tensor-core tiles
-      first (they waste work on the padding but run about 15× faster per product).
+      fewer than 16 channels, with tiles exactly as wide as the channels (rounded up
+      to a power of two): a depthwise layer (one channel in, one out per group) would
+      waste 255/256 of every MMA, so it gets only FMA tiles; a layer with one narrow
+      side gets both, tensor-core tiles first (they waste work on the padding but run
+      about 15× faster per product).
 
     ``interpreter``: the list for the Triton interpreter (nothing can be timed there):
-    one small tile per path.
+    ``tiles.INTERPRETER_PHASE_GEMM``, one small tile per path.
     """
     tiles = _tiles(c_red, c_col, interpreter)
     phases = [dict(c, ONE_GEMM=False, TMA_W=0) for c in tiles]
@@ -90,38 +98,17 @@ def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 
         variants.append([dict(c, ONE_GEMM=True, TMA_W=0) for c in _tiles(c_red, one_gemm_columns, interpreter)])
     if tma_width:
         variants.append([dict(c, ONE_GEMM=False, TMA_W=min(c["BLOCK_M"], tma_width)) for c in tiles
-                         if c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16])
+                         if uses_dot(c, PHASE_GEMM_DOT_SIDES)])
     return [c for group in itertools.zip_longest(phases, *variants) for c in group if c is not None]
 
 
 def _tiles(c_red: int, c_col: int, interpreter: bool) -> list[dict]:
-    """The tiles of ``configs`` for one GEMM shape."""
-    n_fma, k_fma = min(triton.next_power_of_2(c_col), 16), min(triton.next_power_of_2(c_red), 16)
-    if interpreter:
-        fma = [config(32, n_fma, k_fma, GROUP_M=1)]
-        dot = [config(32, 16, 16, GROUP_M=1)]
-    else:
-        fma = [config(bm, n_fma, k_fma, num_warps=w, num_stages=2, GROUP_M=1)
-               for bm, w in ((256, 4), (512, 8), (128, 4), (1024, 8)) if bm * n_fma * k_fma <= FMA_PRODUCTS]
-        dot = [config(bm, bn, bk, num_warps=w, num_stages=st, GROUP_M=8) for bm, bn, bk, w, st in DOT_TILES]
-    if c_red == 1 and c_col == 1:
-        return fma
-    return dot + fma if min(c_red, c_col) < 16 else dot
-
-
-# Tensor-core tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), sized for Hopper (228 KiB
-# of shared memory, 64-row warpgroup MMAs) and valid on Ampere.  Wide ones for ordinary
-# layers; 32- and 16-wide ones, 64 to 256 rows deep, for layers of 17-32 and <= 16
-# channels (an RGB output layer keeps a 16-wide tensor-core tile: 13/16 of it is
-# padding, still faster than FMA); 16- and 32-deep ones for few input channels.
-DOT_TILES = (
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
-    (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (128, 16, 64, 4, 4), (64, 16, 128, 4, 3),
-    (256, 32, 32, 8, 3), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (128, 16, 32, 4, 4), (64, 16, 32, 4, 4),
-    (128, 64, 16, 4, 5), (64, 64, 16, 4, 4), (128, 32, 16, 4, 4), (128, 16, 16, 4, 4), (64, 16, 16, 4, 4),
-    (32, 16, 16, 2, 2),
-)
+    """The tiles of ``configs`` for one GEMM shape: the rows of each offered path's
+    table, sized to the channels (``tiles.sized``: columns ``c_col``, reduction ``c_red``)."""
+    table = INTERPRETER_PHASE_GEMM if interpreter else PHASE_GEMM
+    return [config(bm, bn, bk, num_warps=warps, num_stages=stages, GROUP_M=group_m)
+            for path in paths(c_red, c_col)
+            for bm, bn, bk, warps, stages, group_m in sized(table[path], n=c_col, k=c_red)]
 
 
 @triton.jit
@@ -484,7 +471,7 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
         one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
         return Problem(tuple(parts), dtype.itemsize, "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
-                       ("BLOCK_N", "BLOCK_K"), tuple(("ONE_GEMM", p) for p in one))
+                       PHASE_GEMM_DOT_SIDES, tuple(("ONE_GEMM", p) for p in one))
 
     return launcher.LaunchPlan(
         scalars=(
@@ -631,7 +618,7 @@ def _stages(x_layout: tuple, itemsize: int, groups: int) -> bool:
     copy reads them."""
     shape, strides = x_layout
     c = shape[1]
-    return (strides[1] != 1 and c // groups >= 16 and c * itemsize % 16 == 0 and 0 not in shape
+    return (strides[1] != 1 and c // groups >= DOT_MIN and c * itemsize % 16 == 0 and 0 not in shape
             and staging.flat_pixels(shape, strides))
 
 

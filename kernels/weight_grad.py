@@ -22,6 +22,12 @@ compares and selects), so no step divides anything.  Each tap reaches the inputs
 ``[lo, hi)`` along an axis (those whose output lands inside ``grad_y``): one range per
 column, computed once, against which a step compares its pixels.
 
+The candidate tiles are data, in ``tiles``: a tensor-core table per layout of the
+operands (channels-last, or NCHW, whose element-by-element loads take shallower tiles)
+and an FMA table, chosen for Hopper (``tiles.WEIGHT_GRAD``), the interpreter's, and the
+rule that decides which paths a layer's channels take (``tiles.paths``); ``configs``
+sizes the rows to the layer and gives each its ``TAPS_N`` and its box.
+
 The reduction is split into ``split`` contiguous ranges of boxes.  With one range, each
 program writes its tile straight into ``grad_w`` (the permute to
 ``[C_in, C_out/groups, *kernel_size]`` and the cast to the input's dtype are in its
@@ -46,30 +52,10 @@ import triton.language as tl
 from . import launcher
 from .common import INTERPRETING, allocated, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
-from .tuning import FMA_PRODUCTS, bucket, config
+from .tiles import INTERPRETER_WEIGHT_GRAD, WEIGHT_GRAD, WEIGHT_GRAD_DOT_SIDES, paths, sized
+from .tuning import bucket, config
 
 
-# Tensor-core tiles, deep in the pixel reduction:
-#   BLOCK_M  input channels per tile (the GEMM's rows),
-#   BLOCK_N  (tap, output channel) columns per tile,
-#   BLOCK_K  pixels per reduction step (one box),
-#   warps    num_warps,
-#   stages   num_stages (operand tiles in flight through shared memory).
-# "contiguous": channels-last tensors, whose operand tiles are 16-byte vectors along the
-# channels, copied asynchronously (cp.async) and consumed by asynchronous MMAs.
-# "gathered": NCHW tensors, whose channels are a plane apart: every element of the
-# grad_y tile (strided by s along W) is loaded on its own with its own address, so
-# these tiles keep accumulator + gathered elements per thread low (about 160
-# registers; past about 200 the sm_90 compile reports show spills).
-DOT_TILES = {
-    "contiguous": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                   (128, 128, 32, 8, 4), (64, 64, 128, 4, 3), (32, 32, 128, 4, 3), (16, 16, 256, 4, 3)),
-    "gathered": ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
-                 (64, 64, 32, 4, 3), (32, 32, 64, 4, 3), (16, 16, 128, 4, 3)),
-}
-# FMA tiles (fewer than 16 channels on a side): (BLOCK_K, warps); BLOCK_M and BLOCK_N are
-# the channels, rounded up to a power of two (at most 16); two stages.
-FMA_TILES = ((256, 4), (1024, 8), (64, 4))
 # Boxes whose grad_y loads a bias program issues together (its loop is not pipelined:
 # several loads in flight are what keep a program near its share of the bandwidth; with
 # 4, ptxas gave the NCHW bias programs a stack frame, which the compile report counts
@@ -94,28 +80,19 @@ def configs(c_in: int, c_out: int, taps: int = 1, spatial: tuple[int, int, int] 
             interpreter: bool = INTERPRETING) -> list[dict]:
     """Launch configurations to choose from for the GEMM of ``c_in`` rows by ``taps ×
     c_out`` columns (channels per group) reducing over pixels of ``spatial`` ``(D, H,
-    W)`` images (pruned and ranked by the launcher).  Tensor-core tiles from
-    ``DOT_TILES`` (``gathered``: the channels are not contiguous); when either side of
-    the GEMM is below 16 (``tl.dot``'s minimum), also FMA tiles (``FMA_TILES``) as wide
-    as it (only those when both are 1), as in ``phase_gemm.configs``.  Each tile's
-    ``TAPS_N``: as many taps as its columns hold once the output channels (rounded up to
-    a power of two) are laid side by side; its box: ``box``.  In the interpreter
-    (``interpreter``), one small tile per path."""
+    W)`` images (pruned and ranked by the launcher): the rows of ``tiles.WEIGHT_GRAD``
+    for the operands' layout (``gathered``: the channels are not contiguous) on the
+    paths that ``tiles.paths`` offers for the two sides, as in ``phase_gemm.configs``:
+    tensor-core tiles, then, when either side is below ``tiles.DOT_MIN``, FMA tiles as
+    wide as it (only those when both are 1).  Each tile's ``TAPS_N``: as many taps as
+    its columns hold once the output channels (rounded up to a power of two) are laid
+    side by side; its box: ``box``.  In the interpreter (``interpreter``),
+    ``tiles.INTERPRETER_WEIGHT_GRAD``, one small tile per path."""
     channels = triton.next_power_of_2(c_out)
-    m_fma, n_fma = min(triton.next_power_of_2(c_in), 16), min(triton.next_power_of_2(taps * c_out), 16)
-
-    def tile(bm: int, bn: int, bk: int, warps: int = 4, stages: int = 3) -> dict:
-        return config(bm, bn, bk, num_warps=warps, num_stages=stages, TAPS_N=max(1, bn // channels), **box(bk, spatial))
-
-    if interpreter:
-        fma = [tile(m_fma, n_fma, 32)]
-        dot = [tile(16, 16, 32)]
-    else:
-        fma = [tile(m_fma, n_fma, bk, w, 2) for bk, w in FMA_TILES if m_fma * n_fma * bk <= FMA_PRODUCTS]
-        dot = [tile(*t) for t in DOT_TILES["gathered" if gathered else "contiguous"]]
-    if c_in == 1 and taps * c_out == 1:
-        return fma
-    return dot + fma if min(c_in, taps * c_out) < 16 else dot
+    table = INTERPRETER_WEIGHT_GRAD if interpreter else WEIGHT_GRAD["gathered" if gathered else "contiguous"]
+    return [config(bm, bn, bk, num_warps=warps, num_stages=stages, TAPS_N=max(1, bn // channels), **box(bk, spatial))
+            for path in paths(c_in, taps * c_out)
+            for bm, bn, bk, warps, stages in sized(table[path], m=c_in, n=taps * c_out)]
 
 
 @triton.jit
@@ -541,7 +518,7 @@ def plan_launch(x_layout: tuple, grad_y_layout: tuple, kernel_size: tuple, strid
         grad_y, the input tile serves them all)."""
         name = "tf32" if precision == "tf32" else str(dtype).removeprefix("torch.")
         return Problem((Part(groups * split, c_in_g, taps * c_out_g, -(-pixels // split), 1),), dtype.itemsize, name,
-                       ("BLOCK_M", "BLOCK_N"))
+                       WEIGHT_GRAD_DOT_SIDES)
 
     contiguous = (c_out_g * taps, taps, 1)
     out_strides = out_strides or contiguous
