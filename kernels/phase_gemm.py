@@ -38,7 +38,7 @@ also races the kernel on a channels-last copy of its input (``staging``).
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``
 (any strides); the direct convolution reads it with the first two axes swapped
 (columns = C_in).
-``tritondeconv.planner`` does the transposed arithmetic in plain Python.
+``planner`` does the transposed arithmetic in plain Python.
 """
 import functools
 import itertools
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..planner import axis_constants, output_size, plan_axis
+from .planner import axis_constants, output_size, plan_axis
 from . import activations, launcher, staging
 from .common import INTERPRETING, experimental, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem

@@ -132,7 +132,7 @@ def _weight_and_bias(x_shape, kernel_size, c_out, dtype, layout="nchw", stride=1
     the op layer does not ask for yet) of a transposed convolution of an input of
     ``x_shape`` to ``c_out`` channels, the geometry the same along every axis; the
     output gradient laid out like the input."""
-    from tritondeconv.planner import output_size
+    from tritondeconv.kernels.planner import output_size
 
     rank = len(x_shape) - 2
     gy_shape = (x_shape[0], c_out, *(output_size(i, kernel_size, stride, padding, 1, output_padding)

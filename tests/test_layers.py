@@ -15,14 +15,6 @@ KERNELS = "tritondeconv.kernels"
 # Package name -> the folder it is shipped from (pyproject.toml's package-dir).
 TREES = {"tritondeconv": ROOT / "tritondeconv", KERNELS: ROOT / "kernels"}
 
-# Imports from the kernels into the op layer that are known and not fixed yet: kernel
-# module -> op-layer module, with why it is tolerated.  An entry that no longer holds
-# fails the test, so that it is removed.
-KNOWN_UPWARD = {
-    ("tritondeconv.kernels.phase_gemm", "tritondeconv.planner"):
-        "the kernel takes its per-axis phase constants from the planner, which imports nothing of the package",
-}
-
 
 def _in_kernels(name: str) -> bool:
     return name == KERNELS or name.startswith(f"{KERNELS}.")
@@ -149,8 +141,7 @@ def test_the_graph_covers_both_trees():
 def test_kernels_never_import_the_op_layer():
     upward = {(module, target) for module, targets in import_graph().items() if _in_kernels(module)
               for target in targets if not _in_kernels(target)}
-    assert upward - set(KNOWN_UPWARD) == set(), "kernel modules importing the op layer"
-    assert set(KNOWN_UPWARD) <= upward, "KNOWN_UPWARD lists an import that is gone: remove it"
+    assert upward == set(), "kernel modules importing the op layer"
 
 
 def test_no_import_cycles():

@@ -8,7 +8,7 @@ import torch
 
 import tritondeconv
 from tritondeconv.explain import main as explain_main
-from tritondeconv.planner import output_size, phase_taps, plan, plan_axis
+from tritondeconv.kernels.planner import output_size, phase_taps, plan, plan_axis
 
 AXES = [
     pytest.param(n, k, s, p, d, extra, id=f"n{n}-k{k}-s{s}-p{p}-d{d}-op{extra}")

@@ -18,7 +18,7 @@ from .kernels.tuning import tuning_report
 from .backends import get_backend, set_backend
 from .switch import disable, enable, enabled, is_enabled
 from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d, naive_conv_transpose2d
-from .planner import Plan, plan
+from .kernels.planner import Plan, plan
 
 __all__ = [
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d", "upsample_conv2d",

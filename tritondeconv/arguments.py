@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .layout import cached, format_strides, output_format
-from .planner import output_size
+from .kernels.planner import output_size
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import tritondeconv
 from tritondeconv.kernels.common import INTERPRETING, Launch, observe_launches
 from tritondeconv.backends import runs_triton
-from tritondeconv.planner import plan
+from tritondeconv.kernels.planner import plan
 
 KERNEL, STRIDE, PADDING = 4, 2, 1
 # The relative error against float64 the result must meet, per dtype (float16 on a GPU,

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from .planner import AxisPlan, Plan, plan
+from .kernels.planner import AxisPlan, Plan, plan
 
 
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}

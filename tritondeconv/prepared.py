@@ -29,7 +29,7 @@ from .kernels.common import EPOCH, INT64_FORCED, POISON, allocated
 from .kernels.phase_gemm import phase_gemm
 from .kernels.weight_grad import weight_grad
 from .layout import as_aten_would, empty_in_format, output_memory_format
-from .planner import output_size
+from .kernels.planner import output_size
 from .weights import PACKED
 
 CAPACITY = 4096  # prepared calls kept per op; beyond it, the oldest quarter is dropped

@@ -13,7 +13,7 @@ In 2-D the phases of the two axes combine into ``s_h * s_w`` independent implici
 GEMMs.  This module lists them, and counts the multiply-adds that the naive
 zero-insertion method spends against the decomposed one.
 
-The Triton kernel in ``tritondeconv.kernels.phase_gemm`` evaluates the same
+The Triton kernel in ``phase_gemm`` evaluates the same
 arithmetic on the device, with the per-axis constants of ``axis_constants`` (its ``_axis``); the
 tests check both against PyTorch, and the kernel's gathers against ``plan_axis``.
 """
