@@ -35,6 +35,29 @@ def _device_params():
     return [cpu, cuda]
 
 
+# The interpreter runs a subset of the GPU's cases (it is slow), and a few cases belong
+# to one device: markers say which, and the other cases skip with the marker's reason.
+MARKERS = [
+    ("interpreter_subset(*cases, reason): of the CPU cases (run in the interpreter), only those whose "
+     "parameters match one of `cases` (dicts of parameter -> value) run; every CUDA case runs"),
+    "only_on(device, reason): only the case on `device` (the `device` fixture's parameter) runs",
+]
+
+
+def _not_run_here(item) -> str | None:
+    """Why the case ``item`` skips on its device, by its ``only_on`` and
+    ``interpreter_subset`` markers; None when it runs."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    only_on = item.get_closest_marker("only_on")
+    if only_on is not None and params.get("device") != only_on.args[0]:
+        return only_on.kwargs["reason"]
+    subset = item.get_closest_marker("interpreter_subset")
+    if subset is not None and params.get("device") == "cpu" and not any(
+            all(params[name] == value for name, value in case.items()) for case in subset.args):
+        return subset.kwargs["reason"]
+    return None
+
+
 def pytest_report_header(config):
     return f"tritondeconv test seed salt: {RUN_SALT} (rerun a failure with TRITONDECONV_TEST_SEED={RUN_SALT})"
 
@@ -142,6 +165,10 @@ _FMA_ONLY: set = set()  # the function ids marked fma_only
 
 def pytest_collection_modifyitems(session, config, items):
     _FMA_ONLY.update(_function_id(item) for item in items if item.get_closest_marker("fma_only"))
+    for item in items:
+        reason = _not_run_here(item)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def _fma_only_tests() -> list[str]:
@@ -159,6 +186,8 @@ _COVERAGE_DIR = "TRITONDECONV_COVERAGE_DIR"
 
 
 def pytest_configure(config):
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     if _WORKER is None and not os.environ.get(_COVERAGE_DIR):
         os.environ[_COVERAGE_DIR] = tempfile.mkdtemp(prefix="tritondeconv-coverage-")
 

@@ -34,12 +34,12 @@ def _gradients(fn, x, w, b, gy):
     return torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
 
 
+@pytest.mark.interpreter_subset({"kind": "nchw"}, {"precision": "float64"}, {"precision": "bfloat16"},
+                                reason="interpreter suite: layouts run in float64 and bfloat16 on CPU")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("k, s, p, op, d, g", GEOMETRIES)
 def test_gradients_match_pytorch(device, precision, kind, k, s, p, op, d, g):
-    if device == "cpu" and precision not in ("float64", "bfloat16") and kind != "nchw":
-        pytest.skip("interpreter suite: layouts run in float64 and bfloat16 on CPU")
     seed = fresh_seed()
     dtype = DTYPES[precision]
     n, c_in, c_out, size = (2, 4, 6, 4) if device == "cpu" else (3, 24, 18, 7)
@@ -61,12 +61,11 @@ def test_gradients_match_pytorch(device, precision, kind, k, s, p, op, d, g):
     assert same_layout(got[0], aten[0])  # grad_input laid out as PyTorch's
 
 
+@pytest.mark.only_on("cpu", reason="test_gradients_match_pytorch runs this shape on CUDA")
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"], indirect=True)
 def test_gradients_at_the_gpu_tests_shape(device, precision):
     """test_gradients_match_pytorch's CUDA shape (3x24x7x8 -> 18 channels, k3 s2 p1 op1,
     groups 2, channels_last) in the interpreter as well."""
-    if device == "cuda":
-        pytest.skip("test_gradients_match_pytorch runs this shape on CUDA")
     seed = fresh_seed()
     dtype = DTYPES[precision]
     x = layout(torch.randn(3, 24, 7, 8, device=device).to(dtype), "channels_last")
@@ -89,7 +88,8 @@ def _fast(device):
 # The geometries whose second derivatives the interpreter checks: gradgradcheck costs a
 # minute or more per geometry there, and the double backward is the same three ops for
 # every geometry (the first derivatives, checked for all, are where geometry matters).
-INTERPRETER_GRADGRAD = {(3, 2, 1, 1, 1, 1): "k3s2p1op1", (3, 1, 1, 0, 1, 1): "k3s1p1"}
+INTERPRETER_GRADGRAD = {"k3s2p1op1": {"k": 3, "s": 2, "p": 1, "op": 1, "d": 1, "g": 1},
+                        "k3s1p1": {"k": 3, "s": 1, "p": 1, "op": 0, "d": 1, "g": 1}}
 
 
 def _conv(s, p, op, d, g):
@@ -112,11 +112,11 @@ def test_gradcheck(device, k, s, p, op, d, g):
     assert torch.autograd.gradcheck(_conv(s, p, op, d, g), _inputs(device, k, g), fast_mode=_fast(device))
 
 
+@pytest.mark.interpreter_subset(*INTERPRETER_GRADGRAD.values(),
+                                reason=f"interpreter suite: second derivatives on {', '.join(INTERPRETER_GRADGRAD)} "
+                                       "only (a minute or more each here); every geometry on CUDA")
 @pytest.mark.parametrize("k, s, p, op, d, g", GEOMETRIES)
 def test_gradgradcheck(device, k, s, p, op, d, g):
-    if device == "cpu" and (k, s, p, op, d, g) not in INTERPRETER_GRADGRAD:
-        pytest.skip(f"interpreter suite: second derivatives on {', '.join(INTERPRETER_GRADGRAD.values())} only (a "
-                    "minute or more each here); every geometry on CUDA")
     fresh_seed()
     assert torch.autograd.gradgradcheck(_conv(s, p, op, d, g), _inputs(device, k, g), fast_mode=_fast(device))
 

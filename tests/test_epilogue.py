@@ -37,6 +37,8 @@ def _check(out, ref, leaves, ref_leaves, precision, seed, pytorch_same_dtype=Non
         assert relative_error(a, r) <= allowed, f"seed {seed}"
 
 
+@pytest.mark.interpreter_subset({"precision": "float64"}, {"precision": "bfloat16"},
+                                reason="interpreter suite: epilogues run in float64 and bfloat16 on CPU")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
@@ -44,8 +46,6 @@ def _check(out, ref, leaves, ref_leaves, precision, seed, pytorch_same_dtype=Non
 def test_conv_transpose2d_epilogue(device, precision, kind, with_residual, activation):
     if activation is None and not with_residual:
         pytest.skip("no epilogue: the plain op, tested in test_forward")
-    if device == "cpu" and precision not in ("float64", "bfloat16"):
-        pytest.skip("interpreter suite: epilogues run in float64 and bfloat16 on CPU")
     seed = fresh_seed()
     dtype = DTYPES[precision]
     # 8 output channels: with 3, the bias gradient's relative error in bf16 rested on 3

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import tritondeconv
 import tritondeconv.backends
-from tritondeconv.kernels.common import observe_launches
+from tritondeconv.kernels.common import INTERPRETING, observe_launches
 from reference import DTYPES, assert_close, fresh_seed, layout, reference, same_layout
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -42,12 +42,13 @@ def run_case(op, device, precision, x_shape, w_shape, *, bias=True, kind="nchw",
     return x, out
 
 
+@pytest.mark.interpreter_subset(
+    {"precision": "float64"},
+    reason="interpreter suite: the geometry grid runs in float64 on CPU; test_dtypes covers the others")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("k, s, d, p, op_", list(_geometries()))
 def test_geometry(device, precision, op, k, s, d, p, op_):
-    if device == "cpu" and precision != "float64":
-        pytest.skip("interpreter suite: the geometry grid runs in float64 on CPU; test_dtypes covers the others")
     run_case(op, device, precision, (2, 3, 4, 5), (3, 2, k, k), stride=s, padding=p, output_padding=op_, dilation=d)
 
 
@@ -91,23 +92,22 @@ def test_dtypes(device, precision, kind, k, s, p, op_):
              kind=kind, stride=s, padding=p, output_padding=op_)
 
 
+@pytest.mark.only_on("cpu", reason="test_dtypes runs this shape on CUDA")
 @pytest.mark.parametrize("precision", ["bfloat16"], indirect=True)
 def test_dtypes_at_the_gpu_tests_shape(device, precision):
     """test_dtypes' CUDA geometry (4x72x9x10 -> 40 channels, k4 s2 p1, channels_last) in
     the interpreter as well, so the GPU test's own shape is checked on every CI run (in
     bf16, the GPU's dtype; the interpreter takes most of a minute for it)."""
-    if device == "cuda":
-        pytest.skip("test_dtypes runs this shape on CUDA")
     run_case("conv_transpose2d", device, precision, (4, 72, 9, 10), (72, 40, 4, 4), kind="channels_last",
              stride=2, padding=1)
 
 
+@pytest.mark.interpreter_subset({"precision": "float64", "k": 16},
+                                reason="interpreter suite: k16s8 in float64 (1024 phases take 30 s in the interpreter)")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("k, s, p, size", [(16, 8, 4, 3), (64, 32, 16, 2)], ids=["FCN-k16s8p4", "k64s32p16"])
 def test_large_kernel_and_stride(device, precision, k, s, p, size):
     """FCN's upsampling geometries: 64 and 1024 phases of 2x2 taps each."""
-    if device == "cpu" and (precision != "float64" or k == 64):
-        pytest.skip("interpreter suite: k16s8 in float64 (1024 phases take 30 s in the interpreter)")
     c_in, c_out = (3, 2) if device == "cpu" else (21, 21)
     run_case("conv_transpose2d", device, precision, (2, c_in, size, size + 1), (c_in, c_out, k, k),
              kind="channels_last", stride=s, padding=p)
@@ -141,10 +141,9 @@ def test_empty_batch_gradients(device):
         assert got.shape == want.shape and torch.equal(got, want)
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="CPU tensors fall back to aten without TRITON_INTERPRET=1")
 def test_cpu_runs_the_triton_kernel():
     """Under TRITON_INTERPRET=1 the CPU tests exercise the Triton kernel, not aten's fallback."""
-    if not tritondeconv.kernels.common.INTERPRETING:
-        pytest.skip("CPU tensors fall back to aten without TRITON_INTERPRET=1")
     x, w = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
     with observe_launches() as launches:
         for op in OPS.values():

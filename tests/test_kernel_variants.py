@@ -299,6 +299,7 @@ def test_tma_offered_only_where_it_can_run(device):
         assert not _offers_tma(conv(groups_of_4, torch.randn(8, 8, 3, 3, device=device, dtype=torch.bfloat16), 2))
 
 
+@pytest.mark.only_on("cuda", reason="the interpreter compiles nothing to launch straight: a GPU's path")
 @pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
 @pytest.mark.parametrize("path", list(PATH_CHANNELS))
 def test_repeated_calls_take_the_lean_launch(device, path, variant):
@@ -306,8 +307,6 @@ def test_repeated_calls_take_the_lean_launch(device, path, variant):
     in the backward, the input gradient) goes through Triton's JIT; a second call of the
     same classes launches the compiled kernels straight (the JIT runs no more) and
     computes the right values."""
-    if device == "cpu":
-        pytest.skip("the interpreter compiles nothing to launch straight: a GPU's path")
     constant, k, s, p, op = FORWARD_VARIANTS[variant]
     c = PATH_CHANNELS[path]
     jit_runs = []

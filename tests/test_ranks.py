@@ -38,12 +38,11 @@ def _cases():
                 yield pytest.param(rank, kind, *geometry, id=f"{rank}d-{kind}-{name}")
 
 
+@pytest.mark.interpreter_subset({"precision": "float64"}, reason="interpreter suite: the rank grid runs in float64 on CPU")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("rank, kind, k, s, p, op, d", list(_cases()))
 def test_forward_and_gradients(device, precision, groups, rank, kind, k, s, p, op, d):
-    if device == "cpu" and precision != "float64":
-        pytest.skip("interpreter suite: the rank grid runs in float64 on CPU")
     seed = fresh_seed()
     dtype = DTYPES[precision]
     x = layout(torch.randn(2, 4, *SPATIAL[rank], device=device).to(dtype), kind).requires_grad_()

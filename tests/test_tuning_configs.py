@@ -75,12 +75,11 @@ SHAPES = [  # (N, C_in, C_out, groups): one per path
 ]
 
 
+@pytest.mark.interpreter_subset({"precision": "float64"}, reason="interpreter suite: one precision on CPU")
 @pytest.mark.parametrize("precision", ["float64", "bfloat16"], indirect=True)
 @pytest.mark.parametrize("n, c_in, c_out, groups", SHAPES)
 def test_every_offered_config_is_correct(device, precision, n, c_in, c_out, groups):
     """Forward and weight gradient with each configuration the tuner could pick."""
-    if device == "cpu" and precision != "float64":
-        pytest.skip("interpreter suite: one precision on CPU")
     seed = fresh_seed()
     dtype = DTYPES[precision]
     size = 5 if device == "cpu" else 17

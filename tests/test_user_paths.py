@@ -364,7 +364,9 @@ def test_non_integers_raise_pytorchs_type_error(argument, value):
 
 
 def _autocast_devices():
-    return [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    return [pytest.param("cpu", torch.bfloat16, id="cpu-bf16", marks=pytest.mark.skipif(
+                not tritondeconv.backends.runs_triton(torch.device("cpu")),
+                reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")),
             pytest.param("cuda", torch.float16, id="cuda-fp16", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
             pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
 
@@ -374,8 +376,6 @@ def _autocast_devices():
 def test_autocast_casts_as_for_atens_convolution(autocast_device, autocast_dtype, epilogue):
     """An fp32 module fed a low-precision activation under autocast: the op runs in the
     region's dtype and returns it, as aten's conv_transpose does; float64 is not cast."""
-    if autocast_device == "cpu" and not tritondeconv.backends.runs_triton(torch.device("cpu")):
-        pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
     seed = fresh_seed()
     module = tritondeconv.nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, device=autocast_device,
                                              activation="relu" if epilogue else None)
