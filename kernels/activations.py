@@ -5,8 +5,8 @@ the backward).  Adding an activation is a row of ``TABLE`` and a branch of ``app
 both in this file."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ TABLE = {
                              lambda z, slope: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))),
     "silu": Activation(lambda v, slope: F.silu(v), _silu_derivative),
     "gelu": Activation(lambda v, slope: F.gelu(v),  # the exact (erf) form
-                       lambda z, slope: 0.5 * (1 + torch.erf(z * INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * INV_SQRT_2PI),
+                       lambda z, slope: (0.5 * (1 + torch.erf(z * INV_SQRT2))
+                                         + z * torch.exp(-0.5 * z * z) * INV_SQRT_2PI)),
     "tanh": Activation(lambda v, slope: torch.tanh(v), lambda z, slope: 1 - torch.tanh(z) ** 2),
     "sigmoid": Activation(lambda v, slope: torch.sigmoid(v), _sigmoid_derivative),
 }

@@ -3,8 +3,8 @@ launch observers (the documented seam through which tests and tools see which ke
 ran, with which constants)."""
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import triton
@@ -66,7 +66,8 @@ def experimental(feature: str) -> bool:
     return feature in SETTINGS.experimental
 
 
-_OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+_OPERAND_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                   torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def operand_dtype(dtype: torch.dtype):

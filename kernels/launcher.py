@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import triton
@@ -69,7 +69,7 @@ class LaunchPlan:
     raced: dict = field(default_factory=dict, compare=False, repr=False)
 
     def request(self, family: str, kernel, tensors: tuple, device: torch.device, output: torch.Tensor,
-                trailing: tuple = ()) -> "Request":
+                trailing: tuple = ()) -> Request:
         """The ``Request`` of one call of this class: the kernel's arguments are
         ``tensors`` (its pointers, ``None`` for an absent one), the plan's ``scalars``,
         then ``trailing`` (per-call values, such as the activation's slope)."""
@@ -97,15 +97,15 @@ class DeviceInfo:
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", shared_memory=232448, sms=132, capability=(9, 0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _described(device: torch.device) -> DeviceInfo:
     """``device`` as tuning sees it (``device_info`` without the hook)."""
     if device.type != "cuda":
         return DeviceInfo(device.type)
     index = device.index if device.index is not None else torch.cuda.current_device()
     properties = triton.runtime.driver.active.utils.get_device_properties(index)
-    return DeviceInfo(torch.cuda.get_device_name(index), properties["max_shared_mem"], properties["multiprocessor_count"],
-                      torch.cuda.get_device_capability(index))
+    return DeviceInfo(torch.cuda.get_device_name(index), properties["max_shared_mem"],
+                      properties["multiprocessor_count"], torch.cuda.get_device_capability(index))
 
 
 @dataclass

@@ -43,19 +43,27 @@ The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, k
 import functools
 import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from .planner import axis_constants, output_size, plan_axis
 from . import activations, launcher, staging
-from .common import INTERPRETING, experimental, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
+from .common import (
+    INTERPRETING,
+    experimental,
+    fma_dot,
+    input_precision,
+    int64_forced,
+    operand_dtype,
+    padded,
+    spans_int64,
+)
 from .cost import Part, Problem
+from .planner import axis_constants, output_size, plan_axis
 from .tiles import DOT_MIN, INTERPRETER_PHASE_GEMM, PHASE_GEMM, PHASE_GEMM_DOT_SIDES, paths, sized, uses_dot
 from .tuning import bucket, config
-
 
 # The compile-time constants that select a variant of the kernel (neither set: the phase
 # GEMMs with pointer loads).
@@ -232,9 +240,12 @@ def _phase_gemm_kernel(
         kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = 0, 1, 1, 0, 1, 0, -P_W, S_W, I_W
         n_cols = C_col_g * K_D * K_H * K_W
     else:
-        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
-        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
-        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
+        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(
+            r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
+        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(
+            r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
+        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(
+            r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
         n_cols = C_col_g
     M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
 
@@ -470,7 +481,8 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
                  for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
         one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
-        return Problem(tuple(parts), dtype.itemsize, "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
+        return Problem(tuple(parts), dtype.itemsize,
+                       "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
                        PHASE_GEMM_DOT_SIDES, tuple(("ONE_GEMM", p) for p in one))
 
     return launcher.LaunchPlan(
@@ -636,7 +648,7 @@ def _has_tma(device: torch.device) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _use_torch_allocator() -> None:
     """Tensor descriptors made in a kernel need global scratch memory from an allocator
     set in Triton: PyTorch's caching allocator, on the current CUDA device."""

@@ -66,22 +66,25 @@ corrupt file.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import triton
+
 from .common import INTERPRETING, SETTINGS, capturing
 
 try:
@@ -199,8 +202,8 @@ def _describe(config: dict) -> str:
     if "BLOCK_M" not in config:
         return ",".join(f"{k}={v}" for k, v in config.items())
     variant = " one-gemm" * bool(config.get("ONE_GEMM")) + (f" tma{config['TMA_W']}" if config.get("TMA_W") else "")
-    return (f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
-            + variant)
+    return (f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+            f" w{config['num_warps']} s{config['num_stages']}" + variant)
 
 
 def agree(reference: torch.Tensor, other: torch.Tensor) -> bool:
@@ -209,7 +212,8 @@ def agree(reference: torch.Tensor, other: torch.Tensor) -> bool:
     the dtype (fp32 at TF32's) times the reference's largest finite magnitude."""
     tolerance = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}[reference.dtype]
     a, b = reference.double(), other.double()
-    if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()])):
+    if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            and torch.equal(a[a.isinf()], b[b.isinf()])):
         return False
     finite = a.isfinite()
     if not finite.any():
@@ -237,7 +241,7 @@ class CacheFile:
         except FileNotFoundError:
             return {}
         except OSError as error:
-            warnings.warn(f"tritondeconv: ignoring unreadable {what} {self.path}: {error}")
+            warnings.warn(f"tritondeconv: ignoring unreadable {what} {self.path}: {error}", stacklevel=2)
             return {}
         try:
             data = json.loads(raw.decode())
@@ -246,7 +250,7 @@ class CacheFile:
             entries = None
         if not isinstance(entries, dict):
             rebuilt = "" if self.shipped else "; it will be rebuilt"
-            warnings.warn(f"tritondeconv: ignoring corrupt or outdated {what} {self.path}{rebuilt}")
+            warnings.warn(f"tritondeconv: ignoring corrupt or outdated {what} {self.path}{rebuilt}", stacklevel=2)
             return {}
         return entries
 
@@ -273,7 +277,7 @@ class CacheFile:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                 self.write({**self.read(), **new})
         except OSError as error:
-            warnings.warn(f"tritondeconv: cannot write tuning cache {self.path}: {error}")
+            warnings.warn(f"tritondeconv: cannot write tuning cache {self.path}: {error}", stacklevel=2)
 
 
 def export(device_name: str, out: Path) -> int:
@@ -316,15 +320,16 @@ def first_timed(candidates: list[dict], variants: tuple = (), per_variant: int =
 
 
 def source_version(kernel) -> str:
-    """A hash of what a compiled ``@triton.jit`` kernel is made of: its source, the source
-    of every ``@triton.jit`` function it calls (through module attributes too, and
-    theirs in turn), the values of the plain constants they read, and their decorators'
-    specialisation arguments.  Anything else keys by its ``cache_key`` attribute, or
+    """A hash of what a compiled ``@triton.jit`` kernel is made of: the syntax tree of its
+    source and of every ``@triton.jit`` function it calls (through module attributes
+    too, and theirs in turn), the values of the plain constants they read, and their
+    decorators' specialisation arguments.  Anything else keys by its ``cache_key`` attribute, or
     ``""`` without one (the interpreter's kernels).
 
     Not Triton's own ``cache_key``, which also hashes the line each function starts at:
     moving a kernel within its file (an edit above it) would make every tuning of it,
-    the shipped ones included, look stale, though it compiles to the same code."""
+    the shipped ones included, look stale, though it compiles to the same code; for the
+    same reason a rewrapped line or an edited comment does not count."""
     jit_type = triton.runtime.jit.JITFunction
     if not isinstance(kernel, jit_type):
         return getattr(kernel, "cache_key", "")
@@ -334,7 +339,8 @@ def source_version(kernel) -> str:
         name = f"{fn.fn.__module__}.{fn.fn.__qualname__}"
         if name in parts:
             return
-        parts[name] = fn.src + repr((getattr(fn, "do_not_specialize", None), getattr(fn, "noinline", None)))
+        code = ast.dump(ast.parse(textwrap.dedent(fn.src)))  # the syntax tree: layout and comments aside
+        parts[name] = code + repr((getattr(fn, "do_not_specialize", None), getattr(fn, "noinline", None)))
         names = fn.fn.__code__.co_names
         for global_name in names:
             value = fn.__globals__.get(global_name)
@@ -409,8 +415,8 @@ class Tuner:
             with self._tuning:
                 chosen = self._memo.get(memo_key)
                 if chosen is None:
-                    chosen = self._choose(device_name, key, candidates(), launch, tune, compile, clock or self.time_config,
-                                          variants)
+                    chosen = self._choose(device_name, key, candidates(), launch, tune, compile,
+                                          clock or self.time_config, variants)
         if chosen is _NONE_RAN:
             raise NoConfigurationRan(f"tritondeconv: no configuration of {self.name} could run for shape class {key}")
         return chosen
@@ -433,7 +439,8 @@ class Tuner:
         if capturing():
             warnings.warn(
                 f"tritondeconv: {self.name} for shape class {key} is first called during CUDA-graph capture, where "
-                "nothing can be timed: the graph keeps an untuned configuration; call the model once before capturing")
+                "nothing can be timed: the graph keeps an untuned configuration; call the model once before capturing",
+                stacklevel=2)
             return candidates[0]
 
         start = time.perf_counter()

@@ -43,7 +43,7 @@ Grid: (bias programs + row tiles × column tiles, group × split).
 """
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
@@ -54,7 +54,6 @@ from .common import INTERPRETING, allocated, fma_dot, input_precision, int64_for
 from .cost import Part, Problem
 from .tiles import INTERPRETER_WEIGHT_GRAD, WEIGHT_GRAD, WEIGHT_GRAD_DOT_SIDES, paths, sized
 from .tuning import bucket, config
-
 
 # Boxes whose grad_y loads a bias program issues together (its loop is not pipelined:
 # several loads in flight are what keep a program near its share of the bandwidth; with
@@ -174,7 +173,7 @@ def _reaches(k, a0, lo, hi, BOX: tl.constexpr):
 
 
 @triton.jit
-def _tap_inputs(t, S, I, O):
+def _tap_inputs(t, S, I, O):  # noqa: E741  (jit kernel left untouched; I, O: input/output extents, as in the docstring)
     """The inputs ``i`` in ``[lo, hi)`` of an axis whose output ``o = i*S + t`` lies in
     ``[0, O)``: ``lo = ceil(-t/S)`` (at least 0), ``hi = floor((O-1-t)/S) + 1`` (at most
     ``I``; 0 when ``t > O-1``).  Where a numerator is negative the result is clamped, so

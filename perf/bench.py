@@ -24,8 +24,8 @@ The same run measures the matmul peak per dtype and the copy bandwidth, which gi
 cell its roofline.  Tuning starts from an empty cache (a temporary
 ``TRITONDECONV_CACHE_DIR``, removed at the end, and no shipped tunings, unless a cache
 folder is set), so the ``tuning_s`` column is the first-call tuning time of each cell's
-new shape keys; the tuned cache is copied beside the results.  Writes ``bench.csv`` and ``bench.md`` to ``perf/results/<gpu-name>/``
-(or ``--out``); ``perf/plot.py`` draws them.
+new shape keys; the tuned cache is copied beside the results.  Writes ``bench.csv`` and
+``bench.md`` to ``perf/results/<gpu-name>/`` (or ``--out``); ``perf/plot.py`` draws them.
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -164,7 +164,8 @@ def subpixel_weight(w: torch.Tensor, s: int) -> torch.Tensor:
 def subpixel_conv_transpose2d(x, v, b, cell: Cell, h_out: int, w_out: int):
     """The torch-level sub-pixel rewrite: one conv2d with s²·C_out channels, pixel_shuffle, crop."""
     m = cell.k // cell.s
-    y = F.pixel_shuffle(F.conv2d(x, v, None, padding=m - 1), cell.s)[..., cell.p: cell.p + h_out, cell.p: cell.p + w_out]
+    y = F.pixel_shuffle(F.conv2d(x, v, None, padding=m - 1), cell.s)
+    y = y[..., cell.p: cell.p + h_out, cell.p: cell.p + w_out]
     return y if b is None else y + b[:, None, None]
 
 
@@ -191,7 +192,7 @@ def measure_peaks(device: str, quick: bool) -> tuple[dict[str, float], float]:
     for name, dtype in DTYPES.items():
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        peaks[name] = 2 * n**3 / (timer(lambda: a @ b) * 1e-3) / 1e12
+        peaks[name] = 2 * n**3 / (timer(lambda a=a, b=b: a @ b) * 1e-3) / 1e12
     src = torch.empty((2**18 if quick else 2**30) // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
@@ -256,7 +257,8 @@ def graphed_us(run: Callable[[], object], calls: int) -> float:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / calls * 1e6
     except Exception as error:  # noqa: BLE001  (a method that cannot be captured is reported, not fatal)
-        print(f"  (not captured in a CUDA graph: {type(error).__name__}: {str(error).splitlines()[0][:200]})", flush=True)
+        print(f"  (not captured in a CUDA graph: {type(error).__name__}: {str(error).splitlines()[0][:200]})",
+              flush=True)
         return math.nan
 
 
@@ -274,7 +276,8 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     if layout == "channels_last":
         x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
     fan_in = cell.c_in * cell.k
-    w = (torch.randn(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, device=device, dtype=dtype) / math.sqrt(fan_in)).to(dtype)
+    w = (torch.randn(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, device=device, dtype=dtype)
+         / math.sqrt(fan_in)).to(dtype)
     b = torch.randn(cell.c_out, device=device, dtype=dtype)
     args = (cell.s, cell.p, cell.op)
     ref = torch_fn(x.double(), w.double(), b.double(), *args)
@@ -324,11 +327,13 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if not err <= CHECK_TOLERANCE[dtype_name]:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout}: relative error {err:.2e}")
         checked[method] = (run, err, tuning_s if method == "tritondeconv" else "")
-    wall = back_to_back_us({method: run for method, (run, _, _) in checked.items()}, back_to_back) if back_to_back else {}
+    wall = (back_to_back_us({method: run for method, (run, _, _) in checked.items()}, back_to_back)
+            if back_to_back else {})
     for method, (run, err, tuning_s) in checked.items():
         compiled = DEVICE == "cuda" and back_to_back
-        yield dict(method=method, median_ms=timer(run), rel_error=err, tuning_s=tuning_s, wall_us=wall.get(method, ""),
-                   gpu_us=kernel_us(run) if compiled else "", graphed_us=graphed_us(run, back_to_back) if compiled else "")
+        yield dict(method=method, median_ms=timer(run), rel_error=err, tuning_s=tuning_s,
+                   wall_us=wall.get(method, ""), gpu_us=kernel_us(run) if compiled else "",
+                   graphed_us=graphed_us(run, back_to_back) if compiled else "")
 
 
 # The passes that run a training step, forward and backward: each with whether the
@@ -355,7 +360,8 @@ def _gradient_methods(cell: Cell, pass_: str, x, w, grad_y) -> tuple[dict, torch
                 grad_y, w, list(x.shape[2:]), stride, padding, dilation, 1),
             "wgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_weight_grad(
                 x, grad_y, list(w.shape[2:]), stride, padding, dilation, 1)}[pass_]
-    return {"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)}, aten(x.double(), w.double(), grad_y.double())
+    return ({"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)},
+            aten(x.double(), w.double(), grad_y.double()))
 
 
 def _offered(method: str, launches: list, copies_input: Callable[[], bool]) -> bool:
@@ -453,10 +459,10 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
             continue
         ours = m["tritondeconv"]["median_ms"]
 
-        def cell(method):
+        def cell(method, m=m):
             return f"{m[method]['median_ms']:.3f}" if method in m else "–"
 
-        def ratio(method):
+        def ratio(method, m=m, rank=rank, pass_=pass_, ours=ours):
             if method not in m:
                 return "–"
             speedups.setdefault((rank, pass_, method), []).append(m[method]["median_ms"] / ours)
@@ -470,7 +476,7 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
         lines += ["", "Per call, µs: back-to-back wall time (host included), the kernels' own time (profiler), a CUDA "
                   "graph's replay; ours / cuDNN's:", "",
                   "| shape | dtype | layout | pass | wall | GPU kernels | graphed |", "|" + " --- |" * 7]
-        for (rank, shape, dtype, layout, pass_), m in timed:
+        for (_rank, shape, dtype, layout, pass_), m in timed:
             def pair(column, m=m):
                 if "cudnn" not in m or m["cudnn"].get(column) in ("", None):
                     return f"{m['tritondeconv'][column]:.1f}" if m["tritondeconv"].get(column) != "" else "–"
@@ -480,7 +486,8 @@ def write_markdown(path: Path, rows: list[dict], header: str) -> None:
     lines += ["", "Geometric-mean speedup of tritondeconv (time of the other method / ours):", ""]
     for (rank, pass_, method), values in sorted(speedups.items()):
         geo = math.exp(sum(map(math.log, values)) / len(values))
-        lines.append(f"- {rank}, {pass_}, over {method}: **{geo:.2f}×** ({len(values)} cells, worst {min(values):.2f}×)")
+        lines.append(f"- {rank}, {pass_}, over {method}: **{geo:.2f}×** "
+                     f"({len(values)} cells, worst {min(values):.2f}×)")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -585,7 +592,7 @@ def jobs_of(a: argparse.Namespace) -> list[tuple]:
              if not a.cells or any(part in cell.label for part in a.cells.split(","))]
     dtypes = ["fp32"] if a.quick else a.dtypes.split(",")
     layouts, passes = a.layouts.split(","), a.passes.split(",")
-    return [(c, d, l, p) for p in passes for c in suite for d in dtypes for l in layouts if l in LAYOUTS[c.rank]]
+    return [(c, d, lay, p) for p in passes for c in suite for d in dtypes for lay in layouts if lay in LAYOUTS[c.rank]]
 
 
 def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int:
@@ -611,7 +618,8 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
         bound_ms = max(flops / (peaks[dtype_name] * 1e12), nbytes / (bandwidth * 1e9)) * 1e3
         summary = []
         for r in run_cell(cell, dtype_name, layout, pass_, device, methods, a.back_to_back):
-            r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout, **{"pass": pass_},
+            r.update(gpu=name, rank=f"{cell.rank}-D", shape=cell.label, dtype=dtype_name, layout=layout,
+                     **{"pass": pass_},
                      tflops=flops / (r["median_ms"] * 1e-3) / 1e12, gbps=nbytes / (r["median_ms"] * 1e-3) / 1e9,
                      pct_roofline=100 * bound_ms / r["median_ms"], versions=versions,
                      peak_tflops=peaks[dtype_name], copy_gbps=bandwidth, date=datetime.date.today().isoformat())
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Earlier rows stay unless this run re-measures their (shape, dtype, layout, pass):
         # those of jobs the budget leaves unreached are written back at the end.
-        asked = {(c.label, d, l, p) for c, d, l, p in jobs_of(a)}
+        asked = {(c.label, d, lay, p) for c, d, lay, p in jobs_of(a)}
         sink = CsvSink(csv_path, [r for r in earlier if (r["shape"], r["dtype"], r["layout"], r["pass"]) not in asked])
         with tempfile.TemporaryDirectory(prefix="tritondeconv-tuning-") as fresh_cache:
             if not os.environ.get("TRITONDECONV_CACHE_DIR"):  # start from no tuning, to time it

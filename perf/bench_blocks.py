@@ -22,11 +22,12 @@ import math
 import sys
 from pathlib import Path
 
-# bench (perf/ is the script's folder) first: it picks the interpreter when there is no GPU.
-from bench import DTYPES, QUICK_SUITES, SUITES, Budget, CsvSink, relative_error, setup, timer  # noqa: I001
 import torch
 import torch.nn.functional as F
 import triton
+
+# bench (perf/ is the script's folder) first: it picks the interpreter when there is no GPU.
+from bench import DTYPES, QUICK_SUITES, SUITES, Budget, CsvSink, relative_error, setup, timer  # noqa: I001
 
 import tritondeconv
 from tritondeconv.kernels.activations import TABLE as ACTIVATION_TABLE
@@ -234,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["gpu", "versions", "block", "shape", "dtype", "layout", "method", "median_ms", "peak_mb", "rel_error"]
     sink = CsvSink(out_dir / "blocks.csv", [], columns)
     budget = Budget(a.budget, a.fake_clock)
-    jobs = [("fold", c, d, l) for c in fold_cells for d in dtypes for l in layouts] + \
-           [("epilogue", c, d, l) for c in epilogue_cells for d in dtypes for l in layouts] + \
-           [("decoder", c, d, l) for c in decoder_cells for d in dtypes for l in layouts]
+    jobs = [("fold", c, d, lay) for c in fold_cells for d in dtypes for lay in layouts] + \
+           [("epilogue", c, d, lay) for c in epilogue_cells for d in dtypes for lay in layouts] + \
+           [("decoder", c, d, lay) for c in decoder_cells for d in dtypes for lay in layouts]
     for i, (kind, cell, dtype_name, layout) in enumerate(jobs, 1):
         if budget.spent():
             print(f"budget of {a.budget:g} s spent: stopped after {i - 1} of {len(jobs)} blocks", flush=True)

@@ -30,10 +30,9 @@ from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from bench import DTYPES, FUNCTIONS, VARIANTS, Cell, jobs_of  # noqa: E402
 
 import tritondeconv  # noqa: E402
-
-from bench import DTYPES, FUNCTIONS, VARIANTS, Cell, jobs_of  # noqa: E402
 from tritondeconv.kernels import launcher  # noqa: E402
 
 # gpu_check.sh's bench stages, as bench.py arguments (and "variants": each kernel variant
@@ -115,7 +114,8 @@ def jit_compile(request, config) -> None:
     request.kernel.warmup(*request.args, grid=request.grid, **request.constants, **config)
 
 
-def warm(stage: str, compile_one=jit_compile, workers: int | None = None, cells: str = "") -> tuple[int, int, int, float]:
+def warm(stage: str, compile_one=jit_compile, workers: int | None = None,
+         cells: str = "") -> tuple[int, int, int, float]:
     """Compile every distinct launch a stage's first calls would time (``cells`` as in
     ``launches_of``), on ``workers`` threads (default: every core); ``(compiled,
     failed, found in Triton's cache, seconds)``.  A later first call then finds its

@@ -4,7 +4,8 @@ every kernel configuration a first call compiles (the cost model's best 6 per ke
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
-    python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias gradients (a test runs this)
+    python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias
+                                            # gradients (a test runs this)
     python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
     python perf/hopper_compile.py --reuse old.csv phase_gemm,channels_last   # those kernels' launches from an
                                             # earlier report (same Triton, same target) where it holds them
@@ -58,13 +59,15 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from contextlib import contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
+from common import TYPES, Launch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -72,9 +75,6 @@ import tritondeconv  # noqa: E402
 import tritondeconv.registrations  # noqa: E402
 from tritondeconv.kernels import launcher, phase_gemm, staging, tuning, weight_grad  # noqa: E402
 from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
-
-from bench import DTYPES, FUNCTIONS, LAYOUTS, SUITES, Cell  # noqa: E402
-from common import TYPES, Launch  # noqa: E402
 
 # Per compute capability, the GPU that stands for it when pruning, ranking and checking
 # that a launch fits a block (shared memory per block, SMs).
@@ -139,7 +139,8 @@ def _weight_and_bias(x_shape, kernel_size, c_out, dtype, layout="nchw", stride=1
                                      for i in x_shape[2:]))
     x, gy = torch.empty(x_shape, dtype=dtype), torch.empty(gy_shape, dtype=dtype)
     if layout == "channels_last":
-        x, gy = (t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]) for t in (x, gy))
+        x, gy = (t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()])
+                 for t in (x, gy))
     weight_grad.weight_grad(x, gy, (kernel_size,) * rank, (stride,) * rank, (padding,) * rank, (1,) * rank, groups,
                             allow_tf32=torch.backends.cudnn.allow_tf32 and dtype == torch.float32, bias=True)
 
@@ -193,16 +194,19 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
         "2-D, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 4, 4), dt, stride=2,
                                                               padding=1), True),
         # Enough pixels that the weight gradient splits its reduction: the split sum runs.
-        "2-D, weight gradient in pixel ranges": (lambda dt: _forward_backward(ct2, (2, 32, 64, 64), (32, 32, 4, 4), dt,
-                                                                              "channels_last", stride=2, padding=1), False),
+        "2-D, weight gradient in pixel ranges": (
+            lambda dt: _forward_backward(ct2, (2, 32, 64, 64), (32, 32, 4, 4), dt, "channels_last",
+                                         stride=2, padding=1),
+            False),
     }
     # Kernel size = stride: the forward's one-GEMM variant is a candidate beside the phases.
     for layout in ("nchw", "channels_last"):
         variants[f"2-D k2 s2 {layout}"] = (
-            lambda dt, layout=layout: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, layout, stride=2), False)
+            lambda dt, layout=layout: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, layout, stride=2),
+            False)
     variants.update({
-        "2-D k2 s2, 3 output channels": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 2, 2), dt, stride=2),
-                                         False),
+        "2-D k2 s2, 3 output channels": (
+            lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 2, 2), dt, stride=2), False),
         "3-D k2 s2": (lambda dt: _forward_backward(ct3, (1, 16, 4, 4, 4), (16, 16, 2, 2, 2), dt, "channels_last",
                                                     stride=2), False),
         "2-D k2 s2, 64-bit indices": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 32, 2, 2), dt, stride=2),
@@ -434,12 +438,14 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"- phase GEMM reading strided channels (NCHW and 1-D input as given): {loads(gathered)}",
         f"- phase GEMM on a channels-last copy of NCHW or 1-D input (calls labelled `staged`): {loads(staged)}",
         f"- weight gradient, input and output gradient channels-last: {loads(weights_contiguous)}",
-        f"- weight gradient, either of them strided (NCHW, 1-D): {loads([r for r in weights if r not in weights_contiguous])}",
+        "- weight gradient, either of them strided (NCHW, 1-D): "
+        f"{loads([r for r in weights if r not in weights_contiguous])}",
         f"- weight gradient with the bias gradient in the same launch (`HAS_BIAS=True`): "
         f"{loads([r for r in weights if 'HAS_BIAS=True' in r['constants'].split()])}; integer division in a loop: "
         f"{sum(r['loop_divisions'] > 0 for r in weights)} of {len(weights)} weight-gradient launches",
         f"- channels-last copies (staging): {len(copies)}, with vector loads: "
-        f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: {sum(r['vector_stores'] > 0 for r in copies)}"
+        f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: "
+        f"{sum(r['vector_stores'] > 0 for r in copies)}"
         f", spilling: {sum(r['local_bytes'] > 0 for r in copies)}",
         "", "Per tile, its launches (one per direction, layout and set of specialised integer arguments) in one "
         f"row; `{stem}.csv` has every launch, its constants and the calls that make it:", "",

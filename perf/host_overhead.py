@@ -54,10 +54,9 @@ import torch.nn.functional as F
 import triton
 
 import tritondeconv
-from tritondeconv.kernels import launcher
 from tritondeconv.dispatch import IMPLEMENTATIONS
+from tritondeconv.kernels import launcher
 from tritondeconv.weights import PACKED
-
 
 
 def _median_us(fn, repeat: int) -> float:
@@ -121,7 +120,8 @@ def measure(repeat: int, device: str = "cpu") -> list[tuple[str, float, float]]:
         "functional forward": (lambda: tritondeconv.conv_transpose2d(x, w, b, 2, 1),
                                lambda: F.conv_transpose2d(x, w, b, 2, 1)),
         "functional forward, 16 channels (the input-copy race)": (
-            lambda: tritondeconv.conv_transpose2d(x16, w16, b16, 2, 1), lambda: F.conv_transpose2d(x16, w16, b16, 2, 1)),
+            lambda: tritondeconv.conv_transpose2d(x16, w16, b16, 2, 1),
+            lambda: F.conv_transpose2d(x16, w16, b16, 2, 1)),
         "module forward": (lambda: ours_module(x), lambda: aten_module(x)),
         "module forward under inference_mode": (inference(ours_module), inference(aten_module)),
         "module forward+backward": (backward(ours_module), backward(aten_module)),
@@ -168,8 +168,8 @@ def call_counts(device: str = "cpu") -> list[tuple[str, int, int]]:
                       ("training step (module forward, sum, backward)", lambda m: m(xg).sum().backward())):
         with torch.set_grad_enabled(name.startswith("training")):
             with launcher.stub_launches():
-                counted = python_calls(lambda: run(ours))
-            rows.append((name, counted, python_calls(lambda: run(aten))))
+                counted = python_calls(lambda run=run: run(ours))
+            rows.append((name, counted, python_calls(lambda run=run: run(aten))))
     return rows
 
 

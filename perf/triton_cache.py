@@ -42,10 +42,9 @@ import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
+import candidates  # noqa: E402
 import triton  # noqa: E402
 import triton.runtime.cache  # noqa: E402
-
-import candidates  # noqa: E402
 
 GPU_TRITON = "3.6.0"
 GPU_PYTHON = "3.12"
@@ -132,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the stages' kernels for sm_90 and pack them")
-    b.add_argument("--stages", default=",".join(candidates.STAGES), help="comma-separated, of: " + ", ".join(candidates.STAGES))
+    b.add_argument("--stages", default=",".join(candidates.STAGES),
+                   help="comma-separated, of: " + ", ".join(candidates.STAGES))
     b.add_argument("--cells", default="", help="only the layers whose labels contain one of these (comma-separated)")
     b.add_argument("--out", type=Path, default=ARCHIVE)
     b.add_argument("--gpu-wheel", type=Path, help=f"the GPU's Triton wheel, for Python {GPU_PYTHON} (see above)")

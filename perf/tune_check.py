@@ -33,8 +33,7 @@ import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
-from bench import FUNCTIONS, SUITES, Budget, CsvSink, Cell, gpu_name  # noqa: E402
+from bench import FUNCTIONS, SUITES, Budget, Cell, CsvSink, gpu_name  # noqa: E402
 
 from tritondeconv.kernels import cost, launcher, tuning  # noqa: E402
 
@@ -125,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rows:
                     sink.write(r)
                 print(f"[{i}/{len(CELLS)}] {cell.label}: " + ", ".join(
-                    f"{r['kernel']} best at rank {r['rank_of_best']} of {r['candidates']}, pick {r['pick_over_best']:.2f}x, "
-                    f"timed best {r['timed_over_best']:.2f}x" for r in rows), flush=True)
+                    f"{r['kernel']} best at rank {r['rank_of_best']} of {r['candidates']}, "
+                    f"pick {r['pick_over_best']:.2f}x, timed best {r['timed_over_best']:.2f}x" for r in rows),
+                      flush=True)
                 budget.job_done()
     sink.close()
     if sink.rows:
         worst = max(r["timed_over_best"] for r in sink.rows)
-        print(f"{len(sink.rows)} keys: the best of those timed ({tuning.TIMED} per kernel variant) is at worst {worst:.2f}x the exhaustive best; "
-              f"wrote {sink.path}")
+        print(f"{len(sink.rows)} keys: the best of those timed ({tuning.TIMED} per kernel variant) "
+              f"is at worst {worst:.2f}x the exhaustive best; wrote {sink.path}")
     return 0
 
 

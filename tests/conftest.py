@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import GEMMS, RUN_SALT, tile_sides
 
 import tritondeconv
-from reference import GEMMS, RUN_SALT, tile_sides
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches, poison_allocations
 

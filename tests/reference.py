@@ -75,7 +75,8 @@ def reference(x, w, b, stride, padding, output_padding, groups, dilation):
     """PyTorch's transposed convolution of ``w``'s rank in float64 on the same (already
     rounded) values."""
     fn = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
-    return fn(x.double(), w.double(), None if b is None else b.double(), stride, padding, output_padding, groups, dilation)
+    return fn(x.double(), w.double(), None if b is None else b.double(),
+              stride, padding, output_padding, groups, dilation)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

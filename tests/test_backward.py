@@ -7,12 +7,12 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, relative_error, same_layout
 
 import tritondeconv
 import tritondeconv.backends
-from reference import DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, relative_error, same_layout
-from tritondeconv.kernels.weight_grad import weight_grad
 from tritondeconv.kernels.common import force_int64_index, observe_launches
+from tritondeconv.kernels.weight_grad import weight_grad
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -51,7 +51,8 @@ def test_gradients_match_pytorch(device, precision, kind, k, s, p, op, d, g):
     out = tritondeconv.conv_transpose2d(x, w, b, *args)
     gy = torch.randn_like(out)
     got = _gradients(lambda x, w, b: tritondeconv.conv_transpose2d(x, w, b, *args), x, w, b, gy)
-    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args), x.double(), w.double(), b.double(), gy.double())
+    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args),
+                     x.double(), w.double(), b.double(), gy.double())
     for name, a, r in zip(("input", "weight", "bias"), got, ref):
         assert a.shape == r.shape and a.dtype == dtype, name
         assert torch.isfinite(a).all(), f"grad_{name} has non-finite values (seed {seed})"
@@ -74,7 +75,8 @@ def test_gradients_at_the_gpu_tests_shape(device, precision):
     args = (2, 1, 1, 2, 1)
     gy = torch.randn_like(F.conv_transpose2d(x.double(), w.double(), b.double(), *args)).to(dtype)
     got = _gradients(lambda x, w, b: tritondeconv.conv_transpose2d(x, w, b, *args), x, w, b, gy)
-    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args), x.double(), w.double(), b.double(), gy.double())
+    ref = _gradients(lambda x, w, b: F.conv_transpose2d(x, w, b, *args),
+                     x.double(), w.double(), b.double(), gy.double())
     for a, r in zip(got, ref):
         assert relative_error(a, r) <= TOLERANCES[precision], f"seed {seed}"
 
@@ -309,7 +311,8 @@ def test_every_configuration_is_deterministic_and_they_agree(device):
                 return candidates[min(chosen, len(candidates) - 1)]
             return candidates[0]
         with launcher.intercept(choose=choose):
-            runs = [(lambda out: (out, *torch.autograd.grad(out, (x, w), gy)))(tritondeconv.conv_transpose2d(x, w, None, 2, 1))
+            runs = [(lambda out: (out, *torch.autograd.grad(out, (x, w), gy)))(
+                        tritondeconv.conv_transpose2d(x, w, None, 2, 1))
                     for _ in range(2)]
         assert all(torch.equal(a, b) for a, b in zip(*runs))
         per_config.append(runs[0])

@@ -8,10 +8,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import allocated_during, assert_close, computed_as, fresh_seed, layout, same_layout
 
 import tritondeconv
 from tritondeconv.arguments import overlaps_itself
-from reference import allocated_during, assert_close, computed_as, fresh_seed, layout, same_layout
 from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64

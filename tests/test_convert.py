@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import TOLERANCES, assert_close, computed_as, fresh_seed, layout, relative_error
 from torch.nn.utils import parametrizations, parametrize
 
 import tritondeconv
-from reference import TOLERANCES, assert_close, computed_as, fresh_seed, layout, relative_error
 from tritondeconv.kernels.common import observe_launches
 
 F64 = torch.float64

@@ -4,9 +4,9 @@ sequence (values and gradients), as functions and as module arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import DTYPES, TOLERANCES, fresh_seed, layout, reference, relative_error
 
 import tritondeconv
-from reference import DTYPES, TOLERANCES, fresh_seed, layout, reference, relative_error
 from tritondeconv.kernels.activations import TABLE
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -112,7 +112,8 @@ def test_bad_epilogue(kwargs, pattern):
 
 def test_compile_fullgraph_with_epilogue(device):
     seed = fresh_seed()
-    m = tritondeconv.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1, activation="silu", device=device, dtype=torch.float64)
+    m = tritondeconv.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1, activation="silu",
+                                        device=device, dtype=torch.float64)
     x = torch.randn(2, 3, 3, 3, device=device, dtype=torch.float64)
     r = torch.randn(2, 2, 6, 6, device=device, dtype=torch.float64)
     compiled = torch.compile(lambda x, r: m(x, residual=r), fullgraph=True,

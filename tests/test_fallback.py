@@ -26,12 +26,15 @@ assert torch.allclose(tritondeconv.naive_conv_transpose2d(x, w, b, *args), ref)
 cl = torch.channels_last
 xc, wc = x.detach().contiguous(memory_format=cl), w.detach().contiguous(memory_format=cl)
 r = torch.randn(2, 6, 6, 14, dtype=torch.float64)
-torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d_fused, (xc, w.detach(), None, [2, 3], [1, 1], [1, 2], 2, [1, 1], "relu", 0.01, r))
-torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d, (x.detach(), wc, None, [2, 3], [1, 1], [1, 2], 2, [1, 1]))
+torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d_fused,
+                      (xc, w.detach(), None, [2, 3], [1, 1], [1, 2], 2, [1, 1], "relu", 0.01, r))
+torch.library.opcheck(torch.ops.tritondeconv.conv_transpose2d,
+                      (x.detach(), wc, None, [2, 3], [1, 1], [1, 2], 2, [1, 1]))
 for rank in (1, 3):  # (3-D float32 with batch 1: aten's CPU layout depends on its backend choice)
     xs = torch.randn(1, 4, *[3] * rank)
     ws = torch.randn(4, 3, *[2] * rank).movedim(1, -1).contiguous().movedim(-1, 1)
-    torch.library.opcheck(getattr(torch.ops.tritondeconv, f"conv_transpose{rank}d"), (xs, ws, None, [2] * rank, [0] * rank, [0] * rank, 1, [1] * rank))
+    torch.library.opcheck(getattr(torch.ops.tritondeconv, f"conv_transpose{rank}d"),
+                          (xs, ws, None, [2] * rank, [0] * rank, [0] * rank, 1, [1] * rank))
 print("fallback ok")
 """
 

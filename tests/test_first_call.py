@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 from reference import assert_close, narrow_layer
+
+import tritondeconv
 from tritondeconv.kernels import launcher, tuning
 from tritondeconv.kernels.common import configured
 from tritondeconv.kernels.tuning import Tuner, config
-
-import tritondeconv
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -178,7 +178,9 @@ def test_a_forgotten_tuning_is_tuned_again(device, first_calls, monkeypatch, tmp
     for fma_wins in (True, False):
         monkeypatch.setenv("TRITONDECONV_CACHE_DIR", str(tmp_path / str(fma_wins)))
         launched = []
-        clock = lambda run: (run(), 0.5 if _fma(launched[-1][1]) == fma_wins else 1.0)[1]  # noqa: E731
+        # (the clock runs inside this iteration's ``intercept``: bind this iteration's values)
+        clock = lambda run, launched=launched, fma_wins=fma_wins: (  # noqa: E731
+            run(), 0.5 if _fma(launched[-1][1]) == fma_wins else 1.0)[1]
         with launcher.intercept(tune=True, clock=clock, launch=_recording_launches(launched)):
             tritondeconv.conv_transpose2d(x, w, None, 2, 1)
             tuned = len(launched)

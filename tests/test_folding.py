@@ -3,9 +3,9 @@ against the unfused PyTorch pair, the module, and convert(model, fold_upsample=T
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import TOLERANCES, fresh_seed, layout, relative_error, same_layout
 
 import tritondeconv
-from reference import TOLERANCES, fresh_seed, layout, relative_error, same_layout
 from tritondeconv.folding import box_convolve
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -43,7 +43,8 @@ def test_upsample_conv2d_matches_the_unfused_pair(device, s, k, p, variant):
     assert same_layout(out, ref)
     gy = torch.randn_like(ref)
     inputs = (x, w) + ((b,) if bias else ())
-    for name, a, r in zip(("input", "weight", "bias"), torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
+    for name, a, r in zip(("input", "weight", "bias"),
+                          torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
         assert relative_error(a, r) <= TOLERANCES["float64"], f"grad_{name} (seed {seed})"
 
 
@@ -78,7 +79,8 @@ def test_bad_arguments(kwargs, pattern):
 def test_module_loads_a_conv2d_checkpoint(device):
     seed = fresh_seed()
     conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2, device=device, dtype=torch.float64)
-    module = tritondeconv.nn.UpsampleConv2d(4, 6, 3, scale_factor=2, padding=1, groups=2, device=device, dtype=torch.float64)
+    module = tritondeconv.nn.UpsampleConv2d(4, 6, 3, scale_factor=2, padding=1, groups=2,
+                                            device=device, dtype=torch.float64)
     module.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64)
     assert relative_error(module(x), conv(F.interpolate(x, scale_factor=2))) <= TOLERANCES["float64"], f"seed {seed}"

@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import DTYPES, assert_close, fresh_seed, layout, reference, same_layout
 
 import tritondeconv
 import tritondeconv.backends
 from tritondeconv.kernels.common import INTERPRETING, observe_launches
-from reference import DTYPES, assert_close, fresh_seed, layout, reference, same_layout
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -32,7 +32,8 @@ def run_case(op, device, precision, x_shape, w_shape, *, bias=True, kind="nchw",
     """Draw inputs, run ``op`` and PyTorch, and compare."""
     seed = fresh_seed()
     dtype = DTYPES[precision]
-    x = layout(torch.randn(x_shape, device=device).to(dtype), kind) if len(x_shape) == 4 else torch.randn(x_shape, device=device).to(dtype)
+    x = (layout(torch.randn(x_shape, device=device).to(dtype), kind) if len(x_shape) == 4
+         else torch.randn(x_shape, device=device).to(dtype))
     w = torch.randn(w_shape, device=device).to(dtype)
     b = torch.randn(w_shape[1] * groups, device=device).to(dtype) if bias else None
     out = OPS[op](x, w, b, stride, padding, output_padding, groups, dilation)

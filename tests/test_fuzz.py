@@ -11,10 +11,10 @@ import random
 
 import pytest
 import torch
-
-import tritondeconv
 from conftest import HAS_CUDA, INTERPRETING
 from reference import TOLERANCES, computed_as, input_copies, layout, reference, relative_error
+
+import tritondeconv
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches
 
@@ -106,9 +106,11 @@ def run_case(seed: int, device: str, case: dict | None = None) -> None:
 
 def _params(cases: dict[str, int] = CASES):
     for device, count in cases.items():
-        marks = [pytest.mark.skipif(not INTERPRETING, reason="CPU tensors run the kernels only under TRITON_INTERPRET=1")]
+        marks = [pytest.mark.skipif(not INTERPRETING,
+                                    reason="CPU tensors run the kernels only under TRITON_INTERPRET=1")]
         if device == "cuda":
-            marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU, no interpreter")]
+            marks = [pytest.mark.cuda,
+                     pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU, no interpreter")]
         for i in range(count):
             yield pytest.param(device, i, marks=marks, id=f"{device}-{i}")
 

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from reference import assert_close, fresh_seed
 
 import tritondeconv
-from reference import assert_close, fresh_seed
 from tritondeconv.kernels import tuning
 from tritondeconv.kernels.common import simulate_capture
 

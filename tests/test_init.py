@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import TOLERANCES, fresh_seed, relative_error
 
 import tritondeconv
 import tritondeconv.init
-from reference import TOLERANCES, fresh_seed, relative_error
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

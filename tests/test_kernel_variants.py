@@ -12,13 +12,23 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import (
+    DTYPES,
+    GEMMS,
+    assert_close,
+    fresh_seed,
+    input_copies,
+    layout,
+    on_path,
+    reference,
+    skip_without_tma,
+    tile_sides,
+)
 
 import tritondeconv
 from tritondeconv.kernels import launcher, phase_gemm
-from tritondeconv.kernels.common import INTERPRETING, configured, force_int64_index, observe_launches
 from tritondeconv.kernels.activations import ACTIVATIONS
-from reference import (
-    DTYPES, GEMMS, assert_close, fresh_seed, input_copies, layout, on_path, reference, skip_without_tma, tile_sides)
+from tritondeconv.kernels.common import INTERPRETING, configured, force_int64_index, observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 

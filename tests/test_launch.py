@@ -4,13 +4,13 @@ only where the JIT would pick that same kernel; everything else goes through the
 import random
 
 import torch
+from reference import fresh_seed
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import CompiledKernel, make_backend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import tritondeconv
-from reference import fresh_seed
 from tritondeconv.kernels import launcher
 
 
@@ -105,7 +105,8 @@ def _jit_key(kernel, arguments: tuple, options: dict) -> str:
     kernel for these arguments: what it specialises on (the tensors' dtypes and the
     16-byte alignment of their addresses, each integer's value where it is 1 or
     divisibility by 16, the constants) and the options."""
-    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # (the interpreter's, as the JIT sees it)
+    # (the interpreter's, as the JIT sees it)
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
     _, specialisation, compile_options = binder(*arguments, **options, debug=False)
     return compute_cache_key({}, specialisation, compile_options)

@@ -3,9 +3,9 @@ state: frozen and first called under inference mode, traced by torch.jit.trace, 
 by torch.jit.script, compiled by torch.compile (forward and backward)."""
 import pytest
 import torch
+from reference import TOLERANCES, fresh_seed, relative_error
 
 import tritondeconv
-from reference import TOLERANCES, fresh_seed, relative_error
 
 CONFIGS = [
     dict(in_channels=4, out_channels=6, kernel_size=4, stride=2, padding=1),
@@ -110,7 +110,8 @@ def test_convert_swaps_in_place(device):
     z = torch.randn(2, 8, 1, 1, device=device, dtype=torch.float64)
     before = model(z)
     weight = model.net[0].weight
-    with pytest.warns(UserWarning, match=r"left 1 module\(s\) unchanged: extra \(its parameters are not initialised yet\)"):
+    with pytest.warns(UserWarning,
+                      match=r"left 1 module\(s\) unchanged: extra \(its parameters are not initialised yet\)"):
         assert tritondeconv.convert(model, return_count=True) == (model, 3)
     assert all(type(m) is tritondeconv.nn.ConvTranspose2d for m in (model.net[0], model.net[3][0], model.net[4]))
     assert model.net[0].weight is weight and weight.device.type == device and weight.dtype == torch.float64

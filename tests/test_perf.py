@@ -42,12 +42,14 @@ def test_bench_quick_and_plot(tmp_path):
     assert all(f"{rank}, fwd, over cudnn" in table for rank in ("1-D", "2-D", "3-D"))
     # Runs split over several device calls are merged into one table.
     merged = tmp_path / "merged"
-    subprocess.run([sys.executable, str(PERF / "bench.py"), "--merge", str(tmp_path / "bench.csv"), "--out", str(merged)],
+    subprocess.run([sys.executable, str(PERF / "bench.py"), "--merge", str(tmp_path / "bench.csv"),
+                    "--out", str(merged)],
                    check=True, capture_output=True, text=True)
     with open(merged / "bench.csv", newline="") as f:
         assert [r["median_ms"] for r in csv.DictReader(f)] == [r["median_ms"] for r in rows]
     assert (merged / "bench.md").read_text().count("|") == table.count("|")
-    subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")],
+                   check=True, capture_output=True)
     for png in ("speedup_cudnn.png", "roofline.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -209,7 +211,8 @@ def test_quick_launches_compile_for_hopper(tmp_path):
     assert tma and all(int(r["tma"]) > 0 for r in tma)
     assert all(int(r["loop_divisions"]) == 0 for r in rows if r["kernel"] == "phase_gemm")
     staged = [r for r in tensor_core if r["kernel"] == "phase_gemm" and not r["mode"].endswith("tma")
-              and "sxc=1" in r["constants"].split() and "quick-wide 1x64x8x8->64 k4 s2 p1 bf16 nchw staged" in r["cells"]]
+              and "sxc=1" in r["constants"].split()
+              and "quick-wide 1x64x8x8->64 k4 s2 p1 bf16 nchw staged" in r["cells"]]
     assert {r["mode"] for r in staged} == {"transposed", "direct"}  # the forward and the input gradient
     assert all(int(r["scalar_loads"]) == 0 and int(r["vector_loads"]) > 0 and int(r["wgmma_in_flight"]) > 0
                for r in staged)
@@ -251,7 +254,8 @@ def test_every_api_variant_compiles_for_hopper(tmp_path):
     forward and backward) compiles for sm_90 with the installed Triton, in the tile the
     cost model picks for it (the committed reports compile the best 6): the GPU-only
     code paths that the interpreter never compiles."""
-    run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--api", "--per-key", "1", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(PERF / "hopper_compile.py"), "--api", "--per-key", "1",
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "api.csv", newline="") as f:
@@ -402,7 +406,8 @@ def test_plot_figures_read_at_a_glance():
         plt.close(fig)
     fig = plot.roofline_figure(rows)
     (ax,) = fig.axes
-    colours = {text.get_text(): handle for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    legend = ax.get_legend()
+    colours = {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
     assert {"roof fp32", "tritondeconv fp32", "cudnn fp32"} <= set(colours)
     from matplotlib.colors import to_hex
     assert to_hex(colours["roof fp32"].get_color()) == to_hex(colours["tritondeconv fp32"].get_facecolor()[0]) \
@@ -412,7 +417,8 @@ def test_plot_figures_read_at_a_glance():
 
 
 def test_plot_without_a_csv_says_where_it_looked_and_what_to_run(tmp_path):
-    run = subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(PERF / "plot.py"), str(tmp_path / "bench.csv")],
+                         capture_output=True, text=True)
     assert run.returncode == 2 and "does not exist" in run.stderr and "perf/bench.py" in run.stderr
 
 

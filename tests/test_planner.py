@@ -126,7 +126,8 @@ def test_explain_prints_the_decomposition(capsys):
     out = capsys.readouterr().out
     assert "phase r=1: 8 outputs [0, 2, 4" in out and "taps [0, 2]" in out
     assert "naive zero-insertion 2,025; decomposed 484" in out
-    assert out.rstrip().endswith("counted from the plan; no Triton kernel was run (python -m tritondeconv.demo runs one)")
+    assert out.rstrip().endswith("counted from the plan; no Triton kernel was run "
+                                 "(python -m tritondeconv.demo runs one)")
     assert "ran:" not in out
 
 
@@ -163,7 +164,8 @@ def test_plan_takes_ints_or_tuples_as_pytorch_does():
 def test_explain_handles_every_rank(capsys, args, names, phases):
     assert explain_main(args) == 0
     out = capsys.readouterr().out
-    assert [line.split(":")[0] for line in out.splitlines() if line.split(":")[0] in ("length", "depth", "height", "width")] == names
+    labels = [line.split(":")[0] for line in out.splitlines()]
+    assert [label for label in labels if label in ("length", "depth", "height", "width")] == names
     assert phases in out
     assert out.startswith("o: an output index") and "u = (o + padding - r) / stride" in out  # every symbol defined
 
@@ -176,7 +178,8 @@ def test_explain_counts_in_singular_and_plural(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kernel-size", "4", "--stride", "2", "--output-padding", "2"], "output_padding must be smaller than either stride or dilation"),
+    (["--kernel-size", "4", "--stride", "2", "--output-padding", "2"],
+     "output_padding must be smaller than either stride or dilation"),
     (["--kernel-size", "3", "--in-channels", "3", "--groups", "2"], "in_channels must be divisible by groups"),
     (["--kernel-size", "3", "--out-channels", "3", "--groups", "3", "--in-channels", "6", "--out-channels", "4"],
      "out_channels must be divisible by groups"),

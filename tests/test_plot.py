@@ -153,7 +153,8 @@ def test_a_cpu_interpreter_csv_says_it_is_a_smoke_run(tmp_path):
     rows = plot.load(write_csv(tmp_path / "bench.csv", gpu="cpu-interpreter-x86_64"))
     fig = plot.summary_figure(rows)
     assert any("CPU interpreter smoke run, not a speed measurement" in t.get_text() for t in fig.texts)
-    assert panel(fig, "forward over aten (CPU)").get_ylabel() == "speedup over aten (CPU)\n(wall-clock median, interpreter)"
+    assert (panel(fig, "forward over aten (CPU)").get_ylabel()
+            == "speedup over aten (CPU)\n(wall-clock median, interpreter)")
     plt.close(fig)
     fig = plot.speedup_figure(rows, "naive")
     assert "smoke run" in fig.get_suptitle()

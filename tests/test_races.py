@@ -4,10 +4,10 @@ and raced again once forgotten; and the backend switch's names."""
 import pytest
 import torch
 from reference import assert_close, input_copies, narrow_layer
-from tritondeconv.kernels import launcher, tuning
-from tritondeconv.kernels.common import observe_launches
 
 import tritondeconv
+from tritondeconv.kernels import launcher, tuning
+from tritondeconv.kernels.common import observe_launches
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 

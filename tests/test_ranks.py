@@ -4,10 +4,20 @@ same way (float64 references, per-dtype tolerances, NaN-poisoned outputs)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import (
+    DTYPES,
+    TOLERANCES,
+    assert_close,
+    fresh_seed,
+    layout,
+    on_path,
+    reference,
+    relative_error,
+    same_layout,
+    skip_without_tma,
+)
 
 import tritondeconv
-from reference import (DTYPES, TOLERANCES, assert_close, fresh_seed, layout, on_path, reference, relative_error,
-                       same_layout, skip_without_tma)
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import configured, observe_launches
 
@@ -38,7 +48,8 @@ def _cases():
                 yield pytest.param(rank, kind, *geometry, id=f"{rank}d-{kind}-{name}")
 
 
-@pytest.mark.interpreter_subset({"precision": "float64"}, reason="interpreter suite: the rank grid runs in float64 on CPU")
+@pytest.mark.interpreter_subset({"precision": "float64"},
+                                reason="interpreter suite: the rank grid runs in float64 on CPU")
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("rank, kind, k, s, p, op, d", list(_cases()))

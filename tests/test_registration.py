@@ -2,9 +2,9 @@
 opcheck, and torch.compile(fullgraph=True) without graph breaks."""
 import pytest
 import torch
+from reference import assert_close, fresh_seed, reference
 
 import tritondeconv
-from reference import assert_close, fresh_seed, reference
 
 OPS = {
     "conv_transpose2d": torch.ops.tritondeconv.conv_transpose2d,
@@ -48,7 +48,8 @@ def test_opcheck_gradient_ops(device, groups, channels_last):
     and both layouts."""
     x = _layout(torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64), channels_last).requires_grad_()
     w = torch.randn(4, 6 // groups, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
-    gy = _layout(torch.randn(2, 6, 6, 9, device=device, dtype=torch.float64), channels_last).requires_grad_()  # k3x2 s2 p1 op1
+    # k3x2 s2 p1 op1
+    gy = _layout(torch.randn(2, 6, 6, 9, device=device, dtype=torch.float64), channels_last).requires_grad_()
     geometry = ([2, 2], [1, 1], [1, 1], groups)
     torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_input_grad, (gy, w, [3, 5], *geometry))
     torch.library.opcheck(torch.ops.tritondeconv.conv_transpose_weight_grad, (x, gy, [3, 2], *geometry))
@@ -120,7 +121,8 @@ def test_opcheck_every_op(device, name, groups, channels_last):
     b = torch.randn(4, device=device, dtype=torch.float64)
     args = [x, w, b, [2] * rank, [1] * rank, [1] * rank, groups, [1] * rank]
     if name in WITH_EPILOGUE:
-        out_shape = torch.ops.aten.convolution(x, w, b, [2] * rank, [1] * rank, [1] * rank, True, [1] * rank, groups).shape
+        out_shape = torch.ops.aten.convolution(x, w, b, [2] * rank, [1] * rank, [1] * rank,
+                                               True, [1] * rank, groups).shape
         args += ["silu", 0.01, torch.randn(out_shape, device=device, dtype=torch.float64)]
     torch.library.opcheck(op, tuple(args))
     if name != "naive_conv_transpose2d":  # the baseline is forward only
@@ -186,7 +188,8 @@ def test_what_watches_a_call_sees_the_op(device, mode):
     grad = mode == "grad"
     x, w, b = _sample(device)
     x, w = x.requires_grad_(grad), w.requires_grad_(grad)
-    op, input_grad = torch.ops.tritondeconv.conv_transpose.default, torch.ops.tritondeconv.conv_transpose_input_grad.default
+    op = torch.ops.tritondeconv.conv_transpose.default
+    input_grad = torch.ops.tritondeconv.conv_transpose_input_grad.default
 
     def call():
         with torch.inference_mode(mode == "inference-mode"):

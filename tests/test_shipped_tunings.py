@@ -15,6 +15,8 @@ import warnings
 import pytest
 import torch
 import triton
+
+from tritondeconv import tunings
 from tritondeconv.kernels import launcher, phase_gemm, weight_grad
 from tritondeconv.kernels.tuning import (
     FORMAT,
@@ -27,8 +29,6 @@ from tritondeconv.kernels.tuning import (
     shipped_path,
     source_version,
 )
-
-from tritondeconv import tunings
 
 CANDIDATES = [config(64, 64, 32), config(128, 128, 64), config(32, 32, 32)]
 GPU = "Fake GPU"
@@ -339,7 +339,7 @@ def helper(x):
 helper = JITFunction(helper)
 
 
-def kernel(x):
+def kernel(x):{comment}
     return helper(x) * SCALE
 
 
@@ -347,11 +347,12 @@ kernel = JITFunction(kernel)
 '''
 
 
-def _jit_version(tmp_path, name: str, *, blank_lines: int = 0, scale: int = 2, offset: int = 1) -> str:
+def _jit_version(tmp_path, name: str, *, blank_lines: int = 0, comment: str = "", scale: int = 2,
+                 offset: int = 1) -> str:
     """``source_version`` of a ``@triton.jit`` kernel (and its helper) written to a module
     of its own, ``blank_lines`` below the top of the file."""
     path = tmp_path / f"{name}.py"
-    path.write_text("\n" * blank_lines + _KERNEL_SOURCE.format(scale=scale, offset=offset))
+    path.write_text("\n" * blank_lines + _KERNEL_SOURCE.format(comment=comment, scale=scale, offset=offset))
     spec = importlib.util.spec_from_file_location("tuned_kernel", path)  # one module name: the key names it
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -359,10 +360,12 @@ def _jit_version(tmp_path, name: str, *, blank_lines: int = 0, scale: int = 2, o
 
 
 def test_a_kernels_tunings_survive_an_edit_above_it_but_not_a_change_of_what_it_runs(tmp_path):
-    """The key of a kernel's tunings (shipped ones included) is its source, its helpers'
+    """The key of a kernel's tunings (shipped ones included) is its code, its helpers'
     and the constants they read, not the line it starts at (Triton's cache_key hashes
-    that too: a shipped tuning would look stale after any edit above the kernel)."""
+    that too: a shipped tuning would look stale after any edit above the kernel) nor
+    its comments."""
     base = _jit_version(tmp_path, "base")
     assert base and base == _jit_version(tmp_path, "moved", blank_lines=7)
+    assert base == _jit_version(tmp_path, "commented", comment="\n    # the scaled successor")
     assert _jit_version(tmp_path, "helper_changed", offset=3) != base
     assert _jit_version(tmp_path, "constant_changed", scale=4) != base

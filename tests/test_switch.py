@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from reference import assert_close, fresh_seed
 
 import tritondeconv
-from reference import assert_close, fresh_seed
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import observe_launches
 

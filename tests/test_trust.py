@@ -11,13 +11,22 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_launches
+from reference import (
+    DTYPES,
+    TOLERANCES,
+    allocated_during,
+    assert_close,
+    fresh_seed,
+    input_copies,
+    layout,
+    reference,
+    relative_error,
+)
 
 import tritondeconv
 import tritondeconv.kernels.phase_gemm
 import tritondeconv.kernels.weight_grad
-from conftest import require_launches
-from reference import (
-    DTYPES, TOLERANCES, allocated_during, assert_close, fresh_seed, input_copies, layout, reference, relative_error)
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.common import force_int64_index, observe_launches, simulate_capture, spans_int64
 from tritondeconv.weights import PACKED
@@ -228,8 +237,9 @@ def test_a_first_call_leaves_nothing_of_its_tensors_behind(device, nchw, api):
     if not nchw:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     module = tritondeconv.nn.ConvTranspose2d(4, 3, 3, 2, 1, device=device)
-    w, b = (module.weight, module.bias) if api == "module" else (torch.randn(4, 3, 3, 3, device=device).requires_grad_(),
-                                                                 torch.randn(3, device=device).requires_grad_())
+    w, b = ((module.weight, module.bias) if api == "module"
+            else (torch.randn(4, 3, 3, 3, device=device).requires_grad_(),
+                  torch.randn(3, device=device).requires_grad_()))
     out = module(x) if api == "module" else tritondeconv.conv_transpose2d(x, w, b, 2, 1)
     grads = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
     left = [weakref.ref(t) for t in (x, w, b, out, *grads)]

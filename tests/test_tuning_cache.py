@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 from triton.runtime.errors import OutOfResources
+
 from tritondeconv.kernels import tuning
 from tritondeconv.kernels.common import simulate_capture
 from tritondeconv.kernels.tuning import (
@@ -31,7 +32,10 @@ class FakeKernel:
     cache_key = "source-hash-1"
 
 
-def _tuner(timed: list, kernel=FakeKernel()) -> Tuner:
+FAKE_KERNEL = FakeKernel()
+
+
+def _tuner(timed: list, kernel=FAKE_KERNEL) -> Tuner:
     """A tuner whose "timing" records what it timed and answers from SPEED."""
     def time_config(launch):
         config_ = launch()
@@ -128,7 +132,8 @@ def test_unrunnable_configs_are_skipped(cache_dir):
         if launch()["BLOCK_M"] == 128:
             raise OutOfResources(300000, 232448, "shared memory")
         return SPEED[launch()["BLOCK_M"]]
-    assert Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True) == CANDIDATES[0]
+    chosen = Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
+    assert chosen == CANDIDATES[0]
 
 
 def test_a_candidate_failing_in_any_way_is_skipped_and_logged(cache_dir, caplog):
@@ -139,7 +144,8 @@ def test_a_candidate_failing_in_any_way_is_skipped_and_logged(cache_dir, caplog)
     with caplog.at_level("WARNING", logger="tritondeconv"):
         chosen = Tuner("t", None, time_config).pick("Fake GPU", ("k",), lambda: CANDIDATES, lambda c: c, tune=True)
     assert chosen == CANDIDATES[0]
-    assert "skipped" in caplog.text and "ValueError" in caplog.text and "an error no compiler would raise" in caplog.text
+    assert ("skipped" in caplog.text and "ValueError" in caplog.text
+            and "an error no compiler would raise" in caplog.text)
 
 
 def test_no_candidate_running_raises_what_the_op_layer_answers(cache_dir):
@@ -169,7 +175,8 @@ def test_tritondeconv_log_switches_the_logger_on():
     script = "import tritondeconv, logging; print(logging.getLogger('tritondeconv').isEnabledFor(logging.INFO))"
     on = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITONDECONV_LOG": "1"},
                         capture_output=True, text=True, check=True)
-    off = subprocess.run([sys.executable, "-c", script], env={k: v for k, v in os.environ.items() if k != "TRITONDECONV_LOG"},
+    off = subprocess.run([sys.executable, "-c", script],
+                         env={k: v for k, v in os.environ.items() if k != "TRITONDECONV_LOG"},
                          capture_output=True, text=True, check=True)
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
 
@@ -197,7 +204,8 @@ def test_concurrent_processes_leave_a_valid_complete_cache(cache_dir):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     entries = CacheFile(cache_path("Fake GPU")).read()
     assert len(entries) == 80
-    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([cache_path("Fake GPU").name, cache_path("Fake GPU").with_suffix(".lock").name])
+    path = cache_path("Fake GPU")
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([path.name, path.with_suffix(".lock").name])
 
 
 def _cuda_graph_capture():

@@ -15,11 +15,11 @@ from reference import (
     relative_error,
     tile_sides,
 )
+
+import tritondeconv
 from tritondeconv.kernels import launcher
 from tritondeconv.kernels.cost import Part, Problem, prune
 from tritondeconv.kernels.tuning import config
-
-import tritondeconv
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -106,8 +106,8 @@ def _problem(rows: int, columns: int, depth: int, element_size: int = 2) -> Prob
 
 
 def test_prune_fits_tiles_to_the_problem_and_the_gpu():
-    candidates = [config(128, 128, 64, num_stages=4), config(128, 16, 64), config(64, 64, 16), config(32, 16, 16, num_stages=2),
-                  config(128, 4, 16, num_stages=2)]
+    candidates = [config(128, 128, 64, num_stages=4), config(128, 16, 64), config(64, 64, 16),
+                  config(32, 16, 16, num_stages=2), config(128, 4, 16, num_stages=2)]
     # Three output channels: no tensor-core tile wider than 16 (tl.dot's minimum), the FMA tile as wide as 4.
     assert prune(candidates, _problem(4096, 3, 256), None) == [candidates[1], candidates[3], candidates[4]]
     # Few rows: no 128-row tensor-core tile for 40 rows (the FMA path's only tile stays).
@@ -123,9 +123,12 @@ def test_phase_gemm_key_separates_shape_classes(device):
     """One tuning per layout, dtype, groups and size bucket; image sizes in one bucket share it."""
     keys = []
     with launcher.intercept(choose=lambda request, candidates: keys.append(request.key) or candidates[0]):
-        for shape, kind, dtype, groups in [((2, 4, 6, 6), "nchw", torch.float64, 1), ((2, 4, 6, 6), "channels_last", torch.float64, 1),
-                                           ((2, 4, 6, 7), "nchw", torch.float64, 1), ((2, 4, 6, 6), "nchw", torch.float32, 1),
-                                           ((2, 4, 12, 12), "nchw", torch.float64, 1), ((2, 8, 6, 6), "nchw", torch.float64, 2)]:
+        for shape, kind, dtype, groups in [((2, 4, 6, 6), "nchw", torch.float64, 1),
+                                           ((2, 4, 6, 6), "channels_last", torch.float64, 1),
+                                           ((2, 4, 6, 7), "nchw", torch.float64, 1),
+                                           ((2, 4, 6, 6), "nchw", torch.float32, 1),
+                                           ((2, 4, 12, 12), "nchw", torch.float64, 1),
+                                           ((2, 8, 6, 6), "nchw", torch.float64, 2)]:
             x = layout(torch.randn(shape, dtype=dtype, device=device), kind)
             w = torch.randn(shape[1], 3, 3, 3, dtype=dtype, device=device)
             tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1, groups)
@@ -146,6 +149,7 @@ def test_weight_grad_key_holds_the_geometry(device):
     with launcher.intercept(choose=choose):
         for k, p, d, g in [(3, 1, 1, 1), (4, 1, 1, 1), (3, 0, 1, 1), (3, 1, 2, 1), (3, 1, 1, 2)]:
             w = torch.randn(4, 4 // g, k, k, dtype=torch.float64, device=device)
-            gy = torch.randn(tritondeconv.conv_transpose2d(x, w, None, 2, p, 0, g, d).shape, dtype=torch.float64, device=device)
+            gy = torch.randn(tritondeconv.conv_transpose2d(x, w, None, 2, p, 0, g, d).shape,
+                             dtype=torch.float64, device=device)
             torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [k, k], [2, 2], [p, p], [d, d], g)
     assert len(set(keys)) == 5

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_close, fresh_seed, on_path, reference
 
 import tritondeconv
 from tritondeconv.arguments import format_strides
 from tritondeconv.kernels.common import observe_launches
-from reference import assert_close, fresh_seed, on_path, reference
 
 FUNCTIONS = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
 TORCH_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -63,7 +63,8 @@ def test_every_tensor_argument_is_read_through_its_strides(device, rank, argumen
     values = {"input": x, "weight": w, "bias": b, "residual": r}
     if argument in values:
         values[argument] = restride(values[argument], kind)
-    x, w, b, r = (values[k].detach().requires_grad_() if values[k] is not None else None for k in ("input", "weight", "bias", "residual"))
+    x, w, b, r = (values[k].detach().requires_grad_() if values[k] is not None else None
+                  for k in ("input", "weight", "bias", "residual"))
     epilogue = {"residual": r} if r is not None else {}
     out = FUNCTIONS[rank](x, w, b, *geometry, **epilogue)
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
@@ -367,8 +368,10 @@ def _autocast_devices():
     return [pytest.param("cpu", torch.bfloat16, id="cpu-bf16", marks=pytest.mark.skipif(
                 not tritondeconv.backends.runs_triton(torch.device("cpu")),
                 reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")),
-            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
-            pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
+            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=[
+                pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
+            pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[
+                pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
 
 
 @pytest.mark.parametrize("autocast_device, autocast_dtype", _autocast_devices())
@@ -387,7 +390,8 @@ def test_autocast_casts_as_for_atens_convolution(autocast_device, autocast_dtype
     assert launches and out.dtype == expected.dtype == autocast_dtype
     assert as_double.dtype == torch.float64
     ref = reference(x, module.weight.to(autocast_dtype), module.bias.to(autocast_dtype), 2, 1, 0, 1, 1)
-    assert_close(out, ref.relu() if epilogue else ref, {torch.bfloat16: "bfloat16", torch.float16: "float16"}[autocast_dtype], seed)
+    precision = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[autocast_dtype]
+    assert_close(out, ref.relu() if epilogue else ref, precision, seed)
     out.float().sum().backward()
     assert module.weight.grad.dtype == torch.float32
 

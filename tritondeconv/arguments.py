@@ -9,12 +9,13 @@ message that names the argument.
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from .layout import cached, format_strides, output_format
 from .kernels.planner import output_size
+from .layout import cached, format_strides, output_format
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,7 +92,8 @@ def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strid
     for name, (t_dtype, t_device) in (("input", (dtype, device)), ("weight", (weight_dtype, weight_device)),
                                       *((("bias", bias[1:]),) if bias is not None else ())):
         if t_dtype not in SUPPORTED_DTYPES:
-            raise RuntimeError(f"{op}: {name} has dtype {t_dtype}; supported dtypes are float16, bfloat16, float32 and float64")
+            raise RuntimeError(f"{op}: {name} has dtype {t_dtype}; "
+                               "supported dtypes are float16, bfloat16, float32 and float64")
         if t_dtype != dtype:
             raise RuntimeError(f"{op}: expected {name} to have the input's dtype {dtype}, but got {t_dtype}")
         if t_device != device:
@@ -115,7 +117,8 @@ def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strid
     if min(padding) < 0:
         raise RuntimeError(f"{op}: negative padding is not supported, but got padding={list(padding)}")
     if min(output_padding) < 0:
-        raise RuntimeError(f"{op}: negative output_padding is not supported, but got output_padding={list(output_padding)}")
+        raise RuntimeError(f"{op}: negative output_padding is not supported, "
+                           f"but got output_padding={list(output_padding)}")
     for op_, s, d in zip(output_padding, stride, dilation):
         if op_ >= s and op_ >= d:
             raise RuntimeError(
@@ -145,7 +148,8 @@ def _check(input_shape, input_strides, dtype, device, weight_shape, weight_strid
         raise RuntimeError(f"{op}: only zero-batch inputs may be empty, but got input of size {list(input_shape)}")
     c_out = c_out_g * groups
     if bias_shape is not None and (len(bias_shape) != 1 or bias_shape[0] != c_out):
-        raise RuntimeError(f"{op}: expected bias to be 1-D with {c_out} elements, but got bias of size {list(bias_shape)}")
+        raise RuntimeError(f"{op}: expected bias to be 1-D with {c_out} elements, "
+                           f"but got bias of size {list(bias_shape)}")
 
     out_spatial = [output_size(*axis) for axis in zip(spatial, kernel, stride, padding, dilation, output_padding)]
     if min(out_spatial) <= 0:

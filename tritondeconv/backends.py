@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,7 +35,7 @@ def _backend_from_environment() -> str:
     name = os.environ.get("TRITONDECONV_BACKEND", "triton") or "triton"
     if name not in BACKENDS:
         warnings.warn(f"tritondeconv: TRITONDECONV_BACKEND must be one of {', '.join(BACKENDS)}, but is {name!r}; "
-                      "using 'triton'")
+                      "using 'triton'", stacklevel=2)
         return "triton"
     return name
 
@@ -100,5 +100,5 @@ def computed(op: str, device: torch.device, kernels: Callable[[], torch.Tensor],
             return winner == "tritondeconv", runs[winner]()
         return True, kernels()
     except NoConfigurationRan as error:
-        warnings.warn(f"{error}; computed by aten's convolution instead")
+        warnings.warn(f"{error}; computed by aten's convolution instead", stacklevel=2)
         return False, aten()

@@ -8,7 +8,7 @@ only: it has no gradient of its own.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils import flop_counter
@@ -18,7 +18,8 @@ from .prepared import check_forward, first_forward
 from .registrations import LIBRARY, conv_transpose_flops, register_autocast
 
 
-def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], output_padding: Sequence[int]) -> torch.Tensor:
+def zero_insert(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                output_padding: Sequence[int]) -> torch.Tensor:
     """``x`` ``[N, C, *spatial]`` with ``s - 1`` zeros between pixels and
     ``output_padding`` zeros after the last one along each axis: size
     ``(n - 1)*s + 1 + output_padding`` per axis, laid out as the output of a convolution

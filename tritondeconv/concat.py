@@ -52,8 +52,9 @@ class _ConcatTransposed(torch.autograd.Function):
     def backward(ctx, grad):
         needs = ctx.needs_input_grad  # (input, skip, weight, bias, ...)
         x, w, b = ctx.saved_tensors
-        grad_x, grad_w, grad_b, _ = conv_transpose_gradients(x, w, b, grad[:, :ctx.up_channels], ctx.geometry,
-                                                             *ctx.epilogue, False, (needs[0], needs[2], needs[3], False))
+        grad_x, grad_w, grad_b, _ = conv_transpose_gradients(
+            x, w, b, grad[:, :ctx.up_channels], ctx.geometry, *ctx.epilogue, False,
+            (needs[0], needs[2], needs[3], False))
         grad_skip = grad[:, ctx.up_channels:] if needs[1] else None
         return grad_x, grad_skip, grad_w, grad_b, None, None, None
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import tritondeconv
-from tritondeconv.kernels.common import INTERPRETING, Launch, observe_launches
 from tritondeconv.backends import runs_triton
+from tritondeconv.kernels.common import INTERPRETING, Launch, observe_launches
 from tritondeconv.kernels.planner import plan
 
 KERNEL, STRIDE, PADDING = 4, 2, 1

@@ -20,7 +20,6 @@ import sys
 
 from .kernels.planner import AxisPlan, Plan, plan
 
-
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
@@ -112,7 +111,8 @@ def figure(p: Plan, batch: int = 1, in_channels: int = 1, out_channels: int = 1,
 
     # Output grid, each pixel coloured by its phase (r_h, r_w), labelled with its tap count.
     h_show, w_show = min(axis_h.size_out, 12), min(axis_w.size_out, 12)
-    grid = [[phase_of_output(i, axis_h) * n_w + phase_of_output(j, axis_w) for j in range(w_show)] for i in range(h_show)]
+    grid = [[phase_of_output(i, axis_h) * n_w + phase_of_output(j, axis_w) for j in range(w_show)]
+            for i in range(h_show)]
     ax_out.imshow(grid, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5)
     taps_h = {ph.residue: len(ph.taps) for ph in axis_h.phases}
     taps_w = {ph.residue: len(ph.taps) for ph in axis_w.phases}
@@ -178,7 +178,8 @@ def _check_as_the_op_does(rank: int, a: argparse.Namespace, geometry: dict) -> N
         raise ValueError(f"groups must be a positive integer, but got groups={a.groups}")
     for name in ("in_channels", "out_channels"):  # nn.ConvTranspose*d's own checks, in its order
         if getattr(a, name) % a.groups:
-            raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(a, name)}, groups={a.groups}")
+            raise ValueError(f"{name} must be divisible by groups, "
+                             f"but got {name}={getattr(a, name)}, groups={a.groups}")
     x = torch.empty(a.batch, a.in_channels, *geometry["input_size"], device="meta")
     w = torch.empty(a.in_channels, a.out_channels // a.groups, *geometry["kernel_size"], device="meta")
     getattr(torch.ops.tritondeconv, f"conv_transpose{rank}d")(

@@ -62,8 +62,8 @@ def upsample_conv2d(input, weight, bias=None, scale_factor=2, padding=0, groups=
     """
     if type(input) is not torch.Tensor and fx_proxies(input, weight, bias, residual):
         return torch.overrides.handle_torch_function(
-            upsample_conv2d, fx_proxies(input, weight, bias, residual), input, weight, bias, scale_factor, padding, groups,
-            activation=activation, negative_slope=negative_slope, residual=residual)
+            upsample_conv2d, fx_proxies(input, weight, bias, residual), input, weight, bias, scale_factor, padding,
+            groups, activation=activation, negative_slope=negative_slope, residual=residual)
     op = "upsample_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise RuntimeError(f"{op}: expected weight to be a 4-D Conv2d weight [C_out, C_in/groups, kH, kW]")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from . import baselines  # noqa: F401  (registers naive_conv_transpose2d)
-from . import dispatch
+from . import (
+    baselines,  # noqa: F401  (registers naive_conv_transpose2d)
+    dispatch,
+)
 from .arguments import check_tensor_types, ntuple, parse_int_argument
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "naive_conv_transpose2d"]
@@ -108,5 +110,6 @@ def naive_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output
     if type(input) is not torch.Tensor and fx_proxies(input, weight, bias):
         return torch.overrides.handle_torch_function(naive_conv_transpose2d, fx_proxies(input, weight, bias), input,
                                                      weight, bias, stride, padding, output_padding, groups, dilation)
-    args = parse_arguments("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+    args = parse_arguments("naive_conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups,
+                           dilation)
     return torch.ops.tritondeconv.naive_conv_transpose2d.default(input, weight, bias, *args)

@@ -147,8 +147,9 @@ class ConvTranspose(torch.autograd.Function):
             unbatched = x.dim() == rank + 2  # each sample is [C, *spatial]
             fold = (lambda t, d: t.movedim(d, 0)) if unbatched else _fold_batch
             size = info.batch_size
-            r = None if residual is None else fold(residual if r_dim is not None else residual.expand(size, *residual.shape),
-                                                    r_dim if r_dim is not None else 0)
+            r = None if residual is None else fold(
+                residual if r_dim is not None else residual.expand(size, *residual.shape),
+                r_dim if r_dim is not None else 0)
             y = dispatch.conv_transpose(fold(x, x_dim), w, b, geometry, activation, slope, r)
             return (y if unbatched else y.reshape(size, -1, *y.shape[1:])), 0
 

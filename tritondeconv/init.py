@@ -1,7 +1,7 @@
 """Initialisers for transposed-convolution weights ``[C_in, C_out/groups, *kernel_size]``."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,7 +31,8 @@ def bilinear_(weight: torch.Tensor) -> torch.Tensor:
     c_in, c_out_g, *kernel = weight.shape
     if c_out_g != 1 and c_in != c_out_g:
         raise ValueError(
-            f"bilinear_: needs in_channels == out_channels (groups=1, or depthwise), but got weight of size {list(weight.shape)}"
+            "bilinear_: needs in_channels == out_channels (groups=1, or depthwise), "
+            f"but got weight of size {list(weight.shape)}"
         )
     kernel_nd = _bilinear_1d(kernel[0], weight.dtype, weight.device)
     for size in kernel[1:]:
@@ -61,6 +62,8 @@ def icnr_(
     c_in, c_out_g, *kernel = weight.shape
     scale = ntuple(scale, len(kernel), "scale", "icnr_")
     if any(k < s for k, s in zip(kernel, scale)) or min(scale) < 1:
-        raise ValueError(f"icnr_: needs 1 <= scale <= kernel_size per axis, but got scale={list(scale)}, kernel_size={kernel}")
-    w0 = init(torch.empty(c_in, c_out_g, *(k - s + 1 for k, s in zip(kernel, scale)), dtype=weight.dtype, device=weight.device))
+        raise ValueError("icnr_: needs 1 <= scale <= kernel_size per axis, "
+                         f"but got scale={list(scale)}, kernel_size={kernel}")
+    w0 = init(torch.empty(c_in, c_out_g, *(k - s + 1 for k, s in zip(kernel, scale)),
+                          dtype=weight.dtype, device=weight.device))
     return weight.copy_(box_convolve(w0, scale))

@@ -90,8 +90,10 @@ def output_format(input_shape, input_strides, weight_shape, weight_strides, floa
     if dims == 3:  # the weight as aten's 2-D convolution sees it: [C_in, C_out/g, 1, k]
         weight_shape = (*weight_shape[:2], 1, weight_shape[2])
         weight_strides = (*weight_strides[:2], weight_strides[2] * weight_shape[3], weight_strides[2])
-        return torch.channels_last if strides_like_channels_last(weight_shape, weight_strides) else torch.contiguous_format
-    if strides_like_channels_last(input_shape, input_strides) or strides_like_channels_last(weight_shape, weight_strides):
+        return (torch.channels_last if strides_like_channels_last(weight_shape, weight_strides)
+                else torch.contiguous_format)
+    if (strides_like_channels_last(input_shape, input_strides)
+            or strides_like_channels_last(weight_shape, weight_strides)):
         return torch.channels_last if dims == 4 else torch.channels_last_3d
     return torch.contiguous_format
 

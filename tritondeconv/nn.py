@@ -46,10 +46,10 @@ def clear_weight_cache(model: torch.nn.Module) -> int:
 class _TritonForward:
     """``forward(input, output_size=None)`` as PyTorch's transposed convolutions have it,
     computed by tritondeconv, plus the optional epilogue: ``activation=`` (and
-    ``negative_slope=``) in the constructor, ``residual=`` in ``forward``.  Mixed into subclasses of PyTorch's modules, which keep
-    their constructor (arguments, defaults, initialisation), parameter names and shapes,
-    so state dicts load both ways; like PyTorch's, they refuse a ``padding_mode`` other
-    than ``"zeros"``.
+    ``negative_slope=``) in the constructor, ``residual=`` in ``forward``.  Mixed into
+    subclasses of PyTorch's modules, which keep their constructor (arguments, defaults,
+    initialisation), parameter names and shapes, so state dicts load both ways; like
+    PyTorch's, they refuse a ``padding_mode`` other than ``"zeros"``.
 
     Everything these subclasses add lives on the class (attributes set in their
     ``__init__`` have class-level defaults), so that an instance of PyTorch's module

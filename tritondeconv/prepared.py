@@ -27,9 +27,9 @@ from .backends import BACKEND, allow_tf32, computed
 from .kernels.activations import TABLE as ACTIVATION_TABLE
 from .kernels.common import EPOCH, INT64_FORCED, POISON, allocated
 from .kernels.phase_gemm import phase_gemm
+from .kernels.planner import output_size
 from .kernels.weight_grad import weight_grad
 from .layout import as_aten_would, empty_in_format, output_memory_format
-from .kernels.planner import output_size
 from .weights import PACKED
 
 CAPACITY = 4096  # prepared calls kept per op; beyond it, the oldest quarter is dropped
@@ -84,7 +84,8 @@ class Forward:
         self.epoch = EPOCH[0]
         self.shape, self.strides = checked.output_shape, checked.output_strides
         self.unbatched, self.checked, self.activation, self.slope = unbatched, checked, activation, slope
-        self.repeat, self.empty, self.contiguous_bias, self.name = repeat, 0 in checked.output_shape, contiguous_bias, name
+        self.repeat, self.empty = repeat, 0 in checked.output_shape
+        self.contiguous_bias, self.name = contiguous_bias, name
         self.gradients: dict = {}
 
     def __call__(self, x, w, b, r) -> torch.Tensor:
@@ -250,7 +251,8 @@ class InputGradient:
 
     def __init__(self, shape, strides, repeat, as_given: bool, arguments: tuple):
         self.epoch = EPOCH[0]
-        self.shape, self.strides, self.repeat, self.as_given, self.arguments = shape, strides, repeat, as_given, arguments
+        self.shape, self.strides, self.repeat = shape, strides, repeat
+        self.as_given, self.arguments = as_given, arguments
 
     def __call__(self, grad_y, w) -> torch.Tensor:
         if self.repeat is None:

@@ -60,8 +60,9 @@ def _refuse_forward_ad(op: str, *tensors) -> None:
     if torch._C._is_fwd_grad_enabled() or any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(
-            f"torch.ops.tritondeconv.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported "
-            f"on the op itself; call tritondeconv.{op.removesuffix('_fused')} (or the nn modules), which support it")
+            f"torch.ops.tritondeconv.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+            "is not supported on the op itself; "
+            f"call tritondeconv.{op.removesuffix('_fused')} (or the nn modules), which support it")
 
 
 # ---------------------------------------------------------------- implementations

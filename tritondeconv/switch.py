@@ -10,9 +10,10 @@ Every transposed convolution that reaches it (``F.conv_transpose1d/2d/3d``,
 records its own gradients; everything else (ordinary convolutions, unsupported dtypes,
 devices where the kernels do not run, any convolution our own code calls while it
 runs, and every convolution inside a ``torch.func`` transform: reached here, below the
-transform's own layer, our transform-aware Functions cannot run) goes to ``aten::_convolution``, the op aten's ``convolution`` calls itself, with
-the flags it would pass: exactly aten's result and gradients, never a re-entry into
-the switch.  ``disable()`` removes the registration, restoring aten's dispatch exactly.
+transform's own layer, our transform-aware Functions cannot run) goes to
+``aten::_convolution``, the op aten's ``convolution`` calls itself, with the flags it
+would pass: exactly aten's result and gradients, never a re-entry into the switch.
+``disable()`` removes the registration, restoring aten's dispatch exactly.
 
 How it differs from the other ways in:
 
@@ -27,13 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from . import functional
-from .kernels.common import INTERPRETING
 from .backends import allow_tf32, runs_triton
+from .kernels.common import INTERPRETING
 
 _FUNCTIONS = {1: functional.conv_transpose1d, 2: functional.conv_transpose2d, 3: functional.conv_transpose3d}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,7 +48,8 @@ def _aten(input, weight, bias, stride, padding, dilation, transposed, output_pad
     PyTorch's settings."""
     return torch.ops.aten._convolution.default(
         input, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
         torch.backends.cudnn.enabled, allow_tf32())
 
 

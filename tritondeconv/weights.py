@@ -33,8 +33,8 @@ from collections import OrderedDict
 
 import torch
 
-from .layout import strides_in_order
 from .kernels.common import capturing
+from .layout import strides_in_order
 
 CAPACITY = 256  # weights whose packed copies are kept
 

@@ -33,7 +33,8 @@ def _trace(model: torch.nn.Module, left: list[str]) -> torch.fx.GraphModule | No
     try:
         graph = tracer.trace(model)
     except Exception as error:  # noqa: BLE001 (any tracing failure: the forward stays as written)
-        left.append(f"the forward code (not traceable by torch.fx: {type(error).__name__}: {str(error).splitlines()[0]})")
+        left.append("the forward code (not traceable by torch.fx: "
+                    f"{type(error).__name__}: {str(error).splitlines()[0]})")
         return None
     return torch.fx.GraphModule(tracer.root, graph)
 
