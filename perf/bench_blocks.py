@@ -16,6 +16,11 @@ results; ``--budget SECONDS`` stops after the block in progress.
 """
 from __future__ import annotations
 
+# bench (perf/ is the script's folder) first, before triton: it picks the interpreter when
+# there is no GPU.
+from bench import DTYPES, QUICK_SUITES, SUITES, Budget, CsvSink, relative_error, setup, timer
+
+# isort: split
 import argparse
 import copy
 import math
@@ -25,9 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-
-# bench (perf/ is the script's folder) first: it picks the interpreter when there is no GPU.
-from bench import DTYPES, QUICK_SUITES, SUITES, Budget, CsvSink, relative_error, setup, timer  # noqa: I001
 
 import tritondeconv
 from tritondeconv.kernels.activations import TABLE as ACTIVATION_TABLE

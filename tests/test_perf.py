@@ -274,7 +274,9 @@ def _only_python3_on_the_path(bin_dir: Path) -> str:
     interpreter), as on the GPU image: no ``python``, no ``pip``, no ``nvidia-smi``."""
     import shutil
     bin_dir.mkdir()
-    for tool in ("bash", "dirname", "mktemp", "rm", "mkdir", "tar", "gzip", "tee", "timeout", "grep", "cat", "nproc"):
+    tools = ("bash", "dirname", "mktemp", "rm", "mkdir", "tar", "gzip", "tee", "timeout", "grep", "cat", "nproc",
+             "tail", "sed")
+    for tool in tools:
         (bin_dir / tool).symlink_to(shutil.which(tool))
     (bin_dir / "python3").write_text(f'#!{shutil.which("bash")}\nexec {sys.executable} "$@"\n')
     (bin_dir / "python3").chmod(0o755)
