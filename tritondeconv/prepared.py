@@ -48,6 +48,17 @@ def _keep(cache: dict, key, prepared) -> None:
     cache[key] = prepared
 
 
+def _kept(cache: dict, key):
+    """What ``_keep`` kept under ``key``, where it is still current (prepared in this
+    epoch of the settings); None otherwise, and where the key cannot be hashed (a list
+    for a geometry, a symbolic size)."""
+    try:
+        prepared = cache.get(key)
+    except TypeError:
+        return None
+    return prepared if prepared is not None and prepared.epoch == EPOCH[0] else None
+
+
 def _settings(dtype: torch.dtype) -> tuple:
     """What else decides a class's computation: TF32 (float32 only), 64-bit indexing
     forced, the backend."""
@@ -132,11 +143,7 @@ def forward_key(x, w, b, geometry: tuple, activation, slope: float, r) -> tuple:
 
 def prepared_forward(x, w, b, geometry: tuple, activation, slope: float, r) -> Forward | None:
     """The prepared forward of the call's class, where one is kept and current."""
-    try:
-        prepared = FORWARDS.get(forward_key(x, w, b, geometry, activation, slope, r))
-    except TypeError:  # (a value that cannot be hashed: a list for a geometry, a symbolic size)
-        return None
-    return prepared if prepared is not None and prepared.epoch == EPOCH[0] else None
+    return _kept(FORWARDS, forward_key(x, w, b, geometry, activation, slope, r))
 
 
 _NAMES = {rank: f"conv_transpose{rank}d" for rank in (1, 2, 3)}  # the name errors are reported under, by rank
@@ -277,11 +284,8 @@ def input_grad(grad_output, weight, input_size, stride, padding, dilation, group
     arguments = (_hashable(input_size), _hashable(stride), _hashable(padding), _hashable(dilation), groups)
     key = (grad_output.shape, grad_output.stride(), grad_output.dtype, grad_output.device, weight.shape,
            weight.stride(), arguments, as_given, *_settings(grad_output.dtype))
-    try:
-        prepared = INPUT_GRADIENTS.get(key)
-    except TypeError:  # (a symbolic size)
-        prepared = None
-    if prepared is not None and prepared.epoch == EPOCH[0]:
+    prepared = _kept(INPUT_GRADIENTS, key)
+    if prepared is not None:
         return prepared(grad_output, weight)
     shape = (grad_output.shape[0], weight.shape[0], *input_size)
     out = empty_in_format(shape, grad_output, output_memory_format(grad_output, weight))
@@ -351,11 +355,8 @@ def weight_grad_of(input, grad_output, kernel_size, stride, padding, dilation, g
     arguments = (_hashable(kernel_size), _hashable(stride), _hashable(padding), _hashable(dilation), groups)
     key = (input.shape, input.stride(), grad_output.shape, grad_output.stride(), input.dtype, input.device, arguments,
            bias, layout, *_settings(input.dtype))
-    try:
-        prepared = WEIGHT_GRADIENTS.get(key)
-    except TypeError:  # (a symbolic size)
-        prepared = None
-    if prepared is not None and prepared.epoch == EPOCH[0]:
+    prepared = _kept(WEIGHT_GRADIENTS, key)
+    if prepared is not None:
         return prepared(input, grad_output)
     made = {}
 
