@@ -33,7 +33,9 @@ Two variants of the transposed direction are tuner candidates beside it (``confi
 ``ONE_GEMM``, the whole layer as one GEMM where every output gathers exactly one (input,
 tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
 read as one box by Hopper's tensor memory accelerator.  On NCHW input, the launcher
-also races the kernel on a channels-last copy of its input (``staging``).
+also races the kernel on a channels-last copy of its input (``staging``); on a
+channels-last layer of few channels per group, against the kernel that puts the groups
+side by side (``grouped``).
 
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``
 (any strides); the direct convolution reads it with the first two axes swapped
@@ -49,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import activations, launcher, staging
+from . import activations, grouped, launcher, staging
 from .common import (
     INTERPRETING,
     experimental,
@@ -58,10 +60,9 @@ from .common import (
     int64_forced,
     operand_dtype,
     padded,
-    spans_int64,
 )
 from .cost import Part, Problem
-from .planner import axis_constants, output_size, plan_axis
+from .layer import axis_maps, layer
 from .tiles import DOT_MIN, INTERPRETER_PHASE_GEMM, PHASE_GEMM, PHASE_GEMM_DOT_SIDES, paths, sized, uses_dot
 from .tuning import bucket, config
 
@@ -117,30 +118,6 @@ def _tiles(c_red: int, c_col: int, interpreter: bool) -> list[dict]:
     return [config(bm, bn, bk, num_warps=warps, num_stages=stages, GROUP_M=group_m)
             for path in paths(c_red, c_col)
             for bm, bn, bk, warps, stages, group_m in sized(table[path], n=c_col, k=c_red)]
-
-
-@triton.jit
-def _axis(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
-    """The affine maps of phase ``r`` along one axis (all scalars).
-
-    Returns ``(kk0, kk_step, n_taps, i0, i_step, i_tap_step, o0, o_step, count)`` as in
-    the module docstring.  For the transposed direction, with ``g = gcd(d, s)``,
-    ``kk*d ≡ r (mod s)`` has solutions only when ``g | r``; they are ``kk0 + j*(s/g)``
-    with ``kk0 = (r/g) * inv(d/g mod s/g) mod (s/g)``, and tap ``j`` reads
-    ``x[u - off0 - j*(d/g)]`` with ``off0 = (kk0*d - r)/s >= 0``.  The phase's outputs
-    ``o = u*s - p + r`` in ``[0, size_out)`` have ``u`` in
-    ``[ceil((p-r)/s), floor((size_out-1+p-r)/s)]``.  Triton's ``//`` truncates, so those
-    numerators are kept non-negative (``p >= 0``, ``r < s``, ``size_out >= 1``).
-    """
-    if TRANSPOSED:
-        kk0 = ((r // G) * INV) % (S // G)
-        n_taps = tl.where((r % G == 0) & (kk0 < K), (K - kk0 + S // G - 1) // (S // G), 0)
-        off0 = (kk0 * D - r) // S  # exact when the phase has taps, unused when it has none
-        u0 = (P - r + S - 1) // S
-        count = tl.maximum((size_out - 1 + P - r + S) // S - u0, 0)
-        return kk0, S // G, n_taps, u0 - off0, 1, -(D // G), u0 * S - P + r, S, count
-    else:
-        return 0, 1, K, -P, S, D, 0, 1, size_out
 
 
 @triton.jit
@@ -240,11 +217,11 @@ def _phase_gemm_kernel(
         kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = 0, 1, 1, 0, 1, 0, -P_W, S_W, I_W
         n_cols = C_col_g * K_D * K_H * K_W
     else:
-        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = _axis(
+        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = axis_maps(
             r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
-        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = _axis(
+        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = axis_maps(
             r_h, K_H, S_H, P_H, D_H, G_H, INV_H, O_H, TRANSPOSED)
-        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = _axis(
+        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = axis_maps(
             r_w, K_W, S_W, P_W, D_W, G_W, INV_W, O_W, TRANSPOSED)
         n_cols = C_col_g
     M = tl.cast(N, pid.dtype) * T_D * T_H * T_W
@@ -420,41 +397,19 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
                 dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool,
                 tma: bool = False) -> launcher.LaunchPlan:
     """The launch plan of ``phase_gemm`` for tensors of these layouts (``(shape,
-    strides)`` pairs) and this geometry: the per-axis phase constants from the planner,
-    rows per phase, grid, tuning key, candidate table and cost-model problem.  Tensors
-    of 1 or 2 spatial axes run on the kernel's three, the missing leading ones of size 1
-    (stride 1, padding 0, dilation 1).  ``tma``: the experimental TMA variant may be
-    offered (the caller checked the flag, the device and the input's alignment); it is
-    where the layout meets the hardware's limits."""
-    lead = 5 - len(x_layout[0])
-    if residual_strides is not None:  # (the residual is shaped like the output)
-        residual_strides = padded((out_layout[0], residual_strides), lead)[1]
-    x_layout, weight_layout, out_layout = (padded(layout, lead) for layout in (x_layout, weight_layout, out_layout))
-    stride, padding, dilation = (1,) * lead + stride, (0,) * lead + padding, (1,) * lead + dilation
-    (x_shape, x_strides), (w_shape, w_strides), (out_shape, out_strides) = x_layout, weight_layout, out_layout
-    n = x_shape[0]
-    c_in, c_out_g = w_shape[:2]
-    sw_in, sw_out = w_strides[:2]
-    c_in_g = c_in // groups
-    if transposed:  # reduce over the group's C_in, produce its C_out
-        c_red_g, c_col_g, sw_red, sw_col, n_phases = c_in_g, c_out_g, sw_in, sw_out, math.prod(stride)
-    else:  # reduce over the group's C_out, produce its C_in
-        c_red_g, c_col_g, sw_red, sw_col, n_phases = c_out_g, c_in_g, sw_out, sw_in, 1
-    consts = [axis_constants(s, d) for s, d in zip(stride, dilation)]
-    kernel_size = w_shape[2:]
-    # The planner's phases of each axis (transposed only): the cost model's GEMMs, and
-    # whether the layer is also one GEMM over the input pixels (kernel size = stride).
-    axis_plans = [plan_axis(i, k, s, p, d, o - output_size(i, k, s, p, d, 0))
-                  for i, k, s, p, d, o in zip(x_shape[2:], kernel_size, stride, padding, dilation, out_shape[2:])
-                  ] if transposed else []
-    one_gemm = transposed and all(axis.one_pair_each() for axis in axis_plans)
-    pixels, one_gemm_columns = n * math.prod(x_shape[2:]), (c_col_g * math.prod(kernel_size) if one_gemm else 0)
-    # Rows per phase along each axis: ceil(outputs / s) for the transposed direction.
-    rows_per_phase = out_shape[2:] if not transposed else [-(-o // s) for o, s in zip(out_shape[2:], stride)]
-    m_max = n * math.prod(rows_per_phase)
+    strides)`` pairs) and this geometry (``layer.layer``): rows per phase, grid, tuning key,
+    candidate table and cost-model problem.  ``tma``: the experimental TMA variant may
+    be offered (the caller checked the flag, the device and the input's alignment); it
+    is where the layout meets the hardware's limits."""
+    geometry = layer(out_layout, x_layout, weight_layout, residual_strides, stride, padding, dilation, groups,
+                     transposed, dtype, int64_forced)
+    n, c_red_g, c_col_g, n_phases = geometry.n, geometry.c_red_g, geometry.c_col_g, geometry.phases
+    rows_per_phase, m_max, int64 = geometry.rows_per_phase, geometry.m_max, geometry.int64
+    x_shape, x_strides = padded(x_layout, 5 - len(x_layout[0]))
+    one_gemm = transposed and all(axis.one_pair_each() for axis in geometry.axis_plans)
+    pixels = n * math.prod(x_shape[2:])
+    one_gemm_columns = c_col_g * math.prod(geometry.kernel_size) if one_gemm else 0
     precision = input_precision(dtype, allow_tf32)
-    layouts = [x_layout, weight_layout, out_layout] + ([(out_shape, residual_strides)] if residual_strides else [])
-    int64 = int64_forced or any(spans_int64(*layout) for layout in layouts)
     # The TMA variant reads boxes of a [N, D, H, W, C] view of the input: channels
     # contiguous, the other strides and each group's first channel 16-byte aligned, and
     # coordinates in 32 bits.
@@ -474,28 +429,13 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         return (row_tiles * -(-c_col_g // meta["BLOCK_N"]) * n_phases, groups)
 
     def problem() -> Problem:
-        """Per phase (one GEMM per group): its rows and its taps (the direct convolution
-        has one phase with every output and tap)."""
-        axes = ([[(phase.count, len(phase.taps)) for phase in axis.phases] for axis in axis_plans] if transposed
-                else [[(o, k)] for o, k in zip(out_shape[2:], kernel_size)])
-        parts = [Part(groups, n * rd * rh * rw, c_col_g, c_red_g, td * th * tw)
-                 for rd, td in axes[0] for rh, th in axes[1] for rw, tw in axes[2]]
         one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
-        return Problem(tuple(parts), dtype.itemsize,
+        return Problem(tuple(geometry.parts()), dtype.itemsize,
                        "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
                        PHASE_GEMM_DOT_SIDES, tuple(("ONE_GEMM", p) for p in one))
 
     return launcher.LaunchPlan(
-        scalars=(
-            n, c_red_g, c_col_g,
-            *x_shape[2:], *out_shape[2:],
-            *x_strides,
-            sw_red, sw_col, *w_strides[2:],
-            *out_strides,
-            *(residual_strides or out_strides),
-            *kernel_size, *stride, *padding, *dilation,
-            *(g for g, _ in consts), *(inv for _, inv in consts),
-        ),
+        scalars=(n, c_red_g, c_col_g, *geometry.scalars),
         constants=dict(
             TRANSPOSED=transposed,
             HAS_BIAS=has_bias,
@@ -514,9 +454,7 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         # every layer of a model tunes once and image sizes within a factor of two share
         # a tuning; and which variants are offered (a layer of the same shapes with other
         # padding may not take the one GEMM, an input at another alignment not the TMA).
-        key=(transposed, c_red_g, c_col_g, groups, *kernel_size, *stride, *dilation, str(dtype), precision,
-             x_strides[1] == 1 and x_shape[1] > 1, out_strides[1] == 1 and out_shape[1] > 1, bucket(m_max), one_gemm,
-             bool(tma_width)),
+        key=(*geometry.shape_key, precision, *geometry.layout_key, bucket(m_max), one_gemm, bool(tma_width)),
         configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width),
         problem=problem,
         variants=VARIANTS,
@@ -560,7 +498,10 @@ def phase_gemm(
     which the input tiles are vector loads pipelined through shared memory); the copy is
     not the default (it runs only where it won, or where an ``only`` hook asks for
     ``"staged"``).  The race is timed once per exact shape and remembered as a tuning
-    (family ``"input_layout"``).
+    (family ``"input_layout"``).  Likewise, where ``grouped.offered`` a layer of few
+    channels per group on channels-last input, the first call races the grouped kernel
+    (``"grouped"``, the default there: the groups side by side as a tile's columns)
+    against this one (``"gathered"``), remembered as family ``"grouping"``.
     """
     # The plan's arguments but the input's layout, built once: with the input's they key
     # the race too (a key of values already at hand, no more work per call).
@@ -582,7 +523,8 @@ def phase_gemm(
 
     x_layout = (x.shape, x.stride())
     gathered = plan(x, x_layout)
-    if not _stages(x_layout, x.element_size(), groups):
+    by_groups = _grouped_plan(x_layout, *others)
+    if by_groups is None and not _stages(x_layout, x.element_size(), groups):
         return _repeat(launch(x, gathered))
     prepared = {}
 
@@ -591,17 +533,24 @@ def phase_gemm(
         prepared["staged"] = launch(copy, plan(copy, (copy.shape, copy.stride())))
         return out
 
+    def side_by_side() -> torch.Tensor:
+        prepared["grouped"] = grouped.grouped(out, x, weight, bias, residual, by_groups, negative_slope)
+        return out
+
     def as_given() -> torch.Tensor:
         prepared["gathered"] = launch(x, gathered)
         return out
 
-    runs = {"gathered": as_given, "staged": staged}
     # (The plan of the input as given is this exact class of calls: it keeps the answer.)
-    winner = launcher.race(x.device, (x_layout, *others), runs, family="input_layout", decided=gathered.raced)
+    if by_groups is None:
+        runs, family = {"gathered": as_given, "staged": staged}, "input_layout"
+    else:
+        runs, family = {"grouped": side_by_side, "gathered": as_given}, "grouping"
+    winner = launcher.race(x.device, (x_layout, *others), runs, family=family, decided=gathered.raced)
     runs[winner]()
-    if winner == "gathered":
-        return _repeat(prepared["gathered"])
-    return _repeat(prepared["staged"], prepared["copy"], staged=True)
+    if winner == "staged":
+        return _repeat(prepared["staged"], prepared["copy"], staged=True)
+    return _repeat(prepared[winner])
 
 
 def _repeat(gemm: launcher.PreparedLaunch | None, copy: launcher.PreparedLaunch | None = None,
@@ -632,6 +581,20 @@ def _stages(x_layout: tuple, itemsize: int, groups: int) -> bool:
     c = shape[1]
     return (strides[1] != 1 and c // groups >= DOT_MIN and c * itemsize % 16 == 0 and 0 not in shape
             and staging.flat_pixels(shape, strides))
+
+
+def _grouped_plan(x_layout: tuple, out_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,
+                  has_bias: bool, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
+                  dtype: torch.dtype, allow_tf32: bool, activation: str,
+                  int64_forced: bool) -> launcher.LaunchPlan | None:
+    """The grouped kernel's launch plan for this call where it is offered
+    (``grouped.offered``), else None."""
+    shape = layer(out_layout, x_layout, weight_layout, residual_strides, stride, padding, dilation, groups,
+                  transposed, dtype, int64_forced)
+    if not grouped.offered(shape.c_red_g, shape.c_col_g, groups, x_layout[1][1] == 1):
+        return None
+    return grouped.plan_launch(out_layout, x_layout, weight_layout, residual_strides, has_bias, stride, padding,
+                               dilation, groups, transposed, dtype, activation, int64_forced)
 
 
 def _has_tma(device: torch.device) -> bool:

@@ -100,10 +100,29 @@ WEIGHT_GRAD_FMA = (
 )
 WEIGHT_GRAD = {layout: {"dot": dot, "fma": WEIGHT_GRAD_FMA} for layout, dot in WEIGHT_GRAD_DOT.items()}
 
+# Grouped kernel (``grouped``: few channels per group, the groups side by side as the
+# tile's columns; always FMA): (BLOCK_M output pixels of a phase, BLOCK_N output channels
+# across the groups, BLOCK_K reduced channels per step (``CHANNELS``: as many as a group
+# has, rounded up to a power of two), num_warps, num_stages).  Channels-last tiles: 16
+# to 128 channels wide (32 to 256 bytes of bf16 per pixel, whole sectors), 1024 to 8192
+# outputs per program (8 to 64 fp32 accumulators a thread), wider first for the many
+# channels of a depthwise layer.
+GROUPED = (
+    (64, 64, CHANNELS, 4, 2), (32, 128, CHANNELS, 4, 2), (128, 32, CHANNELS, 4, 2), (128, 64, CHANNELS, 8, 2),
+    (64, 128, CHANNELS, 8, 2), (256, 16, CHANNELS, 4, 2), (32, 64, CHANNELS, 4, 2), (16, 128, CHANNELS, 4, 2),
+)
+# Input elements a thread may hold for one step of the grouped kernel (its ``BLOCK_K``
+# channels' tiles, loaded together), beside its accumulators.
+GROUPED_STEP_ELEMENTS = 64
+# The grouped kernel's two channel sides, as the phase GEMM's (never both 16 wide there:
+# the kernel takes fewer than 16 reduced channels, so the cost model rates it as FMA).
+GROUPED_SIDES = PHASE_GEMM_DOT_SIDES
+
 # The interpreter's tables, by path (fields as above): one small tile per path, the
 # warps and stages at ``tuning.config``'s defaults (the interpreter ignores them).
 INTERPRETER_PHASE_GEMM = {"dot": ((32, 16, 16, 4, 3, 1),), "fma": ((32, CHANNELS, CHANNELS, 4, 3, 1),)}
 INTERPRETER_WEIGHT_GRAD = {"dot": ((16, 16, 32, 4, 3),), "fma": ((CHANNELS, CHANNELS, 32, 4, 3),)}
+INTERPRETER_GROUPED = ((16, 8, CHANNELS, 4, 3),)
 
 
 def uses_dot(config: dict, sides: tuple[str, str]) -> bool:

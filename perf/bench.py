@@ -69,7 +69,7 @@ CHECK_TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 2e-3}
 @dataclass(frozen=True)
 class Cell:
     """One suite layer: (N, C_in, *spatial) -> C_out, kernel k, stride s, padding p,
-    output_padding op (the same along every spatial axis)."""
+    output_padding op (the same along every spatial axis), in ``groups`` groups."""
 
     name: str
     n: int
@@ -80,6 +80,7 @@ class Cell:
     s: int
     p: int = 0
     op: int = 0
+    groups: int = 1
 
     @property
     def rank(self) -> int:
@@ -87,7 +88,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        tail = f" op{self.op}" if self.op else ""
+        tail = (f" op{self.op}" if self.op else "") + (f" g{self.groups}" if self.groups > 1 else "")
         size = "x".join(map(str, (self.n, self.c_in, *self.spatial)))
         return f"{self.name} {size}->{self.c_out} k{self.k} s{self.s} p{self.p}{tail}"
 
@@ -117,6 +118,16 @@ SUITES = {
         Cell("decoder", 4, 512, (32, 32), 128, 4, 2, 1),
         Cell("decoder", 32, 512, (16, 16), 512, 3, 2),
     ],
+    # The layer classes that lose most to cuDNN by layout or width, not host: depthwise and
+    # few channels per group (channels-last: the grouped kernel), few output channels
+    # (an RGB output layer; FSRCNN's 56 -> 1 k9 s3 output layer).
+    "classes": [
+        Cell("depthwise", 8, 256, (64, 64), 256, 4, 2, 1, groups=256),
+        Cell("depthwise", 16, 128, (64, 64), 128, 3, 2, 1, 1, groups=128),
+        Cell("grouped", 8, 256, (64, 64), 256, 4, 2, 1, groups=64),
+        Cell("RGB-output", 16, 64, (128, 128), 3, 4, 2, 1),
+        Cell("SR-output", 16, 56, (64, 64), 1, 9, 3, 4, 2),
+    ],
     "3d": [  # a 3-D U-Net decoder, batch 2
         Cell("3D-U-Net", 2, 256, (16, 32, 32), 128, 2, 2),
         Cell("3D-U-Net", 2, 64, (32, 64, 64), 32, 2, 2),
@@ -128,6 +139,7 @@ QUICK_SUITES = {
     "1d": [Cell("quick-1d", 2, 8, (7,), 4, 4, 2, 1)],
     "small": [Cell("quick-small", 1, 8, (4, 4), 8, 4, 2, 1)],
     "3d": [Cell("quick-3d", 1, 4, (3, 3, 2), 3, 3, 2, 1, 1)],
+    "classes": [Cell("quick-depthwise", 1, 8, (4, 5), 8, 4, 2, 1, groups=8)],
 }
 FUNCTIONS = {  # rank -> (ours, PyTorch's)
     1: (tritondeconv.conv_transpose1d, F.conv_transpose1d),
@@ -144,7 +156,10 @@ VARIANTS = {"phases": (("ONE_GEMM", False), ("TMA_W", False)), "one_gemm": (("ON
             "tma": (("TMA_W", True),),
             # The race on NCHW input (forward and input gradient): the phase GEMM on a
             # channels-last copy of its input, or on the input as given.
-            "staged": (("staged", True),), "gathered": (("staged", False),)}
+            "staged": (("staged", True),), "gathered": (("staged", False),),
+            # The race on channels-last layers of few channels per group: the grouped
+            # kernel (the groups side by side), or the phase GEMM (one group per program).
+            "grouped": (("grouped", True),), "per_group": (("grouped", False),)}
 # The methods that are tritondeconv's own: each must launch a Triton kernel.
 OURS = ("tritondeconv", "naive", *VARIANTS)
 # The layouts a rank's input can come in ("channels_last" is channels_last_3d in 3-D).
@@ -275,11 +290,11 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     x = torch.randn(cell.n, cell.c_in, *cell.spatial, device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
-    fan_in = cell.c_in * cell.k
-    w = (torch.randn(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, device=device, dtype=dtype)
+    fan_in = cell.c_in // cell.groups * cell.k
+    w = (torch.randn(cell.c_in, cell.c_out // cell.groups, *(cell.k,) * cell.rank, device=device, dtype=dtype)
          / math.sqrt(fan_in)).to(dtype)
     b = torch.randn(cell.c_out, device=device, dtype=dtype)
-    args = (cell.s, cell.p, cell.op)
+    args = (cell.s, cell.p, cell.op, cell.groups)
     ref = torch_fn(x.double(), w.double(), b.double(), *args)
     grad_y = torch.randn_like(ref).to(dtype)
 
@@ -289,7 +304,7 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     }
     if pass_ in GRADIENTS:  # one gradient alone: our op against aten's convolution_backward
         methods, ref = _gradient_methods(cell, pass_, x, w, grad_y)
-    if pass_ == "fwd" and cell.rank == 2:
+    if pass_ == "fwd" and cell.rank == 2 and cell.groups == 1:
         h_out, w_out = ref.shape[-2:]
         methods["naive"] = lambda x, w: tritondeconv.naive_conv_transpose2d(x, w, b, *args)
         if cell.k % cell.s == 0 and cell.op == 0:
@@ -319,7 +334,8 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
         if method in OURS and not launches:
             raise RuntimeError(f"{method} on {cell.label} {dtype_name} {layout} {pass_} launched no Triton kernel "
                                "(it fell back to aten), so its time would not be tritondeconv's")
-        if method in VARIANTS and not _offered(method, launches, lambda: _copies_input(methods["tritondeconv"], x, w)):
+        if method in VARIANTS and not _offered(
+                method, launches, lambda only, kernel: _takes(methods["tritondeconv"], x, w, only, kernel)):
             print(f"{method}: not offered for {cell.label} {dtype_name} {layout} {pass_}", flush=True)
             continue
         out = result if pass_ not in TRAINING else fn(x, w)
@@ -354,43 +370,47 @@ def _gradient_methods(cell: Cell, pass_: str, x, w, grad_y) -> tuple[dict, torch
 
     def aten(x, w, grad_y):
         return torch.ops.aten.convolution_backward(grad_y, x, w, None, stride, padding, dilation, True, output_padding,
-                                                   1, mask)[which]
+                                                   cell.groups, mask)[which]
 
     ours = {"dgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_input_grad(
-                grad_y, w, list(x.shape[2:]), stride, padding, dilation, 1),
+                grad_y, w, list(x.shape[2:]), stride, padding, dilation, cell.groups),
             "wgrad": lambda x, w: torch.ops.tritondeconv.conv_transpose_weight_grad(
-                x, grad_y, list(w.shape[2:]), stride, padding, dilation, 1)}[pass_]
+                x, grad_y, list(w.shape[2:]), stride, padding, dilation, cell.groups)}[pass_]
     return ({"tritondeconv": ours, "cudnn": lambda x, w: aten(x, w, grad_y)},
             aten(x.double(), w.double(), grad_y.double()))
 
 
-def _offered(method: str, launches: list, copies_input: Callable[[], bool]) -> bool:
+def _offered(method: str, launches: list, takes: Callable[[tuple, str], bool]) -> bool:
     """Whether a run forced onto the variant ``method`` (``launches``: what it launched)
-    took it: a staging copy (``staged``); the input as given where a copy was on offer
-    (``gathered``: ``copies_input()``); a forward phase GEMM with the variant's
-    constants (the others)."""
-    if method == "staged":
-        return _copied(launches)
+    took it: a staging copy (``staged``) or the grouped kernel (``grouped``); the input
+    as given, or the phase GEMM per group, where the race offered the other
+    (``gathered``, ``per_group``: ``takes(only, kernel)``, whether the run forced onto
+    the other launches that kernel); a forward phase GEMM with the variant's constants
+    (the others)."""
+    if method in ("staged", "grouped"):
+        return _launched(launches, {"staged": "staging", "grouped": "grouped"}[method])
     if method == "gathered":
-        return copies_input()
+        return takes(VARIANTS["staged"], "staging")
+    if method == "per_group":
+        return takes(VARIANTS["grouped"], "grouped")
     return any(launch.constants.get("TRANSPOSED")
                and all(bool(launch.constants.get(constant)) == on for constant, on in VARIANTS[method])
                for launch in launches)
 
 
-def _copies_input(fn, x, w) -> bool:
-    """Whether ``fn(x, w)`` races a channels-last copy of its input: the call forced onto
-    the copy with its launches replaced (nothing compiled, tuned or computed) launches
-    the copy."""
+def _takes(fn, x, w, only: tuple, kernel: str) -> bool:
+    """Whether ``fn(x, w)`` forced onto ``only`` launches ``kernel``, its launches replaced
+    (nothing compiled, tuned or computed)."""
     with launcher.intercept(launch=lambda request, config: None, choose=lambda request, candidates: candidates[0],
-                            only=(("staged", True),)), observe_launches() as launches:
+                            only=only), observe_launches() as launches:
         fn(x, w)
-    return _copied(launches)
+    return _launched(launches, kernel)
 
 
-def _copied(launches: list) -> bool:
-    """Whether ``launches`` include a channels-last copy of a GEMM's input."""
-    return any(launch.kernel == "staging" for launch in launches)
+def _launched(launches: list, kernel: str) -> bool:
+    """Whether ``launches`` include one of ``kernel`` (``"staging"``: a channels-last copy
+    of a GEMM's input)."""
+    return any(launch.kernel == kernel for launch in launches)
 
 
 def _forced(only: tuple, fn):
@@ -407,8 +427,8 @@ def roofline(cell: Cell, dtype_name: str, pass_: str) -> tuple[float, float]:
     each redo the forward's multiply-adds and read/write the same tensors once more)."""
     r = cell.rank
     plan = tritondeconv.plan(cell.spatial, (cell.k,) * r, (cell.s,) * r, (cell.p,) * r, (1,) * r, (cell.op,) * r)
-    macs = plan.macs(cell.n, cell.c_in, cell.c_out)["useful"]
-    elements = (cell.n * cell.c_in * math.prod(cell.spatial) + cell.c_in * cell.c_out * cell.k**r
+    macs = plan.macs(cell.n, cell.c_in, cell.c_out, cell.groups)["useful"]
+    elements = (cell.n * cell.c_in * math.prod(cell.spatial) + cell.c_in * cell.c_out // cell.groups * cell.k**r
                 + cell.n * cell.c_out * math.prod(plan.output_shape))
     factor = 3 if pass_ in TRAINING else 1
     return 2.0 * macs * factor, elements * DTYPES[dtype_name].itemsize * factor
@@ -633,7 +653,9 @@ def measure(a: argparse.Namespace, device: str, name: str, sink: CsvSink) -> int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, one dtype: a smoke run of the harness")
-    ap.add_argument("--suites", default="2d,1d,3d", help="which suites: 2d, 1d, 3d, small (host-bound decoder layers)")
+    ap.add_argument("--suites", default="2d,1d,3d",
+                    help="which suites: 2d, 1d, 3d, small (host-bound decoder layers), classes (depthwise, grouped "
+                         "and few-output-channel layers)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--layouts", default="nchw,channels_last", help="(1-D inputs have only nchw)")
     ap.add_argument("--passes", default="fwd,fwd+bwd",

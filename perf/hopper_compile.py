@@ -73,7 +73,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import tritondeconv  # noqa: E402
 import tritondeconv.registrations  # noqa: E402
-from tritondeconv.kernels import launcher, phase_gemm, staging, tuning, weight_grad  # noqa: E402
+from tritondeconv.kernels import grouped, launcher, phase_gemm, staging, tuning, weight_grad  # noqa: E402
 from tritondeconv.kernels.activations import ACTIVATIONS  # noqa: E402
 
 # Per compute capability, the GPU that stands for it when pruning, ranking and checking
@@ -83,8 +83,8 @@ TARGETS = {80: launcher.DeviceInfo("NVIDIA A100-SXM4-80GB", shared_memory=166912
            100: launcher.DeviceInfo("NVIDIA B200", shared_memory=232448, sms=148, capability=(10, 0))}
 ARCHITECTURES = {80: "Ampere", 90: "Hopper", 100: "Blackwell"}
 REGISTERS_PER_SM = 65536
-KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad,
-           "_sum_splits_kernel": weight_grad, "_channels_last_kernel": staging}  # kernel -> its module
+KERNELS = {"_phase_gemm_kernel": phase_gemm, "_weight_grad_kernel": weight_grad, "_sum_splits_kernel": weight_grad,
+           "_channels_last_kernel": staging, "_grouped_kernel": grouped}  # kernel -> its module
 # The API variants' dtypes, each with whether PyTorch's TF32 switch is on.
 API_DTYPES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
               (torch.float64, False)]
@@ -182,6 +182,16 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
                                                                    groups=2, dilation=2), False),
         "2-D depthwise": (lambda dt: _forward_backward(ct2, (2, 8, 6, 6), (8, 1, 4, 4), dt, stride=2, padding=1,
                                                         groups=8), False),
+        # Few channels per group on channels-last input: the groups side by side (the race's
+        # default there), 64 groups as a decoder's depthwise layer has them.
+        "2-D depthwise, channels_last": (lambda dt: _forward_backward(
+            ct2, (2, 64, 6, 6), (64, 1, 4, 4), dt, "channels_last", stride=2, padding=1, groups=64), False),
+        "2-D groups of 4 into 2, channels_last": (lambda dt: _forward_backward(
+            ct2, (2, 64, 6, 6), (64, 2, 3, 3), dt, "channels_last", stride=2, padding=1, output_padding=1,
+            groups=16), False),
+        "3-D depthwise, channels_last": (lambda dt: _forward_backward(
+            ct3, (1, 32, 4, 4, 4), (32, 1, 3, 3, 3), dt, "channels_last", stride=2, padding=1, output_padding=1,
+            groups=32), False),
         "2-D 3 output channels": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 4, 4), dt, stride=2,
                                                                 padding=1), False),
         "1-D": (lambda dt: _forward_backward(ct1, (2, 32, 16), (32, 16, 16), dt, stride=8, padding=4), False),
@@ -403,6 +413,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     copies = [r for r in ok if r["kernel"] == "channels_last"]
     weights = [r for r in ok if r["kernel"] == "weight_grad"]
     weights_contiguous = [r for r in weights if {"sxc=1", "syc=1"} <= set(r["constants"].split())]
+    side_by_side = [r for r in ok if r["kernel"] == "grouped"]
 
     def loads(group: list[dict]) -> str:
         tc = [r for r in group if r[native] > 0]
@@ -443,6 +454,8 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"- weight gradient with the bias gradient in the same launch (`HAS_BIAS=True`): "
         f"{loads([r for r in weights if 'HAS_BIAS=True' in r['constants'].split()])}; integer division in a loop: "
         f"{sum(r['loop_divisions'] > 0 for r in weights)} of {len(weights)} weight-gradient launches",
+        f"- grouped kernel (few channels per group, the groups side by side, channels-last): "
+        f"{loads(side_by_side)}; with vector stores: {sum(r['vector_stores'] > 0 for r in side_by_side)}",
         f"- channels-last copies (staging): {len(copies)}, with vector loads: "
         f"{sum(r['vector_loads'] > 0 for r in copies)}, with vector stores: "
         f"{sum(r['vector_stores'] > 0 for r in copies)}"

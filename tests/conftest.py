@@ -120,6 +120,9 @@ PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
 DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad", "weight-grad-taps")
 INDEX = ("int32", "int64")
+# The grouped kernel (few channels per group, the groups side by side) computes the
+# forward and the input gradient, on a path of its own.
+GROUPED_DIRECTIONS = ("forward", "forward+epilogue", "input-grad")
 COVERAGE: set = set()
 
 # And every test function that launches kernels reaches the tensor-core path in at least
@@ -137,11 +140,13 @@ def _function_id(item) -> str:
 def _cell(launch) -> tuple:
     path = "tensor-core" if min(tile_sides(launch.kernel, launch.constants)) >= 16 else "fma"
     c = launch.constants
+    if launch.kernel == "grouped":
+        path = "grouped"
     if launch.kernel == "weight_grad":
         direction = "weight-grad-taps" if c["TAPS_N"] > 1 else "weight-grad"
     elif not c["TRANSPOSED"]:
         direction = "input-grad"
-    elif c["ONE_GEMM"]:
+    elif c.get("ONE_GEMM"):
         direction = "forward-one-gemm"
     else:
         direction = "forward+epilogue" if c["ACTIVATION"] or c["HAS_RESIDUAL"] else "forward"
@@ -156,8 +161,12 @@ def _whole_suite(session) -> bool:
             and session.config.args in ([], [str(session.config.rootpath / "tests")], ["tests"]))
 
 
+CELLS = [*itertools.product(PATHS, DTYPES_COVERED, DIRECTIONS, INDEX),
+         *itertools.product(("grouped",), DTYPES_COVERED, GROUPED_DIRECTIONS, INDEX)]
+
+
 def _missing() -> list[tuple]:
-    return [cell for cell in itertools.product(PATHS, DTYPES_COVERED, DIRECTIONS, INDEX) if cell not in COVERAGE]
+    return [cell for cell in CELLS if cell not in COVERAGE]
 
 
 _FMA_ONLY: set = set()  # the function ids marked fma_only
@@ -194,7 +203,7 @@ def pytest_configure(config):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if INTERPRETING and COVERAGE:
-        total = len(PATHS) * len(DTYPES_COVERED) * len(DIRECTIONS) * len(INDEX)
+        total = len(CELLS)
         terminalreporter.write_line(f"kernel coverage: {total - len(_missing())} of {total} cells "
                                     "(path x dtype x direction x index width) reached")
         for cell in _missing():

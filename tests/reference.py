@@ -45,10 +45,13 @@ def fresh_seed() -> int:
 
 
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """``t`` ``[N, C, *spatial]`` as contiguous ("nchw"), channels-last (4-D and 5-D), or a
+    """``t`` ``[N, C, *spatial]`` as contiguous ("nchw"), channels-last (channels
+    contiguous: PyTorch's memory formats in 4-D and 5-D, a transposed copy in 3-D), or a
     non-contiguous view ("strided") with the same values."""
     if kind == "nchw":
         return t.contiguous()
+    if kind == "channels_last" and t.dim() == 3:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
     if kind == "channels_last":
         return t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()])
     if kind == "strided":
@@ -123,7 +126,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, precision: str, seed: int
 
 
 PATHS = ("tensor-core", "fma")
-GEMMS = ("phase_gemm", "weight_grad")  # the kernel families with a tile, hence a path (not the split sum, the copy)
+# The kernel families with a tile, hence a path (not the split sum, the copy).  The
+# grouped kernel (groups side by side as the columns) has one path of its own.
+GEMMS = ("phase_gemm", "weight_grad", "grouped")
 # Each of those families' configuration table, by its two channel counts (the forward's
 # reduced and produced channels, the weight gradient's C_in and C_out).
 FAMILIES = {"phase_gemm": phase_gemm.configs, "weight_grad": weight_grad.configs}
@@ -137,8 +142,9 @@ def path_of(config: dict, problem) -> str:
 def tile_sides(kernel: str, constants: dict) -> tuple[int, int]:
     """A launch's two tile sides that ``tl.dot`` needs 16 wide (the FMA path's when
     either is narrower): columns and reduction for the phase GEMM, the weight
-    gradient's two channel sides."""
-    sides = ("BLOCK_N", "BLOCK_K") if kernel == "phase_gemm" else ("BLOCK_M", "BLOCK_N")
+    gradient's two channel sides; the grouped kernel's columns and reduction, as the
+    phase GEMM's."""
+    sides = ("BLOCK_N", "BLOCK_K") if kernel in ("phase_gemm", "grouped") else ("BLOCK_M", "BLOCK_N")
     return tuple(int(constants[s]) for s in sides)
 
 
@@ -160,7 +166,8 @@ def on_path(path: str | None = None, variant: str | None = None):
     ``None``: the first candidate's) where its candidates offer one (the launcher's seam
     picks it; a layer with 16 channels or more on both sides offers only tensor-core
     tiles), of the kernel variant ``variant`` (one of ``VARIANTS``) where it is offered,
-    of the plain phase GEMMs otherwise."""
+    of the plain phase GEMMs otherwise; always the phase GEMM, where a layer of few
+    channels per group could also take the grouped kernel."""
     def choose(request, candidates):
         if len(candidates) == 1:  # nothing to choose (a one-configuration kernel: the split sum, the staging copy)
             return candidates[0]
@@ -168,7 +175,7 @@ def on_path(path: str | None = None, variant: str | None = None):
         chosen = [c for c in candidates if all(bool(c.get(v)) == (v == variant) for v in VARIANTS)] or candidates
         return next((c for c in chosen if path is None or path_of(c, problem) == path), chosen[0])
 
-    with launcher.intercept(choose=choose):
+    with launcher.intercept(choose=choose, only=(("grouped", False),)):
         yield
 
 

@@ -56,7 +56,7 @@ def test_concat_upsample_is_the_concatenation_of_its_convolution_and_skip(device
     skip.requires_grad_()
     with observe_launches() as launches:
         out = module(x, skip)
-    assert [launch.kernel for launch in launches] == ["phase_gemm"]
+    assert len(launches) == 1 and launches[0].kernel in ("phase_gemm", "grouped")  # (grouped: groups of 2 channels)
     expected = _two_steps(module, x, skip)
     precision = computed_as(dtype, device)
     assert_close(out, expected.to(dtype), precision, seed)

@@ -313,14 +313,14 @@ def test_gpu_check_rehearsal_stops_every_stage_at_its_budget(tmp_path):
         with open(unpacked / name, newline="") as f:
             rows = list(csv.DictReader(f))
         assert rows and all(float(r[key]) > 0 for r in rows), name
-    # Each of the 9 bench stages measured one cell before its budget ran out, and wrote it
+    # Each of the 10 bench stages measured one cell before its budget ran out, and wrote it
     # (--quick measures fp32 only: the fp16/fp32 and variants stages' first cell is the
-    # NCHW stage's, the grads stage's the forward's); the host stage's with its
-    # back-to-back wall time.
+    # NCHW stage's, the grads stage's the forward's; the classes stage's is a depthwise
+    # layer of its own); the host stage's with its back-to-back wall time.
     with open(unpacked / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     measured = {(r["shape"], r["dtype"], r["layout"], r["pass"]) for r in rows}
-    assert len(measured) == 6 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "wgrad"}
+    assert len(measured) == 7 and {p for *_, p in measured} == {"fwd", "fwd+bwd", "wgrad"}
     assert all(float(r["wall_us"]) > 0 for r in rows if r["shape"].startswith("quick-small"))
     assert (unpacked / "host-overhead.txt").read_text().count("Python-level calls") == 1
 
