@@ -27,7 +27,9 @@ class Settings:
 
     * ``experimental`` (``TRITONDECONV_EXPERIMENTAL``, comma-separated): the features
       turned on; ``"tma"``, the phase GEMM reading its input through Hopper's tensor
-      memory accelerator, offered to the tuner only then;
+      memory accelerator, offered to the tuner only then; ``"phase_columns"``, the
+      phase GEMM with its phases side by side offered for every transposed layer of
+      dilation 1 (not only those of fewer than 16 output channels per group);
     * ``autotune`` (``TRITONDECONV_AUTOTUNE``): ``"0"`` (time nothing: the cost model's
       pick), ``"exhaustive"`` (time every candidate), otherwise ``"1"`` (time the cost
       model's best few; see ``tuning``).

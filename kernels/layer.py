@@ -55,6 +55,8 @@ class Layer:
     rows_per_phase: tuple  # along each axis: ceil(outputs / s) transposed, the outputs direct
     out_size: tuple  # the output's spatial sizes
     kernel_size: tuple
+    stride: tuple
+    padding: tuple
     scalars: tuple  # the kernels' arguments from the input's spatial sizes on
     axis_plans: tuple  # the planner's axes (transposed only)
     shape_key: tuple  # the GEMM's shape class, for a tuning key (see ``plan_launch``)
@@ -111,7 +113,7 @@ def layer(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residual_str
     layouts = [x_layout, weight_layout, out_layout] + ([(out_shape, residual_strides)] if residual_strides else [])
     return Layer(
         n=n, groups=groups, c_red_g=c_red_g, c_col_g=c_col_g, phases=n_phases, rows_per_phase=rows_per_phase,
-        out_size=tuple(out_shape[2:]), kernel_size=tuple(kernel_size),
+        out_size=tuple(out_shape[2:]), kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
         scalars=(
             *x_shape[2:], *out_shape[2:],
             *x_strides,

@@ -68,10 +68,10 @@ from .tuning import bucket, config
 
 # The compile-time constants that select a variant of the kernel (neither set: the phase
 # GEMMs with pointer loads).
-VARIANTS = ("ONE_GEMM", "TMA_W")
+VARIANTS = ("ONE_GEMM", "TMA_W", "PHASE_COLUMNS")
 
 
-def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 0,
+def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 0, phase_columns: int = 0,
             interpreter: bool = INTERPRETING) -> list[dict]:
     """Launch configurations to choose from for a GEMM that reduces over ``c_red``
     channels per group and produces ``c_col`` (the launcher prunes them to the problem
@@ -97,17 +97,25 @@ def configs(c_red: int, c_col: int, one_gemm_columns: int = 0, tma_width: int = 
       side gets both, tensor-core tiles first (they waste work on the padding but run
       about 15× faster per product).
 
+    Where the layer also runs with its phases side by side as ``phase_columns``
+    columns (``PHASE_COLUMNS``; 0: it does not), that variant's tiles, sized to those
+    columns, follow in the same alternation.
+
     ``interpreter``: the list for the Triton interpreter (nothing can be timed there):
     ``tiles.INTERPRETER_PHASE_GEMM``, one small tile per path.
     """
     tiles = _tiles(c_red, c_col, interpreter)
-    phases = [dict(c, ONE_GEMM=False, TMA_W=0) for c in tiles]
+    plain = dict(ONE_GEMM=False, TMA_W=0, PHASE_COLUMNS=False)
+    phases = [dict(c, **plain) for c in tiles]
     variants = []
     if one_gemm_columns:
-        variants.append([dict(c, ONE_GEMM=True, TMA_W=0) for c in _tiles(c_red, one_gemm_columns, interpreter)])
+        variants.append([dict(c, **{**plain, "ONE_GEMM": True}) for c in _tiles(c_red, one_gemm_columns, interpreter)])
     if tma_width:
-        variants.append([dict(c, ONE_GEMM=False, TMA_W=min(c["BLOCK_M"], tma_width)) for c in tiles
+        variants.append([dict(c, **{**plain, "TMA_W": min(c["BLOCK_M"], tma_width)}) for c in tiles
                          if uses_dot(c, PHASE_GEMM_DOT_SIDES)])
+    if phase_columns:
+        variants.append([dict(c, **{**plain, "PHASE_COLUMNS": True})
+                         for c in _tiles(c_red, phase_columns, interpreter)])
     return [c for group in itertools.zip_longest(phases, *variants) for c in group if c is not None]
 
 
@@ -142,6 +150,7 @@ def _phase_gemm_kernel(
     negative_slope: tl.float64,
     TRANSPOSED: tl.constexpr,
     ONE_GEMM: tl.constexpr,
+    PHASE_COLUMNS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -178,6 +187,18 @@ def _phase_gemm_kernel(
              padding) the whole layer as one GEMM without phases: rows = input pixels,
              columns = (tap, output channel), reading each input tile once; each result
              goes to ``o = i*s - p + kk*d`` (a pixel shuffle in the store).
+    PHASE_COLUMNS: (transposed, dilation 1; the launcher offers it for fewer than 16
+             output channels per group) the phases side by side as columns: rows = the
+             positions ``u`` every phase shares (``u`` in ``[p//s, (O-1+p)//s]``), columns =
+             (phase r, output channel), reduction = (tap j, input channel) over
+             ``ceil(k/s)`` taps per axis.  With dilation 1 each phase's first tap is
+             ``kk = r`` and reads ``x[u]`` (``off0 = 0``), so tap ``j`` of every phase
+             reads the same ``x[u - j]``: one input tile serves all the phases' columns
+             (read once instead of once per phase), and a layer of 3 output channels
+             fills 12 of a 16-wide tile's columns at stride 2 instead of 3.  Column
+             ``(r, c)`` multiplies ``w[..., r + j*s]`` where that tap exists (zero
+             where ``r + j*s >= k``) and writes ``o = u*s - p + r`` (a pixel shuffle in
+             the store, outputs outside ``[0, O)`` dropped).
     HAS_BIAS: add the bias in the epilogue.
     ACTIVATION: apply this activation after the bias (``""``: none; see ``activations``).
     HAS_RESIDUAL: add the residual after the activation.
@@ -197,7 +218,7 @@ def _phase_gemm_kernel(
     # The phase varies fastest: the s^d programs of one (row tile, column tile) run side
     # by side and read overlapping input rows (the same rows when k == s), which they
     # then find in L2 instead of each fetching them from memory.
-    n_phases = S_D * S_H * S_W if TRANSPOSED and not ONE_GEMM else 1
+    n_phases = S_D * S_H * S_W if TRANSPOSED and not ONE_GEMM and not PHASE_COLUMNS else 1
     pid = tl.program_id(0) // n_phases
     phase = tl.program_id(0) % n_phases
     group = tl.program_id(1)
@@ -216,6 +237,17 @@ def _phase_gemm_kernel(
         kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = 0, 1, 1, 0, 1, 0, -P_H, S_H, I_H
         kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = 0, 1, 1, 0, 1, 0, -P_W, S_W, I_W
         n_cols = C_col_g * K_D * K_H * K_W
+    elif PHASE_COLUMNS:  # rows t = u - p//s; tap j reads x[u - j] through kk = r + j*s; outputs u*s - p (+ r)
+        kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = (
+            0, S_D, tl.cdiv(K_D, S_D), P_D // S_D, 1, -1, (P_D // S_D) * S_D - P_D, S_D,
+            (O_D - 1 + P_D) // S_D - P_D // S_D + 1)
+        kh0, kh_step, taps_h, ih0, ih_step, ih_tap, oh0, oh_step, T_H = (
+            0, S_H, tl.cdiv(K_H, S_H), P_H // S_H, 1, -1, (P_H // S_H) * S_H - P_H, S_H,
+            (O_H - 1 + P_H) // S_H - P_H // S_H + 1)
+        kw0, kw_step, taps_w, iw0, iw_step, iw_tap, ow0, ow_step, T_W = (
+            0, S_W, tl.cdiv(K_W, S_W), P_W // S_W, 1, -1, (P_W // S_W) * S_W - P_W, S_W,
+            (O_W - 1 + P_W) // S_W - P_W // S_W + 1)
+        n_cols = C_col_g * S_D * S_H * S_W
     else:
         kd0, kd_step, taps_d, id0, id_step, id_tap, od0, od_step, T_D = axis_maps(
             r_d, K_D, S_D, P_D, D_D, G_D, INV_D, O_D, TRANSPOSED)
@@ -236,7 +268,7 @@ def _phase_gemm_kernel(
         patches_h = tl.cdiv(rows_h, BLOCK_M // TMA_W)
         patches_w = tl.cdiv(rows_w, TMA_W)
         num_pid_m = N * rows_d * patches_h * patches_w
-    elif ONE_GEMM:
+    elif ONE_GEMM or PHASE_COLUMNS:
         num_pid_m = tl.cdiv(M, BLOCK_M)
     else:
         num_pid_m = tl.cdiv(tl.cast(N, pid.dtype) * rows_d * rows_h * rows_w, BLOCK_M)
@@ -295,6 +327,18 @@ def _phase_gemm_kernel(
         col_od = col_kd * D_D
         col_oh = col_kh * D_H
         col_ow = col_kw * D_W
+    elif PHASE_COLUMNS:
+        # Column j = ((r_d*S_H + r_h)*S_W + r_w)*C_col_g + channel: its phase's first tap
+        # kk = r in the weight, and the phase's share r of the output position u*s - p + r.
+        channel = offs_n % C_col_g
+        phase_n = offs_n // C_col_g
+        col_kw = phase_n % S_W
+        col_kh = (phase_n // S_W) % S_H
+        col_kd = phase_n // (S_W * S_H)
+        w_tap_cols = col_kd * swd + col_kh * swh + col_kw * sww
+        col_od = col_kd
+        col_oh = col_kh
+        col_ow = col_kw
     else:
         channel = offs_n
         w_tap_cols = 0
@@ -347,7 +391,10 @@ def _phase_gemm_kernel(
                 other=0.0,
             )
         w_tap = (kd0 + jd * kd_step) * swd + (kh0 + jh * kh_step) * swh + (kw0 + jw * kw_step) * sww
-        b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w_mask = mask_n
+        if PHASE_COLUMNS:  # the column's phase has tap r + j*s only where it is inside the kernel
+            w_mask &= ((col_kd + jd * S_D < K_D) & (col_kh + jh * S_H < K_H) & (col_kw + jw * S_W < K_W))
+        b = tl.load(w_cols[None, :] + c[:, None] * swr + w_tap, mask=mask_k[:, None] & w_mask[None, :], other=0.0)
         if BLOCK_N >= 16 and BLOCK_K >= 16:
             acc = tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), acc, input_precision=INPUT_PRECISION,
                          out_dtype=acc_dtype)
@@ -377,7 +424,8 @@ def _phase_gemm_kernel(
     o_w = ow0 + t_w * ow_step
     cols = (group * C_col_g + channel)[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
-    if ONE_GEMM:  # the column's tap moves the output by kk*d; what falls outside is dropped
+    # The column's tap moves the output by kk*d (its phase by r); what falls outside is dropped.
+    if ONE_GEMM or PHASE_COLUMNS:
         mask_out &= _inside(o_d, col_od, O_D) & _inside(o_h, col_oh, O_H) & _inside(o_w, col_ow, O_W)
         y_cols = cols * syc + (col_od * syd + col_oh * syh + col_ow * syw)[None, :]
         r_cols = cols * src + (col_od * srd + col_oh * srh + col_ow * srw)[None, :]
@@ -395,12 +443,13 @@ def _phase_gemm_kernel(
 def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,
                 has_bias: bool, stride: tuple, padding: tuple, dilation: tuple, groups: int, transposed: bool,
                 dtype: torch.dtype, allow_tf32: bool, activation: str, int64_forced: bool,
-                tma: bool = False) -> launcher.LaunchPlan:
+                tma: bool = False, every_phase_columns: bool = False) -> launcher.LaunchPlan:
     """The launch plan of ``phase_gemm`` for tensors of these layouts (``(shape,
     strides)`` pairs) and this geometry (``layer.layer``): rows per phase, grid, tuning key,
     candidate table and cost-model problem.  ``tma``: the experimental TMA variant may
     be offered (the caller checked the flag, the device and the input's alignment); it
-    is where the layout meets the hardware's limits."""
+    is where the layout meets the hardware's limits.  ``every_phase_columns``: the
+    phases side by side are offered whatever the output channels (experimental)."""
     geometry = layer(out_layout, x_layout, weight_layout, residual_strides, stride, padding, dilation, groups,
                      transposed, dtype, int64_forced)
     n, c_red_g, c_col_g, n_phases = geometry.n, geometry.c_red_g, geometry.c_col_g, geometry.phases
@@ -409,6 +458,15 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
     one_gemm = transposed and all(axis.one_pair_each() for axis in geometry.axis_plans)
     pixels = n * math.prod(x_shape[2:])
     one_gemm_columns = c_col_g * math.prod(geometry.kernel_size) if one_gemm else 0
+    # The phases side by side (dilation 1, fewer output channels per group than a
+    # tensor-core tile is wide; a layer that is one GEMM already has them so): rows u
+    # per axis, the phases' columns and taps.
+    phase_columns, u_rows = 0, ()
+    if transposed and not one_gemm and (c_col_g < DOT_MIN or every_phase_columns) and all(d == 1 for d in dilation):
+        u_rows = tuple((o - 1 + p) // s - p // s + 1 for o, s, p in zip(geometry.out_size, geometry.stride,
+                                                                         geometry.padding))
+        phase_columns = c_col_g * math.prod(geometry.stride)
+        column_taps = math.prod(-(-k // s) for k, s in zip(geometry.kernel_size, geometry.stride))
     precision = input_precision(dtype, allow_tf32)
     # The TMA variant reads boxes of a [N, D, H, W, C] view of the input: channels
     # contiguous, the other strides and each group's first channel 16-byte aligned, and
@@ -421,6 +479,8 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
     def grid(meta):
         if meta["ONE_GEMM"]:
             return (-(-pixels // meta["BLOCK_M"]) * -(-one_gemm_columns // meta["BLOCK_N"]), groups)
+        if meta["PHASE_COLUMNS"]:
+            return (-(-(n * math.prod(u_rows)) // meta["BLOCK_M"]) * -(-phase_columns // meta["BLOCK_N"]), groups)
         if meta["TMA_W"]:  # patches of BLOCK_M / TMA_W × TMA_W rows
             rows_d, rows_h, rows_w = rows_per_phase
             row_tiles = n * rows_d * -(-rows_h // (meta["BLOCK_M"] // meta["TMA_W"])) * -(-rows_w // meta["TMA_W"])
@@ -429,10 +489,15 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         return (row_tiles * -(-c_col_g // meta["BLOCK_N"]) * n_phases, groups)
 
     def problem() -> Problem:
-        one = ((Part(groups, pixels, one_gemm_columns, c_red_g, 1),),) if one_gemm else ()
+        variants = []
+        if one_gemm:
+            variants.append(("ONE_GEMM", (Part(groups, pixels, one_gemm_columns, c_red_g, 1),)))
+        if phase_columns:
+            variants.append(("PHASE_COLUMNS", (Part(groups, n * math.prod(u_rows), phase_columns, c_red_g,
+                                                    column_taps),)))
         return Problem(tuple(geometry.parts()), dtype.itemsize,
                        "tf32" if precision == "tf32" else str(dtype).removeprefix("torch."),
-                       PHASE_GEMM_DOT_SIDES, tuple(("ONE_GEMM", p) for p in one))
+                       PHASE_GEMM_DOT_SIDES, tuple(variants))
 
     return launcher.LaunchPlan(
         scalars=(n, c_red_g, c_col_g, *geometry.scalars),
@@ -453,9 +518,11 @@ def plan_launch(out_layout: tuple, x_layout: tuple, weight_layout: tuple, residu
         # writes NCHW), the dtype and dot precision, and M bucketed, so that
         # every layer of a model tunes once and image sizes within a factor of two share
         # a tuning; and which variants are offered (a layer of the same shapes with other
-        # padding may not take the one GEMM, an input at another alignment not the TMA).
-        key=(*geometry.shape_key, precision, *geometry.layout_key, bucket(m_max), one_gemm, bool(tma_width)),
-        configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width),
+        # padding may not take the one GEMM, an input at another alignment not the TMA,
+        # a dilated one not the phases side by side).
+        key=(*geometry.shape_key, precision, *geometry.layout_key, bucket(m_max), one_gemm, bool(tma_width),
+             bool(phase_columns)),
+        configs=lambda: configs(c_red_g, c_col_g, one_gemm_columns, tma_width, phase_columns),
         problem=problem,
         variants=VARIANTS,
     )
@@ -513,7 +580,8 @@ def phase_gemm(
     def plan(x: torch.Tensor, x_layout: tuple) -> launcher.LaunchPlan:
         out_layout, weight_layout, *geometry = others
         return plan_launch(out_layout, x_layout, weight_layout, *geometry,
-                           transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device))
+                           transposed and experimental("tma") and x.data_ptr() % 16 == 0 and _has_tma(x.device),
+                           experimental("phase_columns"))
 
     def launch(x: torch.Tensor, plan: launcher.LaunchPlan) -> launcher.PreparedLaunch | None:
         return launcher.launch(plan.request(

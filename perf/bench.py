@@ -150,10 +150,11 @@ FUNCTIONS = {  # rank -> (ours, PyTorch's)
 METHODS = ("tritondeconv", "cudnn", "naive", "subpixel_torch")
 # tritondeconv with the forward forced onto one kernel variant, each tuned among its own
 # candidates, where the layer offers it (kernel size = stride: the phase GEMMs or the
-# one GEMM; the experimental TMA phase GEMM where TRITONDECONV_EXPERIMENTAL=tma and the
+# one GEMM; fewer than 16 output channels per group: the phases side by side as
+# columns; the experimental TMA phase GEMM where TRITONDECONV_EXPERIMENTAL=tma and the
 # layout allows it); timed only when asked for (--methods).
-VARIANTS = {"phases": (("ONE_GEMM", False), ("TMA_W", False)), "one_gemm": (("ONE_GEMM", True),),
-            "tma": (("TMA_W", True),),
+VARIANTS = {"phases": (("ONE_GEMM", False), ("TMA_W", False), ("PHASE_COLUMNS", False)),
+            "one_gemm": (("ONE_GEMM", True),), "tma": (("TMA_W", True),), "phase_columns": (("PHASE_COLUMNS", True),),
             # The race on NCHW input (forward and input gradient): the phase GEMM on a
             # channels-last copy of its input, or on the input as given.
             "staged": (("staged", True),), "gathered": (("staged", False),),

@@ -26,7 +26,6 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -34,6 +33,7 @@ from bench import DTYPES, FUNCTIONS, VARIANTS, Cell, jobs_of  # noqa: E402
 
 import tritondeconv  # noqa: E402
 from tritondeconv.kernels import launcher  # noqa: E402
+from tritondeconv.kernels.common import configured  # noqa: E402
 
 # gpu_check.sh's bench stages, as bench.py arguments (and "variants": each kernel variant
 # a bench method forces, tuned among its own candidates, and "experimental": the
@@ -49,6 +49,8 @@ STAGES = {
     "fwd-fp16-fp32": dict(suites="2d", passes="fwd", dtypes="fp16,fp32", layouts="nchw,channels_last"),
     "variants": dict(suites="2d,3d", passes="fwd", dtypes="bf16", layouts="nchw,channels_last", cells="U-Net",
                      variants=(None, *VARIANTS.values()), experimental="tma"),
+    "classes": dict(suites="classes,3d", passes="fwd", dtypes="bf16,fp16,fp32", layouts="nchw,channels_last",
+                    variants=(None, *VARIANTS.values()), experimental="phase_columns"),
 }
 
 
@@ -57,13 +59,13 @@ def _run(cell: Cell, dtype: torch.dtype, layout: str, pass_: str) -> None:
     x = torch.empty(cell.n, cell.c_in, *cell.spatial, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cell.rank])
-    w = torch.empty(cell.c_in, cell.c_out, *(cell.k,) * cell.rank, dtype=dtype)
+    w = torch.empty(cell.c_in, cell.c_out // cell.groups, *(cell.k,) * cell.rank, dtype=dtype)
     b = torch.empty(cell.c_out, dtype=dtype)
-    args = (cell.s, cell.p, cell.op)
+    args = (cell.s, cell.p, cell.op, cell.groups)
     ours = FUNCTIONS[cell.rank][0]
     if pass_ == "fwd":  # (any other pass: the backward's two gradients, as fwd+bwd runs them)
         ours(x, w, b, *args)
-        if cell.rank == 2:
+        if cell.rank == 2 and cell.groups == 1:
             tritondeconv.naive_conv_transpose2d(x, w, b, *args)
         return
     x.requires_grad_()
@@ -90,8 +92,9 @@ def launches_of(stage: str, cells: str = "") -> tuple[dict, dict]:
     variants = spec.pop("variants", (None,))
     spec["cells"] = cells or spec.get("cells", "")
     experimental = spec.pop("experimental", "")
-    with common.recording(on_launch), \
-            mock.patch.dict(os.environ, {"TRITONDECONV_EXPERIMENTAL": experimental} if experimental else {}):
+    # (The settings are read at import: the stage's experimental features are set here as
+    # the environment would have set them.)
+    with common.recording(on_launch), configured(experimental={experimental} if experimental else None):
         for cell, dtype_name, layout, pass_ in jobs_of(argparse.Namespace(quick=False, **spec)):
             # NCHW input: a first call races the phase GEMM on it and on a channels-last copy.
             for forced[0], staged in itertools.product(variants, (False, True) if layout == "nchw" else (False,)):

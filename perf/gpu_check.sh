@@ -32,7 +32,7 @@ describe() {
     fwd-nchw)      echo "2-D suite forward, bf16 NCHW: the same four methods, and ours forced onto a channels-last copy of the input (staged) and onto the input as given (gathered)" ;;
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN, with the kernels' own time (profiler)" ;;
     grads-bf16-cl) echo "2-D suite, the forward, the input gradient and the weight gradient (with the bias's) each alone, bf16 channels_last: ours vs cuDNN, each with the kernels' own time (profiler)" ;;
-    classes)       echo "the layer classes that lost by layout or width (depthwise and grouped, RGB and single-channel outputs; the 3-D suite), forward, bf16/fp16/fp32, both layouts: ours (and, channels-last grouped layers, the grouped kernel and the phase GEMM per group, each forced) vs cuDNN, with the kernels' own time (profiler)" ;;
+    classes)       echo "the layer classes that lost by layout or width (depthwise and grouped, RGB and single-channel outputs; the 3-D suite), forward, bf16/fp16/fp32, both layouts: ours (and, where offered, the grouped kernel and the phase GEMM per group, the phase GEMMs and the phases side by side (offered to every undilated layer: TRITONDECONV_EXPERIMENTAL=phase_columns), each forced) vs cuDNN, with the kernels' own time (profiler)" ;;
     grads-nchw)    echo "2-D suite, the weight gradient and the input gradient each alone, bf16 NCHW (the weight gradient's own table of shallower tiles; the input gradient also forced onto a channels-last copy of grad_output and onto grad_output as given): ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
     blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
@@ -133,8 +133,8 @@ for stage in "$@"; do
                      --back-to-back "$calls"; rc=$? ;;
     grads-bf16-cl) bench "$stage" --suites 2d --passes fwd,dgrad,wgrad --dtypes bf16 --layouts channels_last \
                      --methods tritondeconv,cudnn --back-to-back "$calls"; rc=$? ;;
-    classes)       bench "$stage" --suites classes,3d --passes fwd --dtypes bf16,fp16,fp32 \
-                     --methods tritondeconv,cudnn,grouped,per_group --back-to-back "$calls"; rc=$? ;;
+    classes)       TRITONDECONV_EXPERIMENTAL=phase_columns bench "$stage" --suites classes,3d --passes fwd --dtypes bf16,fp16,fp32 \
+                     --methods tritondeconv,cudnn,grouped,per_group,phases,phase_columns --back-to-back "$calls"; rc=$? ;;
     grads-nchw)    bench "$stage" --suites 2d --passes wgrad,dgrad --dtypes bf16 --layouts nchw \
                      --methods tritondeconv,staged,gathered,cudnn; rc=$? ;;
     nd)            bench "$stage" --suites 1d,3d --dtypes bf16; rc=$? ;;

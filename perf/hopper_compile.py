@@ -4,6 +4,8 @@ every kernel configuration a first call compiles (the cost model's best 6 per ke
 
     python perf/hopper_compile.py           # the benchmark suites' layers -> suites.{csv,md}
     python perf/hopper_compile.py --api     # every kernel variant the API can launch -> api.{csv,md}
+    python perf/hopper_compile.py --api --only depthwise,"output channel"   # the API variants named so
+                                            # -> api-only.{csv,md} (a change that adds launches)
     python perf/hopper_compile.py --quick   # two small layers, both paths, and their weight and bias
                                             # gradients (a test runs this)
     python perf/hopper_compile.py --api --target 80    # the same for an A100 (sm_80)
@@ -194,6 +196,12 @@ def api_variants() -> dict[str, tuple[Callable[[torch.dtype], None], bool]]:
             groups=32), False),
         "2-D 3 output channels": (lambda dt: _forward_backward(ct2, (2, 32, 6, 6), (32, 3, 4, 4), dt, stride=2,
                                                                 padding=1), False),
+        # One output channel from a 9×9 kernel at stride 3 (an SR network's output layer):
+        # the phases side by side as columns are among its candidates.
+        "2-D 1 output channel k9 s3": (lambda dt: _forward_backward(ct2, (2, 56, 6, 6), (56, 1, 9, 9), dt, stride=3,
+                                                                     padding=4, output_padding=2), False),
+        "2-D 1 output channel k9 s3, channels_last": (lambda dt: _forward_backward(
+            ct2, (2, 56, 6, 6), (56, 1, 9, 9), dt, "channels_last", stride=3, padding=4, output_padding=2), False),
         "1-D": (lambda dt: _forward_backward(ct1, (2, 32, 16), (32, 16, 16), dt, stride=8, padding=4), False),
         "3-D": (lambda dt: _forward_backward(ct3, (1, 16, 4, 4, 4), (16, 16, 3, 3, 3), dt, "channels_last",
                                               stride=2, padding=1, output_padding=1), False),
@@ -266,6 +274,7 @@ def _mode(constants: dict) -> str:
     """The launch's variant in a few words: direction, dot precision, index width."""
     words = [] if "TRANSPOSED" not in constants else ["transposed" if constants["TRANSPOSED"] else "direct"]
     words += ["one-gemm"] * bool(constants.get("ONE_GEMM")) + ["tma"] * bool(constants.get("TMA_W"))
+    words += ["phase-columns"] * bool(constants.get("PHASE_COLUMNS"))
     words += ["tf32"] * (constants.get("INPUT_PRECISION") == "tf32") + ["int64"] * constants.get("INT64_INDEX", False)
     return " ".join(words)
 
@@ -406,6 +415,7 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
     contiguous = [r for r in ok if "sxc=1" in r["constants"].split()]
     strided = [r for r in ok if "sxc=1" not in r["constants"].split()]
     one = [r for r in ok if "one-gemm" in r["mode"]]
+    columns = [r for r in ok if "phase-columns" in r["mode"]]
     gemms = [r for r in ok if r["kernel"] == "phase_gemm"]
     gathered = [r for r in gemms if "sxc=1" not in r["constants"].split()]
     staged = [r for r in gemms if "sxc=1" in r["constants"].split()
@@ -443,6 +453,9 @@ def report(rows: list[dict], cells: dict, out: Path, stem: str, target: int = 90
         f"{sum(r['kernel'] == 'phase_gemm' for r in ok)})",
         f"- one-GEMM launches (kernel size = stride): {len(one)}, on {native}: {sum(r[native] > 0 for r in one)}, "
         f"with cp.async: {sum(r['async_copies'] > 0 for r in one)}, spilling: {sum(r['local_bytes'] > 0 for r in one)}",
+        f"- phases side by side as columns (fewer than 16 output channels): {len(columns)}, on {native}: "
+        f"{sum(r[native] > 0 for r in columns)}, with cp.async: {sum(r['async_copies'] > 0 for r in columns)}, "
+        f"spilling: {sum(r['local_bytes'] > 0 for r in columns)}",
         f"- experimental TMA launches (`TRITONDECONV_EXPERIMENTAL=tma`): {len(tma)}, reading through TMA "
         f"(cp.async.bulk.tensor): {sum(r['tma'] > 0 for r in tma)}, on {native}: {sum(r[native] > 0 for r in tma)}, "
         f"spilling: {sum(r['local_bytes'] > 0 for r in tma)}",
@@ -486,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api", action="store_true",
                     help="instead of the suites: every kernel variant the API can launch, on small layers, in "
                          "every dtype (fp32 with and without TF32)")
+    ap.add_argument("--only", metavar="NAMES",
+                    help="with --api: only the API variants whose name contains one of these comma-separated "
+                         "words; writes api-only.{csv,md}")
     ap.add_argument("--suites", default="2d,1d,3d")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--per-key", type=int, default=tuning.TIMED, metavar="N",
@@ -512,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.api:
         for name, (call, int64) in api_variants().items():
+            if a.only and not any(word in name for word in a.only.split(",")):
+                continue
             for dtype, tf32 in API_DTYPES:
                 launches: set[Launch] = set()
                 torch.backends.cudnn.allow_tf32 = tf32
@@ -546,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             status = row["error"] or f"regs {row['regs']}, local {row['local_bytes']} B, shared {row['shared_bytes']} B"
             print(f"[{i}/{len(to_compile)}] {row['kernel']} {row['dtype']} {row['tile']}: {status}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "api" if a.api else "quick" if a.quick else "suites"
+    stem = ("api-only" if a.only else "api") if a.api else "quick" if a.quick else "suites"
     bad = report(rows, {r["key"]: cells[r["key"]] for r in rows}, out, stem, a.target)
     print(f"wrote {out / stem}.csv and .md; {len(bad)} failing launches")
     return 1 if bad else 0

@@ -118,7 +118,8 @@ def _log_failure(path: str, nodeid: str, when: str, report) -> None:
 
 PATHS = ("tensor-core", "fma")
 DTYPES_COVERED = ("float64", "float32", "float16", "bfloat16")
-DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "input-grad", "weight-grad", "weight-grad-taps")
+DIRECTIONS = ("forward", "forward+epilogue", "forward-one-gemm", "forward-phase-columns", "input-grad", "weight-grad",
+              "weight-grad-taps")
 INDEX = ("int32", "int64")
 # The grouped kernel (few channels per group, the groups side by side) computes the
 # forward and the input gradient, on a path of its own.
@@ -148,6 +149,8 @@ def _cell(launch) -> tuple:
         direction = "input-grad"
     elif c.get("ONE_GEMM"):
         direction = "forward-one-gemm"
+    elif c.get("PHASE_COLUMNS"):
+        direction = "forward-phase-columns"
     else:
         direction = "forward+epilogue" if c["ACTIVATION"] or c["HAS_RESIDUAL"] else "forward"
     return path, str(launch.dtype).removeprefix("torch."), direction, "int64" if c["INT64_INDEX"] else "int32"

@@ -127,9 +127,10 @@ def test_a_first_call_races_the_phase_gemm_and_remembers(device, first_calls, wi
     """A depthwise layer's first call on channels-last input times the grouped kernel and
     the phase GEMM, keeps the faster (as the tuning family ``"grouping"``), and its later
     calls take that one without timing anything."""
+    # (Dilated: the phase GEMM then offers one variant, so the clock times the race alone.)
     x = layout(torch.randn(2, 6, 5, 5, dtype=torch.float64, device=device), "channels_last")
     w = torch.randn(6, 1, 4, 4, dtype=torch.float64, device=device)
-    ref = reference(x, w, None, 2, 1, 0, 6, 1)
+    ref = reference(x, w, None, 2, 1, 0, 6, 2)
     timed = []
 
     def clock(run):
@@ -140,9 +141,9 @@ def test_a_first_call_races_the_phase_gemm_and_remembers(device, first_calls, wi
         return 0.5 if side_by_side == (winner == "grouped") else 1.0
 
     with launcher.intercept(tune=True, clock=clock):
-        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 0, 6)
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 0, 6, 2)
         with observe_launches() as again:
-            out2 = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 0, 6)
+            out2 = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 0, 6, 2)
     assert sorted(timed) == [False, True]  # each run timed once, the second call timed nothing
     assert_close(out, ref, "float64", 0)
     assert_close(out2, ref, "float64", 0)

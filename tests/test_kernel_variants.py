@@ -99,9 +99,12 @@ def test_every_epilogue(device, precision, activation, residual):
 
 
 # Per kernel variant of the forward, the constant that selects it and a layer that
-# offers it (kernel size, stride, padding, output padding): the phase GEMMs, and the one
-# GEMM of a layer with kernel size = stride.
-FORWARD_VARIANTS = {"phases": (None, 3, 2, 1, 1), "one-gemm": ("ONE_GEMM", 2, 2, 0, 0)}
+# offers it (kernel size, stride, padding, output padding, output channels: None, as
+# many as input channels): the phase GEMMs, the one GEMM of a layer with kernel size =
+# stride, and the phases side by side of a layer of few output channels (4: its 4 phases
+# make 16 columns, a tensor-core tile where the input has 16 channels).
+FORWARD_VARIANTS = {"phases": (None, 3, 2, 1, 1, None), "one-gemm": ("ONE_GEMM", 2, 2, 0, 0, None),
+                    "phase-columns": ("PHASE_COLUMNS", 3, 2, 1, 1, 4)}
 
 
 @pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
@@ -114,11 +117,12 @@ def test_epilogue_on_every_variant_path_dtype_and_index_width(device, precision,
     shuffle) and path, in every dtype, with 32- and 64-bit indexing (gelu: the
     epilogue's longest expression)."""
     seed = fresh_seed()
-    constant, k, s, p, op = FORWARD_VARIANTS[variant]
+    constant, k, s, p, op, c_out = FORWARD_VARIANTS[variant]
     dtype, c = DTYPES[precision], PATH_CHANNELS[path]
+    c_out = c_out or c
     x = torch.randn(2, c, 3, 4, device=device).to(dtype)
-    w = torch.randn(c, c, k, k, device=device).to(dtype)
-    b = torch.randn(c, device=device).to(dtype)
+    w = torch.randn(c, c_out, k, k, device=device).to(dtype)
+    b = torch.randn(c_out, device=device).to(dtype)
     ref = reference(x, w, b, s, p, op, 1, 1)
     r = torch.randn(ref.shape, device=device).to(dtype)
     with observe_launches() as launches, on_path(path, variant=constant), \
@@ -126,8 +130,8 @@ def test_epilogue_on_every_variant_path_dtype_and_index_width(device, precision,
         out = tritondeconv.conv_transpose2d(x, w, b, s, p, op, activation="gelu", residual=r)
     (launch,) = launches
     assert (launch.constants["ACTIVATION"], launch.constants["HAS_RESIDUAL"], _path(launch),
-            launch.constants["INT64_INDEX"], launch.constants["ONE_GEMM"]) == (
-        "gelu", True, path, int64, constant == "ONE_GEMM")
+            launch.constants["INT64_INDEX"], launch.constants["ONE_GEMM"], launch.constants["PHASE_COLUMNS"]) == (
+        "gelu", True, path, int64, constant == "ONE_GEMM", constant == "PHASE_COLUMNS")
     assert_close(out, TORCH_ACTIVATIONS["gelu"](ref) + r.double(), precision, seed)
 
 

@@ -209,6 +209,62 @@ def test_one_gemm_variant(device, precision, rank, kind, groups, k, s, p, op, d)
     assert same_layout(out, TORCH_FUNCTIONS.get(rank, F.conv_transpose2d)(x, w, b, s, p, op, groups, d))
 
 
+# Layers of few output channels whose phases go side by side as columns (dilation 1):
+# (kernel, stride, padding, output_padding), kernels from shorter than the stride (phases
+# without taps) to three times it (FSRCNN's k9 s3 output layer among them).
+PHASE_COLUMN_GEOMETRIES = {
+    "k4s2p1": (4, 2, 1, 0),
+    "k3s2p1op1": (3, 2, 1, 1),
+    "k9s3p4op2": (9, 3, 4, 2),
+    "k2s3op2-phases-without-taps": (2, 3, 0, 2),
+    "k5s2p3": (5, 2, 3, 0),
+}
+
+
+def _phase_column_cases():
+    """Every geometry in 2-D in both layouts, with and without groups; in 1-D (NCHW) with
+    groups, in 3-D channels-last without."""
+    for name, geometry in PHASE_COLUMN_GEOMETRIES.items():
+        for rank, kind, groups in [(2, "nchw", 1), (2, "channels_last", 2), (1, "nchw", 2), (3, "channels_last", 1)]:
+            yield pytest.param(rank, kind, groups, *geometry, id=f"{rank}d-{kind}-g{groups}-{name}")
+
+
+@pytest.mark.parametrize("precision", ["float64"], indirect=True)
+@pytest.mark.parametrize("rank, kind, groups, k, s, p, op", list(_phase_column_cases()))
+def test_phase_columns_variant(device, precision, rank, kind, groups, k, s, p, op):
+    """The forward with its phases side by side as columns, forced, over the geometries
+    it takes (kernels shorter than the stride and up to three times it, padding past a
+    stride), every rank, both layouts, with groups; 3 output channels per group."""
+    seed = fresh_seed()
+    dtype = DTYPES[precision]
+    function = {1: tritondeconv.conv_transpose1d, 2: tritondeconv.conv_transpose2d, 3: tritondeconv.conv_transpose3d}
+    x = layout(torch.randn(2, 16, *{1: (7,), 2: (3, 4), 3: (2, 3, 2)}[rank], device=device).to(dtype), kind)
+    w = torch.randn(16, 3, *(k,) * rank, device=device).to(dtype)
+    b = torch.randn(3 * groups, device=device).to(dtype)
+    with observe_launches() as launches, on_path(variant="PHASE_COLUMNS"):
+        out = function[rank](x, w, b, s, p, op, groups, 1)
+    assert [launch.constants["PHASE_COLUMNS"] for launch in launches] == [True]
+    assert_close(out, reference(x, w, b, s, p, op, groups, 1), precision, seed)
+    assert same_layout(out, TORCH_FUNCTIONS.get(rank, F.conv_transpose2d)(x, w, b, s, p, op, groups, 1))
+
+
+@pytest.mark.parametrize("channels, dilation, asked, offered", [
+    (16, 1, False, False), (3, 2, False, False), (16, 1, True, True), (3, 2, True, False)],
+    ids=["16-output-channels", "dilated", "16-output-channels-experimental", "dilated-experimental"])
+def test_phase_columns_offered_for_few_output_channels_undilated(device, channels, dilation, asked, offered):
+    """Offered for fewer than 16 output channels per group without dilation; for any
+    number of output channels where ``TRITONDECONV_EXPERIMENTAL=phase_columns`` asks for
+    it; never with dilation (the phases' taps then read different inputs).  Where it is
+    not offered, the launch forced onto it takes the phase GEMMs."""
+    x = torch.randn(2, 16, 3, 4, device=device, dtype=torch.float64)
+    w = torch.randn(16, channels, 3, 3, device=device, dtype=torch.float64)
+    with configured(experimental={"phase_columns"} if asked else set()), observe_launches() as launches, \
+            on_path(variant="PHASE_COLUMNS"):
+        out = tritondeconv.conv_transpose2d(x, w, None, 2, 1, 1, 1, dilation)
+    assert [launch.constants["PHASE_COLUMNS"] for launch in launches] == [offered]
+    assert_close(out, reference(x, w, None, 2, 1, 1, 1, dilation), "float64", 0)
+
+
 def _tma_cases():
     """Every geometry with and without groups in 2-D; in 3-D and 1-D (a channels-contiguous
     view: 1-D tensors have no channels-last format) without."""
