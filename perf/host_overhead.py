@@ -1,7 +1,7 @@
 """Host time per call: our Python on the way to a kernel launch, beside aten's whole call
 on the same tensors.
 
-    python perf/host_overhead.py [--repeat 2000] [--device cpu|cuda] [--profile N]
+    python perf/host_overhead.py [--repeat 2000] [--device cpu|cuda] [--trace N] [--profile N]
 
 The Triton launch is stubbed through the launcher's seam (``kernels.launcher.
 stub_launches``): a call does everything it does on a GPU but call the compiled kernel's
@@ -34,6 +34,11 @@ Reports medians of ``--repeat`` calls, ours and aten's in alternating blocks, on
 * the parts of our module's forward+backward: the forward that records the graph, the
   two gradients' implementations alone, and the rest (PyTorch's engine and our
   backward's own Python among it);
+* where a training step's backward goes: the route our recorded backward takes (the
+  prepared gradients, or through the ops) and the step's µs, with the engine's own
+  threading (on a GPU, its device thread) and inline; and the ``--trace N`` events with
+  the most own CPU time per step in ``torch.profiler``'s trace, each with its thread (the
+  profiler records the device thread, which ``sys.setprofile`` and cProfile miss);
 * with ``--profile N``: where our module's forward+backward spends its time, the N
   functions with the most time of their own (``cProfile``, the launches replaced).
 """
@@ -55,6 +60,7 @@ import triton
 
 import tritondeconv
 from tritondeconv.dispatch import IMPLEMENTATIONS
+from tritondeconv.gradients import ROUTES
 from tritondeconv.kernels import launcher
 from tritondeconv.weights import PACKED
 
@@ -269,6 +275,43 @@ def training_parts(repeat: int, device: str = "cpu") -> list[tuple[str, float]]:
              "accumulated", us["step"] - us["forward"] - us["input gradient"] - us["weight gradient"])]
 
 
+def backward_threads(repeat: int, device: str, top: int) -> list[str]:
+    """Where a training step's backward goes (the launches replaced by a no-op): for the
+    engine's own way (on a GPU its device thread) and inline, the route our recorded
+    backward took (``gradients.ROUTES``: the prepared gradients, or through the ops) and
+    the step's µs; then, for the engine's way, the ``top`` events by own CPU time in
+    ``torch.profiler``'s trace, which records every thread (the device thread too, where
+    ``sys.setprofile`` and cProfile do not), each with the thread it ran on."""
+    x, _, _ = _tensors(device)
+    module = tritondeconv.nn.ConvTranspose2d(8, 8, 4, 2, 1).to(device)
+    xg = x.clone().requires_grad_()
+
+    def step():
+        module(xg).sum().backward()
+
+    lines = ["| backward | route of our backward (prepared / through the ops) | step µs |", "| --- | --- | --- |"]
+    with launcher.stub_launches():
+        for name, multithreaded in (("the engine's way (a GPU: its device thread)", True), ("inline", False)):
+            with torch.autograd.set_multithreading_enabled(multithreaded):
+                before = dict(ROUTES)
+                us = _median_us(step, repeat)
+                routes = {route: ROUTES[route] - before.get(route, 0) for route in ("prepared", "ops")}
+            lines.append(f"| {name} | {routes['prepared']} / {routes['ops']} | {us:.1f} |")
+        steps = max(1, repeat // 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as trace:
+            for _ in range(steps):
+                step()
+    own: dict[tuple[int, str], float] = {}
+    for event in trace.events():
+        if not event.name.startswith("torch/autograd/profiler.py"):  # (the trace's own start)
+            own[(event.thread, event.name)] = own.get((event.thread, event.name), 0.0) + event.self_cpu_time_total
+    lines += ["", "| own CPU time per step, the engine's way (torch.profiler) | profiler's thread | µs |",
+              "| --- | --- | --- |"]
+    for (thread, name), total in sorted(own.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"| {name[:100]} | {thread} | {total / steps:.1f} |")
+    return lines
+
+
 def profile(repeat: int, device: str, top: int) -> str:
     """The ``top`` functions by own time in ``repeat`` forward+backward calls of our
     module, the launches replaced by a no-op (``cProfile``'s table)."""
@@ -304,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--counts", action="store_true", help="only the Python-level call counts (no timing)")
+    ap.add_argument("--trace", type=int, default=15, metavar="N",
+                    help="the N events with the most own CPU time in a training step, per thread (torch.profiler)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the N functions with the most own time in our module's forward+backward")
     a = ap.parse_args(argv)
@@ -338,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- |")
     for name, us in training_parts(a.repeat, a.device):
         print(f"| {name} | {us:.1f} |")
+    print()
+    for line in backward_threads(a.repeat, a.device, a.trace):
+        print(line)
     if a.profile:
         print()
         print(profile(a.repeat, a.device, a.profile))

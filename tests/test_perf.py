@@ -366,6 +366,11 @@ def test_host_overhead_reports_every_part():
     runtime = [p for p in parameters if "constexpr" not in str(p.annotation)]
     assert len(binding) == 1 and f"the forward kernel's {len(runtime)} arguments" in binding[0][0]
     assert float(binding[0][1]) > 0
+    # Where the training step's backward went: our prepared gradients, both ways (the CPU's
+    # engine runs it on the calling thread either way), and the trace's table.
+    routes = {row[0]: row[1] for row in rows if len(row) == 3 and row[0].startswith(("the engine's way", "inline"))}
+    assert len(routes) == 2 and all(route.endswith(" / 0") and route != "0 / 0" for route in routes.values())
+    assert any(row[0] == "Recorded" for row in rows if len(row) == 3)
 
 
 def test_a_call_makes_few_python_level_calls():

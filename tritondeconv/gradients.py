@@ -29,6 +29,8 @@ the forward read it.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from . import dispatch
@@ -39,6 +41,12 @@ from .weights import PACKED, ThreadDepth
 ops = torch.ops.tritondeconv
 
 _CARRIED = ThreadDepth()  # how many of these Functions are running their forward, in this thread
+
+# How the recorded backwards of this process ran: "prepared" (the prepared gradients
+# called directly) or "ops" (through the ops, as with create_graph or an epilogue).  A
+# seam for perf/host_overhead.py, which reports the route a GPU's backward takes on the
+# autograd engine's device thread, where no Python-level profiler sees it.
+ROUTES: collections.Counter = collections.Counter()
 
 
 def tangents_carried() -> ThreadDepth:
@@ -188,9 +196,11 @@ class Recorded(torch.autograd.Function):
         prepared = ctx.prepared
         if (torch.is_grad_enabled() or prepared is None or ctx.epilogue[0] is not None
                 or not dispatch.plain(grad_y, x, w)):
+            ROUTES["ops"] += 1
             with PACKED.trained():
                 return None, None, None, None, *conv_transpose_gradients(x, w, b, grad_y, ctx.geometry, *ctx.epilogue,
                                                                          ctx.has_residual, needs)
+        ROUTES["prepared"] += 1
         g = prepared.checked.geometry
         unbatched = prepared.unbatched
         x_, grad_z = (x.unsqueeze(0), grad_y.unsqueeze(0)) if unbatched else (x, grad_y)
