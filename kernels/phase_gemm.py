@@ -29,13 +29,13 @@ Hopper (``tiles.PHASE_GEMM``), the interpreter's, and the rule that decides whic
 a layer's channels take (``tiles.paths``); ``configs`` sizes the rows to the layer and
 adds the variants' tiles.
 
-Two variants of the transposed direction are tuner candidates beside it (``configs``):
-``ONE_GEMM``, the whole layer as one GEMM where every output gathers exactly one (input,
-tap) pair (kernel size = stride), and ``TMA_W``, experimental, each tap's input tile
-read as one box by Hopper's tensor memory accelerator.  On NCHW input, the launcher
-also races the kernel on a channels-last copy of its input (``staging``); on a
-channels-last layer of few channels per group, against the kernel that puts the groups
-side by side (``grouped``).
+Variants of the transposed direction are tuner candidates beside it (``configs``): the
+layer as one GEMM where each output gathers one (input, tap) pair (``ONE_GEMM``, k = s),
+the phases side by side as columns (``PHASE_COLUMNS``, few output channels), and each
+tap's input tile read as a box by Hopper's TMA (``TMA_W``, experimental).  On NCHW
+input, the launcher also races the kernel on a channels-last copy of its input
+(``staging``); on a channels-last layer of few channels per group, against the kernel
+that puts the groups side by side (``grouped``).
 
 The weight is always in conv_transpose's layout ``[C_in, C_out/groups, kD, kH, kW]``
 (any strides); the direct convolution reads it with the first two axes swapped
