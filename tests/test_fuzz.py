@@ -1,10 +1,11 @@
 """Differential fuzzing against PyTorch: seeded random cases over the whole argument
 space (rank, batch, channels, groups, kernel, stride, padding, output_padding, dilation,
 layout, non-contiguous views, bias, dtype), forward and backward, against PyTorch in
-float64, and wide-channel cases run on both sides of the NCHW input's channels-last copy
-(the tensor-core tiles' path).  Case ``i`` is drawn from seed ``i``, so a failure names its own reproduction:
-``pytest tests/test_fuzz.py -k "cpu-17"``; a case that ever fails is copied into
-REGRESSIONS below."""
+float64, each case on one side of the kernel choices a layer can offer (the phases side
+by side, the grouped kernel), and wide-channel cases run on both sides of the NCHW
+input's channels-last copy (the tensor-core tiles' path).  Case ``i`` is drawn from
+seed ``i``, so a failure names its own reproduction: ``pytest tests/test_fuzz.py -k
+"cpu-17"``; a case that ever fails is copied into REGRESSIONS below."""
 import math
 import os
 import random
@@ -115,9 +116,18 @@ def _params(cases: dict[str, int] = CASES):
             yield pytest.param(device, i, marks=marks, id=f"{device}-{i}")
 
 
+def _forced(seed: int) -> tuple:
+    """The launcher's ``only`` for case ``seed``: odd cases take the phases side by side
+    where a layer offers them (few output channels, dilation 1), and one case in three
+    the phase GEMM where a channels-last layer of few channels per group would take the
+    grouped kernel (its race's default), so that each side of both choices is fuzzed."""
+    return ("PHASE_COLUMNS", seed % 2 == 1), ("grouped", seed % 3 != 0)
+
+
 @pytest.mark.parametrize("device, seed", list(_params()))
 def test_fuzz(device, seed):
-    run_case(seed, device)
+    with launcher.intercept(only=_forced(seed)):
+        run_case(seed, device)
 
 
 # Wide cases per device, each run on both sides of the NCHW input's race: forced onto the
