@@ -37,7 +37,7 @@ import triton.language as tl
 from . import activations, launcher
 from .common import INTERPRETING
 from .cost import Part, Problem
-from .layer import axis_maps, layer
+from .layer import axis_maps, layer, next_step, phase_rows
 from .tiles import CHANNELS, DOT_MIN, GROUPED, GROUPED_SIDES, GROUPED_STEP_ELEMENTS, INTERPRETER_GROUPED, fma_width
 from .tuning import bucket, config
 
@@ -127,12 +127,7 @@ def _grouped_kernel(
     # the largest phase, and a tile past the end of its own phase does nothing.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    t_w = offs_m % tl.maximum(T_W, 1)
-    rest = offs_m // tl.maximum(T_W, 1)
-    t_h = rest % tl.maximum(T_H, 1)
-    rest = rest // tl.maximum(T_H, 1)
-    t_d = rest % tl.maximum(T_D, 1)
-    n = rest // tl.maximum(T_D, 1)
+    n, t_d, t_h, t_w = phase_rows(offs_m, T_D, T_H, T_W)
     # Input position of tap 0 for each row: i0 + t*i_step.
     in_d = id0 + t_d * id_step
     in_h = ih0 + t_h * ih_step
@@ -153,9 +148,9 @@ def _grouped_kernel(
     x_rows = x_ptr + n * sxn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    # Reduction over (tap_d, tap_h, tap_w, channel block), an odometer as in the phase
-    # GEMM, the channel block fastest; tap j reads input i0 + t*i_step + j*i_tap_step
-    # through kernel index kk0 + j*kk_step.
+    # Reduction over (tap_d, tap_h, tap_w, channel block), the channel block fastest
+    # (``next_step``); tap j reads input i0 + t*i_step + j*i_tap_step through kernel
+    # index kk0 + j*kk_step.
     k_blocks = tl.cdiv(C_red_g, BLOCK_K)
     n_iter = tl.where(pid_m * BLOCK_M < M, taps_d * taps_h * taps_w * k_blocks, 0)
     kb = 0
@@ -176,17 +171,7 @@ def _grouped_kernel(
                         other=0.0)
             b = tl.load(w_tap + c * swr, mask=cols_ok, other=0.0)
             acc += a.to(ACC_DTYPE) * b.to(ACC_DTYPE)[None, :]
-        # Next position: kb + 1, carrying into jw, jh, jd at k_blocks, taps_w, taps_h.
-        kb += 1
-        carry = kb == k_blocks
-        kb = tl.where(carry, 0, kb)
-        jw = tl.where(carry, jw + 1, jw)
-        carry = jw == taps_w
-        jw = tl.where(carry, 0, jw)
-        jh = tl.where(carry, jh + 1, jh)
-        carry = jh == taps_h
-        jh = tl.where(carry, 0, jh)
-        jd = tl.where(carry, jd + 1, jd)
+        kb, jw, jh, jd = next_step(kb, jw, jh, jd, k_blocks, taps_w, taps_h)
 
     # Epilogue: y = activation(acc + bias) + residual, at output o0 + t*o_step.
     if HAS_BIAS:

@@ -43,6 +43,38 @@ def axis_maps(r, K, S, P, D, G, INV, size_out, TRANSPOSED: tl.constexpr):
 
 
 
+@triton.jit
+def phase_rows(offs_m, T_D, T_H, T_W):
+    """The rows ``m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w`` of a phase (``T_*`` rows per
+    axis; an axis of none is taken as one) decoded into ``(n, t_d, t_h, t_w)``."""
+    t_w = offs_m % tl.maximum(T_W, 1)
+    rest = offs_m // tl.maximum(T_W, 1)
+    t_h = rest % tl.maximum(T_H, 1)
+    rest = rest // tl.maximum(T_H, 1)
+    t_d = rest % tl.maximum(T_D, 1)
+    n = rest // tl.maximum(T_D, 1)
+    return n, t_d, t_h, t_w
+
+
+@triton.jit
+def next_step(kb, jw, jh, jd, k_blocks, taps_w, taps_h):
+    """The reduction loop's next position (channel block ``kb``, taps ``jw, jh, jd``):
+    ``kb + 1``, carrying into ``jw``, ``jh``, ``jd`` at ``k_blocks``, ``taps_w``,
+    ``taps_h``, an odometer of compares and selects on scalars (decoding the position
+    from the iteration number would take runtime divisions every step)."""
+    kb += 1
+    carry = kb == k_blocks
+    kb = tl.where(carry, 0, kb)
+    jw = tl.where(carry, jw + 1, jw)
+    carry = jw == taps_w
+    jw = tl.where(carry, 0, jw)
+    jh = tl.where(carry, jh + 1, jh)
+    carry = jh == taps_h
+    jh = tl.where(carry, 0, jh)
+    jd = tl.where(carry, jd + 1, jd)
+    return kb, jw, jh, jd
+
+
 @dataclass(frozen=True)
 class Layer:
     """A launch's tensors and geometry as the phase-decomposed kernels read them (on

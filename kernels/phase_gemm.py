@@ -62,7 +62,7 @@ from .common import (
     padded,
 )
 from .cost import Part, Problem
-from .layer import axis_maps, layer
+from .layer import axis_maps, layer, next_step, phase_rows
 from .tiles import DOT_MIN, INTERPRETER_PHASE_GEMM, PHASE_GEMM, PHASE_GEMM_DOT_SIDES, paths, sized, uses_dot
 from .tuning import bucket, config
 
@@ -301,12 +301,7 @@ def _phase_gemm_kernel(
         # Rows: m = ((n*T_D + t_d)*T_H + t_h)*T_W + t_w.
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        t_w = offs_m % tl.maximum(T_W, 1)
-        rest = offs_m // tl.maximum(T_W, 1)
-        t_h = rest % tl.maximum(T_H, 1)
-        rest = rest // tl.maximum(T_H, 1)
-        t_d = rest % tl.maximum(T_D, 1)
-        n = rest // tl.maximum(T_D, 1)
+        n, t_d, t_h, t_w = phase_rows(offs_m, T_D, T_H, T_W)
         tile_live = pid_m * BLOCK_M < M
     # Input position of tap 0 for each row: i0 + t*i_step.
     in_d = id0 + t_d * id_step
@@ -315,30 +310,22 @@ def _phase_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_cols
-    if ONE_GEMM:
-        # Column j = ((kd*K_H + kh)*K_W + kw)*C_col_g + channel: its tap's weight, and the
-        # tap's share kk*d of the output position o = i*s - p + kk*d.
+    if ONE_GEMM or PHASE_COLUMNS:
+        # Column j = ((kd*Q_H + kh)*Q_W + kw)*C_col_g + channel, where (kd, kh, kw) is the
+        # column's tap over the kernel (ONE_GEMM) or its phase r over the stride
+        # (PHASE_COLUMNS, whose first tap is kk = r): its tap's weight, and the tap's share
+        # kk*d of the output position (o = i*s - p + kk*d; u*s - p + r, as d = 1 there).
+        Q_H = K_H if ONE_GEMM else S_H
+        Q_W = K_W if ONE_GEMM else S_W
         channel = offs_n % C_col_g
         tap_n = offs_n // C_col_g
-        col_kw = tap_n % K_W
-        col_kh = (tap_n // K_W) % K_H
-        col_kd = tap_n // (K_W * K_H)
+        col_kw = tap_n % Q_W
+        col_kh = (tap_n // Q_W) % Q_H
+        col_kd = tap_n // (Q_W * Q_H)
         w_tap_cols = col_kd * swd + col_kh * swh + col_kw * sww
         col_od = col_kd * D_D
         col_oh = col_kh * D_H
         col_ow = col_kw * D_W
-    elif PHASE_COLUMNS:
-        # Column j = ((r_d*S_H + r_h)*S_W + r_w)*C_col_g + channel: its phase's first tap
-        # kk = r in the weight, and the phase's share r of the output position u*s - p + r.
-        channel = offs_n % C_col_g
-        phase_n = offs_n // C_col_g
-        col_kw = phase_n % S_W
-        col_kh = (phase_n // S_W) % S_H
-        col_kd = phase_n // (S_W * S_H)
-        w_tap_cols = col_kd * swd + col_kh * swh + col_kw * sww
-        col_od = col_kd
-        col_oh = col_kh
-        col_ow = col_kw
     else:
         channel = offs_n
         w_tap_cols = 0
@@ -400,17 +387,7 @@ def _phase_gemm_kernel(
                          out_dtype=acc_dtype)
         else:  # acc[m, n] += sum_c a[m, c] * b[c, n], one FMA per product
             acc += fma_dot(a.to(acc_dtype), b.to(acc_dtype))
-        # Next position: kb + 1, carrying into jw, jh, jd at k_blocks, taps_w, taps_h.
-        kb += 1
-        carry = kb == k_blocks
-        kb = tl.where(carry, 0, kb)
-        jw = tl.where(carry, jw + 1, jw)
-        carry = jw == taps_w
-        jw = tl.where(carry, 0, jw)
-        jh = tl.where(carry, jh + 1, jh)
-        carry = jh == taps_h
-        jh = tl.where(carry, 0, jh)
-        jd = tl.where(carry, jd + 1, jd)
+        kb, jw, jh, jd = next_step(kb, jw, jh, jd, k_blocks, taps_w, taps_h)
 
     # Epilogue: y = activation(acc + bias) + residual.
     if HAS_BIAS:

@@ -299,8 +299,7 @@ def run_cell(cell: Cell, dtype_name: str, layout: str, pass_: str, device: str, 
     ref = torch_fn(x.double(), w.double(), b.double(), *args)
     # The output's gradient in the layer's output layout (channels-last for channels-last
     # input), as a loss computed from the output gives it; not the float64 reference's,
-    # whose layout is its slow path's (NCHW on a GPU: the H200 runs before this timed the
-    # channels-last gradients and training steps with an NCHW gradient).
+    # whose layout is its slow path's (NCHW on a GPU).
     grad_y = torch.randn_like(torch_fn(x, w, b, *args)).to(dtype)
 
     methods = {
