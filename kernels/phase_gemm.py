@@ -569,7 +569,7 @@ def phase_gemm(
     x_layout = (x.shape, x.stride())
     gathered = plan(x, x_layout)
     by_groups = _grouped_plan(x_layout, *others)
-    if by_groups is None and not _stages(x_layout, x.element_size(), groups):
+    if by_groups is None and not staging.offered(x_layout, x.element_size(), groups):
         return _repeat(launch(x, gathered))
     prepared = {}
 
@@ -613,19 +613,6 @@ def _repeat(gemm: launcher.PreparedLaunch | None, copy: launcher.PreparedLaunch 
             x = staging.repeat(copy, x)
             gemm.launch(x, weight, x if bias is None else bias, out, out if residual is None else residual)
     return repeat
-
-
-@functools.lru_cache(maxsize=4096)
-def _stages(x_layout: tuple, itemsize: int, groups: int) -> bool:
-    """Whether a channels-last copy of an input of this layout (``(shape, strides)``)
-    may pay: its channels are strided, the GEMM reduces over 16 or more of them per
-    group (a tensor-core tile's depth), the copy's rows of channels are 16-byte aligned
-    (so the GEMM's loads of them are vectors), and its spatial axes are laid out as the
-    copy reads them."""
-    shape, strides = x_layout
-    c = shape[1]
-    return (strides[1] != 1 and c // groups >= DOT_MIN and c * itemsize % 16 == 0 and 0 not in shape
-            and staging.flat_pixels(shape, strides))
 
 
 def _grouped_plan(x_layout: tuple, out_layout: tuple, weight_layout: tuple, residual_strides: tuple | None,

@@ -4,10 +4,13 @@ kernel and its launcher.
 Where a tensor's channels are strided (NCHW), the phase GEMM's input tile ``[rows,
 channels]`` has no axis along which the compiler can prove the addresses contiguous and
 aligned: every element is a load of its own, none goes through ``cp.async``, and the
-tensor-core MMA waits on its operands every step.  A channels-last copy costs one read
-and one write of the tensor, a transpose through shared memory with vector loads along
-the pixels and vector stores along the channels; after it the GEMM takes its
-channels-last pipeline.  ``phase_gemm`` races the two ways on a layer's first call.
+tensor-core MMA waits on its operands every step; the weight gradient's tiles of the
+input and of ``grad_y`` (channels along one side, pixels along the other) fare the same.
+A channels-last copy costs one read and one write of the tensor, a transpose through
+shared memory with vector loads along the pixels and vector stores along the channels;
+after it the GEMM takes its channels-last pipeline.  ``phase_gemm`` (the forward, the
+input gradient) and ``weight_grad`` race the two ways on a layer's first call, where
+``offered``.
 
 Grid: (pixel tiles × batch, channel tiles).
 """
@@ -20,6 +23,7 @@ import triton.language as tl
 
 from . import launcher
 from .common import allocated, int64_forced, spans_int64
+from .tiles import DOT_MIN
 
 # One tile for every shape: a 64 × 64 transpose, 16-byte vectors on both sides for
 # 16-bit dtypes, 8 KiB of shared memory.  A copy has nothing to tune.
@@ -67,6 +71,19 @@ def flat_pixels(shape: tuple, strides: tuple) -> bool:
             return False
         expected *= size
     return True
+
+
+@functools.lru_cache(maxsize=4096)
+def offered(layout: tuple, itemsize: int, groups: int) -> bool:
+    """Whether a channels-last copy of a GEMM operand ``[N, C, *spatial]`` of this layout
+    (``(shape, strides)``) may pay: its channels are strided, 16 or more of them per group
+    (a tensor-core tile's side), the copy's rows of channels are 16-byte aligned (so the
+    GEMM's loads of them are vectors), and its spatial axes are laid out as the copy
+    reads them."""
+    shape, strides = layout
+    c = shape[1]
+    return (strides[1] != 1 and c // groups >= DOT_MIN and c * itemsize % 16 == 0 and 0 not in shape
+            and flat_pixels(shape, strides))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher
+from . import launcher, staging
 from .common import INTERPRETING, allocated, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
 from .tiles import INTERPRETER_WEIGHT_GRAD, WEIGHT_GRAD, WEIGHT_GRAD_DOT_SIDES, paths, sized
@@ -605,21 +605,57 @@ def weight_grad(
 
     One launch when the reduction is one range and no bias is asked for; otherwise two
     (the GEMM, which writes fp32 (fp64) partial sums to a workspace, then the split sum,
-    which adds them in a fixed order)."""
+    which adds them in a fixed order).  Where an operand's channels are strided and a
+    channels-last copy of it is on offer (``staging.offered``) for each such operand, a
+    class's first call races the GEMM on the operands as given (``"gathered"``, the
+    default: the gather table's tiles) against the GEMM on channels-last copies of the
+    strided ones (``"staged"``: one more pass over each, then the channels-last tiles),
+    remembered as family ``"operand_layout"``."""
     shape = (x.shape[1], grad_y.shape[1] // groups, *kernel_size)
     out_strides = tap_strides(shape, layout) if layout is not None else None
     strides = (*out_strides[:2], *(out_strides[2] * math.prod(kernel_size[i + 1:]) for i in range(len(kernel_size)))
                ) if out_strides is not None else None
-    gemm, total, split, parts = plan_launch(
-        (x.shape, x.stride()), (grad_y.shape, grad_y.stride()), tuple(kernel_size), tuple(stride), tuple(padding),
-        tuple(dilation), groups, x.dtype, allow_tf32, split, int64_forced(), bias, out_strides)
+    arguments = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups, x.dtype, allow_tf32,
+                 split, int64_forced(), bias, out_strides)
+    layouts = ((x.shape, x.stride()), (grad_y.shape, grad_y.stride()))
+    gemm, total, split, parts = plan_launch(*layouts, *arguments)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     outputs = _outputs(x, grad_y, shape, strides, split, parts, bias, acc_dtype)
-    prepared_gemm, prepared_total = _launch(gemm, total, x, grad_y, *outputs)
-    keep = prepared_gemm is not None and (total is None or prepared_total is not None)
+    copied = _copied(layouts, x.element_size(), groups)
+    prepared = {}
+
+    def as_given() -> torch.Tensor:
+        prepared["gemm"], prepared["total"] = _launch(gemm, total, x, grad_y, *outputs)
+        return outputs[0]
+
+    def staged() -> torch.Tensor:
+        operands = []
+        for name, tensor, copy in (("x", x, copied[0]), ("grad_y", grad_y, copied[1])):
+            if copy:
+                tensor, prepared[name] = staging.channels_last(tensor)
+            operands.append(tensor)
+        plans = plan_launch(*((t.shape, t.stride()) for t in operands), *arguments)
+        prepared["gemm"], prepared["total"] = _launch(*plans[:2], *operands, *outputs)
+        return outputs[0]
+
+    runs = {"gathered": as_given}
+    if any(copied):
+        runs["staged"] = staged
+    winner = "gathered" if len(runs) == 1 else launcher.race(x.device, (*layouts, *arguments), runs,
+                                                              family="operand_layout")
+    prepared.clear()  # (the race may have run the other way last)
+    runs[winner]()
+    copies = {name: prepared[name] for name in ("x", "grad_y") if name in prepared}
+    keep = (prepared["gemm"] is not None and (total is None or prepared["total"] is not None)
+            and all(copy is not None for copy in copies.values()))
+    prepared_gemm, prepared_total = prepared["gemm"], prepared["total"]
 
     def repeat(x: torch.Tensor, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         grad, grad_b, partials, bias_partials = _outputs(x, grad_y, shape, strides, split, parts, bias, acc_dtype)
+        if "x" in copies:
+            x = staging.repeat(copies["x"], x)
+        if "grad_y" in copies:
+            grad_y = staging.repeat(copies["grad_y"], grad_y)
         prepared_gemm.launch(x, grad_y, partials, partials if bias_partials is None else bias_partials)
         if prepared_total is not None:
             prepared_total.launch(partials, grad, partials if bias_partials is None else bias_partials,
@@ -627,6 +663,18 @@ def weight_grad(
         return grad, grad_b
 
     return outputs[0], outputs[1], repeat if keep else None
+
+
+def _copied(layouts: tuple, itemsize: int, groups: int) -> tuple[bool, bool]:
+    """Which of the weight gradient's operands (``x``, ``grad_y``: ``(shape, strides)``
+    each) the GEMM would read from a channels-last copy: those whose channels are strided,
+    where a copy is on offer for every such operand (after the copies, both operands are
+    channels-last and the GEMM takes its channels-last tiles); none otherwise."""
+    strided = [strides[1] != 1 and shape[1] > 1 for shape, strides in layouts]
+    if not any(strided) or not all(staging.offered(layout, itemsize, groups)
+                                   for layout, s in zip(layouts, strided) if s):
+        return False, False
+    return strided[0], strided[1]
 
 
 def _outputs(x, grad_y, shape, strides, split, parts, bias, acc_dtype) -> tuple:

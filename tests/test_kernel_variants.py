@@ -205,10 +205,11 @@ def _staged_input(spatial, channels, kind, dtype, device) -> torch.Tensor:
 @pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("case", list(STAGED))
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)
-def test_forward_and_input_gradient_on_a_channels_last_copy(device, precision, case, int64):
-    """NCHW input read from a channels-last copy (the race's other run, forced through
+def test_forward_and_both_gradients_on_channels_last_copies(device, precision, case, int64):
+    """NCHW operands read from channels-last copies (the races' other run, forced through
     the seam): the forward and the input gradient each copy their GEMM's input (the
-    input, grad_output) and compute the right values, on every dtype, index width and
+    input, grad_output), the weight gradient both of its operands (the input and
+    grad_output), and all compute the right values, on every dtype, index width and
     geometry (groups, dilation, output padding, 1-3 spatial axes, a strided channel
     slice)."""
     if int64 and case != "2-D":
@@ -226,7 +227,7 @@ def test_forward_and_input_gradient_on_a_channels_last_copy(device, precision, c
         gy = torch.randn_like(out)
         got = torch.autograd.grad(out, (x, w), gy)
     kinds = [launch.kernel for launch in launches]
-    assert kinds.count("staging") == 2 and kinds.count("phase_gemm") == 2
+    assert kinds.count("staging") == 4 and kinds.count("phase_gemm") == 2 and kinds.count("weight_grad") == 1
     assert {launch.constants["INT64_INDEX"] for launch in launches if launch.kernel in GEMMS} == {int64}
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     ref = reference(x64, w64, None, s, p, op, g, d)
@@ -254,6 +255,33 @@ def test_channels_last_copy_offered_only_where_it_can_pay(device):
     assert not copies(wide[..., ::2], w)  # pixels strided along W: not one axis of unit stride
     assert not copies(torch.randn(2, 17, 3, 4, device=device, dtype=torch.float64),
                       torch.randn(17, 16, 3, 3, device=device, dtype=torch.float64))  # 136-byte rows
+
+
+def test_weight_gradient_copies_its_strided_operands_where_each_can_pay(device):
+    """The weight gradient's race (and so its copies) is offered where every operand with
+    strided channels can be copied (``test_channels_last_copy_offered_only_where_it_can_pay``'s
+    rule, per operand): then it copies exactly those; where one cannot be, it reads both
+    as given even when the copies are asked for."""
+    def copies(x, gy, groups=1) -> int:
+        w = torch.randn(x.shape[1], gy.shape[1] // groups, 4, 4, device=device, dtype=torch.float64)
+        with observe_launches() as launches, launcher.intercept(only=(("staged", True),)):
+            got = torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [4, 4], [2, 2], [1, 1], [1, 1], groups)
+        ref = torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], [1, 1], [1, 1], True, [0, 0], groups,
+                                                  [False, True, False])[1]
+        assert_close(got, ref, "float64", 0)
+        return input_copies(launches)
+
+    def nchw(n, c, h, w):
+        return torch.randn(n, c, h, w, device=device, dtype=torch.float64)
+
+    x, gy = nchw(2, 16, 3, 4), nchw(2, 16, 6, 8)
+    assert copies(x, gy) == 2
+    assert copies(layout(x, "channels_last"), gy) == 1  # grad_output only
+    assert copies(x, layout(gy, "channels_last")) == 1  # the input only
+    assert copies(layout(x, "channels_last"), layout(gy, "channels_last")) == 0
+    assert copies(nchw(2, 16, 3, 4), nchw(2, 16, 6, 8), 2) == 0  # 8 channels per group on both sides
+    assert copies(x, nchw(2, 17, 6, 8)) == 0  # grad_output's 136-byte rows: no copy, so neither is copied
+    assert copies(nchw(2, 16, 3, 8)[..., ::2], gy) == 0  # the input's pixels strided along W
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"], indirect=True)

@@ -91,6 +91,29 @@ def test_a_forgotten_race_is_raced_again(device, first_calls, monkeypatch, tmp_p
         launcher.forget_tunings()
 
 
+@pytest.mark.parametrize("winner", ["staged", "gathered"])
+def test_weight_gradient_races_channels_last_copies_and_remembers(device, first_calls, winner):
+    """With NCHW input and grad_output of 16 or more channels, the weight gradient's first
+    call times its GEMM on the operands as given and on channels-last copies of both,
+    keeps the faster, and its later calls take that one without timing anything."""
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, device=device)
+    gy = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
+    w = torch.randn(16, 16, 4, 4, dtype=torch.float64, device=device)
+    ref = torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1,
+                                              [False, True, False])[1]
+    timed = []
+    with launcher.intercept(tune=True, clock=_layout_clock(winner, timed)):
+        got = torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [4, 4], [2, 2], [1, 1], [1, 1], 1)
+        with observe_launches() as again:
+            got2 = torch.ops.tritondeconv.conv_transpose_weight_grad(x, gy, [4, 4], [2, 2], [1, 1], [1, 1], 1)
+    assert sorted(timed) == [False, True]  # each run timed once, the second call timed nothing
+    assert_close(got, ref, "float64", 0)
+    assert_close(got2, ref, "float64", 0)
+    assert input_copies(again) == (2 if winner == "staged" else 0)
+    entry = tuning.tuning_report()[-1]
+    assert (entry.kernel, entry.config) == ("operand_layout", {"backend": winner})
+
+
 def test_auto_backend_times_a_layer_whose_kernels_race_a_copy(device, first_calls):
     """Under the ``auto`` backend, timing our kernels on NCHW input runs the race
     between the input as given and its channels-last copy inside the race with aten:

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from tritondeconv import tunings
-from tritondeconv.kernels import launcher, phase_gemm, weight_grad
+from tritondeconv.kernels import grouped, launcher, phase_gemm, weight_grad
 from tritondeconv.kernels.tuning import (
     FORMAT,
     SHIPPED_DIR,
@@ -186,8 +186,12 @@ def test_a_shipped_race_answers_the_race_without_timing(first_calls, shipped_dir
 def _plausible(family: str, key: list, chosen: dict) -> bool:
     """Whether ``chosen`` is a configuration ``family`` offers (where the key says enough
     to rebuild its candidates) or has the same constants (where it does not)."""
-    if family == "input_layout":
+    if family in ("input_layout", "operand_layout"):
         return chosen in ({"backend": "gathered"}, {"backend": "staged"})
+    if family == "grouping":
+        return chosen in ({"backend": "grouped"}, {"backend": "gathered"})
+    if family == "grouped":  # key: the phase GEMM's (transposed, reduced channels per group, ...)
+        return chosen in grouped.configs(key[1], interpreter=False)
     if family == "backend":
         return chosen in ({"backend": "tritondeconv"}, {"backend": "aten"})
     if family == "phase_gemm":  # key: transposed, reduced and produced channels per group, ...
@@ -220,10 +224,10 @@ def test_the_packages_shipped_tunings_are_valid():
             assert CacheFile(path, shipped=True).read() == data["entries"]
         for entry_key, entry in data["entries"].items():
             family, version, *key = json.loads(entry_key)
-            if family in ("phase_gemm", "weight_grad"):
+            if family in ("phase_gemm", "weight_grad", "grouped"):
                 assert re.fullmatch(r"[0-9a-f]{64}", version), entry_key  # the hash of the kernel's source
-            else:
-                assert family in ("input_layout", "backend") and version == "", entry_key
+            else:  # a race's answer
+                assert family in ("input_layout", "operand_layout", "grouping", "backend") and version == "", entry_key
             assert isinstance(entry["ms"], float) and entry["ms"] > 0, entry_key
             assert _plausible(family, key, entry["config"]), (entry_key, entry["config"])
 
