@@ -155,8 +155,8 @@ METHODS = ("tritondeconv", "cudnn", "naive", "subpixel_torch")
 # layout allows it); timed only when asked for (--methods).
 VARIANTS = {"phases": (("ONE_GEMM", False), ("TMA_W", False), ("PHASE_COLUMNS", False)),
             "one_gemm": (("ONE_GEMM", True),), "tma": (("TMA_W", True),), "phase_columns": (("PHASE_COLUMNS", True),),
-            # The race on NCHW input (forward and input gradient): the phase GEMM on a
-            # channels-last copy of its input, or on the input as given.
+            # The races on NCHW operands (forward, input gradient, weight gradient): the
+            # GEMM on channels-last copies of its strided operands, or on them as given.
             "staged": (("staged", True),), "gathered": (("staged", False),),
             # The race on channels-last layers of few channels per group: the grouped
             # kernel (the groups side by side), or the phase GEMM (one group per program).

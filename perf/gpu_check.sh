@@ -33,7 +33,7 @@ describe() {
     train-bf16-cl) echo "2-D suite forward+backward, bf16 channels_last: ours vs cuDNN, with the kernels' own time (profiler)" ;;
     grads-bf16-cl) echo "2-D suite, the forward, the input gradient and the weight gradient (with the bias's) each alone, bf16 channels_last: ours vs cuDNN, each with the kernels' own time (profiler)" ;;
     classes)       echo "the layer classes that lost by layout or width (depthwise and grouped, RGB and single-channel outputs; the 3-D suite), forward, bf16/fp16/fp32, both layouts: ours (and, where offered, the grouped kernel and the phase GEMM per group, the phase GEMMs and the phases side by side (offered to every undilated layer: TRITONDECONV_EXPERIMENTAL=phase_columns), each forced) vs cuDNN, with the kernels' own time (profiler)" ;;
-    grads-nchw)    echo "2-D suite, the weight gradient and the input gradient each alone, bf16 NCHW (the weight gradient's own table of shallower tiles; the input gradient also forced onto a channels-last copy of grad_output and onto grad_output as given): ours vs cuDNN" ;;
+    grads-nchw)    echo "2-D suite, the weight gradient and the input gradient each alone, bf16 NCHW (each also forced onto channels-last copies of its NCHW operands, and onto them as given: the weight gradient's gather table): ours vs cuDNN" ;;
     nd)            echo "1-D (HiFi-GAN) and 3-D (3-D U-Net) suites, bf16, both passes: ours vs cuDNN" ;;
     blocks)        echo "decoder blocks: folded upsample+conv vs interpolate+conv2d, fused vs unfused epilogues" ;;
     fwd-fp16-fp32) echo "2-D suite forward, fp16 and fp32 (TF32), both layouts" ;;
