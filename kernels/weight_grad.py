@@ -18,7 +18,8 @@ The reduction runs over *boxes* of input pixels: ``BLOCK_K = BOX_N·BOX_D·BOX_H
 pixels, a power of two along each axis (sized by the launcher to the image).  A box's
 element pattern (which pixel of the box an element of the tile is) is the same at every
 step, computed once; the loop advances the box's origin like an odometer (scalar
-compares and selects), so no step divides anything.  Each tap reaches the inputs
+compares and selects: ``layer.next_step``, the phase GEMM's, with W, H, D and the batch as
+its digits), so no step divides anything.  Each tap reaches the inputs
 ``[lo, hi)`` along an axis (those whose output lands inside ``grad_y``): one range per
 column, computed once, against which a step compares its pixels.
 
@@ -52,6 +53,7 @@ import triton.language as tl
 from . import launcher, staging
 from .common import INTERPRETING, allocated, fma_dot, input_precision, int64_forced, operand_dtype, padded, spans_int64
 from .cost import Part, Problem
+from .layer import next_step
 from .tiles import INTERPRETER_WEIGHT_GRAD, WEIGHT_GRAD, WEIGHT_GRAD_DOT_SIDES, paths, sized
 from .tuning import bucket, config
 
@@ -124,23 +126,6 @@ def _box_range(part, PARTS, N, D, H, W, BOX_N: tl.constexpr, BOX_D: tl.constexpr
     bd = rest % tl.maximum(boxes_d, 1)
     bn = rest // tl.maximum(boxes_d, 1)
     return bn, bd, bh, bw, count, boxes_d, boxes_h, boxes_w
-
-
-@triton.jit
-def _next_box(bn, bd, bh, bw, boxes_d, boxes_h, boxes_w):
-    """The box after ``(bn, bd, bh, bw)``: bw + 1, carrying into bh, bd, bn at
-    ``boxes_w``, ``boxes_h``, ``boxes_d`` (compares and selects on scalars)."""
-    bw += 1
-    carry = bw == boxes_w
-    bw = tl.where(carry, 0, bw)
-    bh = tl.where(carry, bh + 1, bh)
-    carry = bh == boxes_h
-    bh = tl.where(carry, 0, bh)
-    bd = tl.where(carry, bd + 1, bd)
-    carry = bd == boxes_d
-    bd = tl.where(carry, 0, bd)
-    bn = tl.where(carry, bn + 1, bn)
-    return bn, bd, bh, bw
 
 
 @triton.jit
@@ -257,7 +242,7 @@ def _gemm_tile(
                          out_dtype=acc_dtype)
         else:  # acc[ci, col] += sum_k a[ci, k] * b[k, col], one FMA per product
             acc += fma_dot(a.to(acc_dtype), b.to(acc_dtype))
-        bn, bd, bh, bw = _next_box(bn, bd, bh, bw, boxes_d, boxes_h, boxes_w)
+        bw, bh, bd, bn = next_step(bw, bh, bd, bn, boxes_w, boxes_h, boxes_d)
 
     # grad_w[split][group*C_in_g + ci, co, tap]: the permute, the weight's layout (taps
     # then channels, or channels-last: channels then taps) and (with one range) the
@@ -303,7 +288,7 @@ def _bias_partial(
             inside = tl.where(left > 0, inside, False)
             total += tl.load(gy_cols + (n0 * syn + d0 * syd + h0 * syh + w0 * syw) + gy_box,
                              mask=inside[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-            bn, bd, bh, bw = _next_box(bn, bd, bh, bw, boxes_d, boxes_h, boxes_w)
+            bw, bh, bd, bn = next_step(bw, bh, bd, bn, boxes_w, boxes_h, boxes_d)
             left -= 1
     tl.store(bias_ptr + part * (groups * C_out_g) + group * C_out_g + co, tl.sum(total, axis=0), mask=mask_c)
 
